@@ -1,0 +1,447 @@
+// CPU kernels of the sparse GEMV family (sparse_gemv, sparse_gemv_index, gather_gemv, sparse_mlp).
+//
+// Layout: the weight of an input-sparse product is input-major, w_t = W^T of shape (in, out), so an
+// active input channel i is one contiguous row w_t[i, :]. Skipping a channel skips a whole row of
+// memory traffic, which is what pays in a memory-bound decode GEMV.
+//
+// Work split: the active rows are divided among threads; each thread accumulates into a private
+// fp32 buffer of shape (B, out) and the buffers are summed at the end. Rows are consumed four at a
+// time so that each pass over the accumulator performs four fused multiply-adds per load/store.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace fastarch {
+namespace {
+
+// ---- element loads as fp32 ----------------------------------------------------------------------
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+// acc[o] += a0*w0[o] + a1*w1[o] + a2*w2[o] + a3*w3[o]; written so that gcc vectorises it.
+template <typename T>
+inline void axpy4(float* __restrict acc, const T* __restrict w0, const T* __restrict w1,
+                  const T* __restrict w2, const T* __restrict w3, float a0, float a1, float a2,
+                  float a3, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* u0 = reinterpret_cast<const uint16_t*>(w0);
+    const uint16_t* u1 = reinterpret_cast<const uint16_t*>(w1);
+    const uint16_t* u2 = reinterpret_cast<const uint16_t*>(w2);
+    const uint16_t* u3 = reinterpret_cast<const uint16_t*>(w3);
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) {
+      uint32_t b0 = uint32_t(u0[o]) << 16, b1 = uint32_t(u1[o]) << 16;
+      uint32_t b2 = uint32_t(u2[o]) << 16, b3 = uint32_t(u3[o]) << 16;
+      float f0, f1, f2, f3;
+      std::memcpy(&f0, &b0, 4);
+      std::memcpy(&f1, &b1, 4);
+      std::memcpy(&f2, &b2, 4);
+      std::memcpy(&f3, &b3, 4);
+      acc[o] += a0 * f0 + a1 * f1 + a2 * f2 + a3 * f3;
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const _Float16* h0 = reinterpret_cast<const _Float16*>(w0);
+    const _Float16* h1 = reinterpret_cast<const _Float16*>(w1);
+    const _Float16* h2 = reinterpret_cast<const _Float16*>(w2);
+    const _Float16* h3 = reinterpret_cast<const _Float16*>(w3);
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) {
+      acc[o] += a0 * float(h0[o]) + a1 * float(h1[o]) + a2 * float(h2[o]) + a3 * float(h3[o]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) {
+      acc[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o];
+    }
+  }
+}
+
+template <typename T>
+inline void axpy1(float* __restrict acc, const T* __restrict w, float a, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(w);
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) {
+      uint32_t b = uint32_t(u[o]) << 16;
+      float f;
+      std::memcpy(&f, &b, 4);
+      acc[o] += a * f;
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const _Float16* h = reinterpret_cast<const _Float16*>(w);
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) acc[o] += a * float(h[o]);
+  } else {
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) acc[o] += a * w[o];
+  }
+}
+
+template <typename T>
+inline float dot(const T* __restrict w, const float* __restrict x, int64_t n) {
+  float s = 0.f;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(w);
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) {
+      uint32_t b = uint32_t(u[k]) << 16;
+      float f;
+      std::memcpy(&f, &b, 4);
+      s += f * x[k];
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const _Float16* h = reinterpret_cast<const _Float16*>(w);
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += float(h[k]) * x[k];
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += w[k] * x[k];
+  }
+  return s;
+}
+
+// ---- the shared core: y(B, out) = sum_k xa(B, k) * w_t[rows[k], :] ------------------------------
+// xa is fp32 (B, K) holding the coefficient of each listed row per batch row (0 = skip);
+// rows holds K row indices into w_t. Returns fp32 (B, out).
+template <typename T>
+at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K, const T* w,
+                     int64_t out) {
+  auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
+  if (K == 0 || out == 0 || B == 0) return y;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K / 4));
+  std::vector<at::Tensor> partial(nthreads);
+  const int64_t per = (K + nthreads - 1) / nthreads;
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * per, k1 = std::min(K, k0 + per);
+      at::Tensor acc_t = (t == 0) ? y : at::zeros({B, out}, y.options());
+      float* acc = acc_t.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        const float* xb = xa + b * K;
+        float* ab = acc + b * out;
+        // Pack the non-zero coefficients of this batch row so the inner loop runs 4 rows a pass.
+        int64_t k = k0;
+        int64_t buf_k[4];
+        float buf_a[4];
+        int nb = 0;
+        for (; k < k1; ++k) {
+          const float a = xb[k];
+          if (a == 0.f) continue;
+          buf_k[nb] = rows[k];
+          buf_a[nb] = a;
+          if (++nb == 4) {
+            axpy4<T>(ab, w + buf_k[0] * out, w + buf_k[1] * out, w + buf_k[2] * out,
+                     w + buf_k[3] * out, buf_a[0], buf_a[1], buf_a[2], buf_a[3], out);
+            nb = 0;
+          }
+        }
+        for (int i = 0; i < nb; ++i) axpy1<T>(ab, w + buf_k[i] * out, buf_a[i], out);
+      }
+      partial[t] = acc_t;
+    }
+  });
+  for (int64_t t = 1; t < nthreads; ++t) y.add_(partial[t]);
+  return y;
+}
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "fastarch: ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "fastarch: ", name, " has dtype ",
+              w.scalar_type(), " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), "fastarch: ", name, " is on ", w.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(w.is_contiguous(), "fastarch: ", name, " must be contiguous (prepare it once)");
+}
+
+void check_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t n,
+                const char* name) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "fastarch: ", name,
+              " must have shape (", n, "), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+              "fastarch: ", name, " must match x in dtype and device");
+}
+
+at::Tensor check_index(const at::Tensor& index, int64_t limit, const at::Tensor& x,
+                       const char* name) {
+  TORCH_CHECK(index.dim() == 1, "fastarch: ", name, " must be 1-D, got shape ", index.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, "fastarch: ",
+              name, " must be int64 or int32, got ", index.scalar_type());
+  TORCH_CHECK(index.device() == x.device(), "fastarch: ", name, " is on ", index.device(),
+              " but x is on ", x.device());
+  at::Tensor idx = index.to(at::kLong).contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t k = 0; k < idx.numel(); ++k) {
+    TORCH_CHECK(p[k] >= 0 && p[k] < limit, "fastarch: ", name, "[", k, "] = ", p[k],
+                " is out of range [0, ", limit, ")");
+  }
+  return idx;
+}
+
+// Density above which the dense product is faster than skipping rows (measured by
+// bench/bench_sparse_gemv.py; FASTARCH_GEMV_DENSE_ABOVE overrides it).
+double dense_above() {
+  static double v = [] {
+    const char* e = std::getenv("FASTARCH_GEMV_DENSE_ABOVE");
+    return e ? std::atof(e) : 0.90;
+  }();
+  return v;
+}
+
+// Batches larger than this go to the dense product (the union of active channels is nearly full
+// and the dense GEMM reuses each weight row across the batch better than the row loop does).
+int64_t dense_batch_above() {
+  static int64_t v = [] {
+    const char* e = std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE");
+    return e ? std::atoll(e) : int64_t(16);
+  }();
+  return v;
+}
+
+// ---- sparse_gemv ---------------------------------------------------------------------------------
+at::Tensor sparse_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
+                           const std::optional<at::Tensor>& bias, double threshold) {
+  check_2d(x_in, "x");
+  check_2d(w_t, "w_t");
+  check_weight(x_in, w_t, "w_t");
+  TORCH_CHECK(x_in.size(1) == w_t.size(0), "fastarch: x has ", x_in.size(1),
+              " features but w_t has ", w_t.size(0), " input rows (w_t must be (in, out))");
+  TORCH_CHECK(threshold >= 0 && !std::isnan(threshold),
+              "fastarch: threshold must be >= 0, got ", threshold);
+  const int64_t B = x_in.size(0), in = x_in.size(1), out = w_t.size(1);
+  check_bias(x_in, bias, out, "bias");
+  at::Tensor x = x_in.contiguous();
+  at::Tensor xf = x.to(at::kFloat);
+  const float t = static_cast<float>(threshold);
+  const float* xp = xf.data_ptr<float>();
+
+  // Union of the active channels over the batch, with the masked coefficients packed (B, K).
+  std::vector<int64_t> rows;
+  rows.reserve(in);
+  for (int64_t i = 0; i < in; ++i) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (std::fabs(xp[b * in + i]) > t) {
+        rows.push_back(i);
+        break;
+      }
+    }
+  }
+  const int64_t K = static_cast<int64_t>(rows.size());
+  const double density = in > 0 ? double(K) / double(in) : 0.0;
+  if (B > dense_batch_above() || density > dense_above()) {
+    at::Tensor xm = x * (x.abs() > threshold);
+    at::Tensor y = at::mm(xm, w_t);
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
+  std::vector<float> xa(static_cast<size_t>(B * K));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = xp[b * in + rows[k]];
+      xa[b * K + k] = std::fabs(v) > t ? v : 0.f;
+    }
+  }
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_gemv", [&] {
+    y = rows_axpy<scalar_t>(xa.data(), B, rows.data(), K, w_t.data_ptr<scalar_t>(), out);
+  });
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type());
+}
+
+// ---- sparse_gemv_index ---------------------------------------------------------------------------
+at::Tensor sparse_gemv_index_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+  check_2d(x_in, "x");
+  check_2d(w_t, "w_t");
+  check_weight(x_in, w_t, "w_t");
+  TORCH_CHECK(x_in.size(1) == w_t.size(0), "fastarch: x has ", x_in.size(1),
+              " features but w_t has ", w_t.size(0), " input rows (w_t must be (in, out))");
+  const int64_t B = x_in.size(0), in = x_in.size(1), out = w_t.size(1);
+  check_bias(x_in, bias, out, "bias");
+  at::Tensor idx = check_index(index, in, x_in, "index");
+  const int64_t K = idx.numel();
+  const int64_t* rows = idx.data_ptr<int64_t>();
+  at::Tensor xf = x_in.contiguous().to(at::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  std::vector<float> xa(static_cast<size_t>(B * K));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) xa[b * K + k] = xp[b * in + rows[k]];
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(),
+                                  "sparse_gemv_index", [&] {
+    y = rows_axpy<scalar_t>(xa.data(), B, rows, K, w_t.data_ptr<scalar_t>(), out);
+  });
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y.to(x_in.scalar_type());
+}
+
+// ---- gather_gemv ---------------------------------------------------------------------------------
+template <typename T>
+void gather_rows_dot(const float* xf, int64_t B, int64_t in, const T* w, const int64_t* rows,
+                     int64_t K, float* y) {
+  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* wr = w + rows[k] * in;
+      for (int64_t b = 0; b < B; ++b) y[b * K + k] = dot<T>(wr, xf + b * in, in);
+    }
+  });
+}
+
+at::Tensor gather_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+  check_2d(x_in, "x");
+  check_2d(w, "w");
+  check_weight(x_in, w, "w");
+  TORCH_CHECK(x_in.size(1) == w.size(1), "fastarch: x has ", x_in.size(1),
+              " features but w has ", w.size(1), " columns (w must be (out, in))");
+  const int64_t B = x_in.size(0), in = x_in.size(1), out = w.size(0);
+  check_bias(x_in, bias, out, "bias");
+  at::Tensor idx = check_index(index, out, x_in, "index");
+  const int64_t K = idx.numel();
+  at::Tensor xf = x_in.contiguous().to(at::kFloat);
+  at::Tensor y = at::empty({B, K}, xf.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "gather_gemv",
+                                  [&] {
+    gather_rows_dot<scalar_t>(xf.data_ptr<float>(), B, in, w.data_ptr<scalar_t>(),
+                              idx.data_ptr<int64_t>(), K, y.data_ptr<float>());
+  });
+  if (bias.has_value()) y.add_(bias->to(at::kFloat).index_select(0, idx));
+  return y.to(x_in.scalar_type());
+}
+
+// ---- sparse_mlp ----------------------------------------------------------------------------------
+enum class Act { SiLU, GELU, GELUTanh, ReLU };
+
+Act parse_activation(const std::string& a) {
+  if (a == "silu" || a == "swish") return Act::SiLU;
+  if (a == "gelu") return Act::GELU;
+  if (a == "gelu_tanh" || a == "gelu_new" || a == "gelu_pytorch_tanh") return Act::GELUTanh;
+  if (a == "relu") return Act::ReLU;
+  TORCH_CHECK(false, "fastarch: activation must be one of silu, gelu, gelu_tanh, relu; got '", a,
+              "'");
+}
+
+inline float apply_act(Act a, float v) {
+  switch (a) {
+    case Act::SiLU:
+      return v / (1.f + std::exp(-v));
+    case Act::GELU:
+      return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case Act::GELUTanh: {
+      const float c = 0.79788456080286536f;  // sqrt(2/pi)
+      return 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v)));
+    }
+    case Act::ReLU:
+    default:
+      return v > 0.f ? v : 0.f;
+  }
+}
+
+at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                          const std::optional<at::Tensor>& w_up, const at::Tensor& w_out_t,
+                          const std::optional<at::Tensor>& b_in,
+                          const std::optional<at::Tensor>& b_up,
+                          const std::optional<at::Tensor>& b_out,
+                          const std::optional<at::Tensor>& neuron_index, double threshold,
+                          c10::string_view activation) {
+  check_2d(x_in, "x");
+  check_2d(w_in, "w_in");
+  check_2d(w_out_t, "w_out_t");
+  check_weight(x_in, w_in, "w_in");
+  check_weight(x_in, w_out_t, "w_out_t");
+  const int64_t B = x_in.size(0), hidden = x_in.size(1), inter = w_in.size(0);
+  TORCH_CHECK(w_in.size(1) == hidden, "fastarch: w_in must be (intermediate, ", hidden,
+              "), got ", w_in.sizes());
+  TORCH_CHECK(w_out_t.size(0) == inter, "fastarch: w_out_t must be (", inter,
+              ", out), got ", w_out_t.sizes());
+  const int64_t out = w_out_t.size(1);
+  if (w_up.has_value()) {
+    check_2d(*w_up, "w_up");
+    check_weight(x_in, *w_up, "w_up");
+    TORCH_CHECK(w_up->sizes() == w_in.sizes(), "fastarch: w_up must have the shape of w_in ",
+                w_in.sizes(), ", got ", w_up->sizes());
+  }
+  check_bias(x_in, b_in, inter, "b_in");
+  check_bias(x_in, b_up, inter, "b_up");
+  check_bias(x_in, b_out, out, "b_out");
+  TORCH_CHECK(!b_up.has_value() || w_up.has_value(), "fastarch: b_up given without w_up");
+  TORCH_CHECK(threshold >= 0 && !std::isnan(threshold),
+              "fastarch: threshold must be >= 0, got ", threshold);
+  const Act act = parse_activation(std::string(activation));
+
+  at::Tensor idx;
+  if (neuron_index.has_value()) {
+    idx = check_index(*neuron_index, inter, x_in, "neuron_index");
+  } else {
+    idx = at::arange(inter, at::TensorOptions().dtype(at::kLong));
+  }
+  const int64_t K = idx.numel();
+  const int64_t* rows = idx.data_ptr<int64_t>();
+  at::Tensor xf = x_in.contiguous().to(at::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  at::Tensor bin = b_in.has_value() ? b_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bup = b_up.has_value() ? b_up->to(at::kFloat).contiguous() : at::Tensor();
+  const float t = static_cast<float>(threshold);
+  std::vector<float> h(static_cast<size_t>(B * K));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "sparse_mlp_in",
+                                  [&] {
+    const scalar_t* wi = w_in.data_ptr<scalar_t>();
+    const scalar_t* wu = w_up.has_value() ? w_up->data_ptr<scalar_t>() : nullptr;
+    const float* bi = bin.defined() ? bin.data_ptr<float>() : nullptr;
+    const float* bu = bup.defined() ? bup.data_ptr<float>() : nullptr;
+    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t j = rows[k];
+        for (int64_t b = 0; b < B; ++b) {
+          float g = dot<scalar_t>(wi + j * hidden, xp + b * hidden, hidden);
+          if (bi) g += bi[j];
+          g = apply_act(act, g);
+          float v = 0.f;
+          if (std::fabs(g) > t) {  // the up row is read only for kept neurons
+            v = g;
+            if (wu) {
+              float u = dot<scalar_t>(wu + j * hidden, xp + b * hidden, hidden);
+              if (bu) u += bu[j];
+              v *= u;
+            }
+          }
+          h[b * K + k] = v;
+        }
+      }
+    });
+  });
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "sparse_mlp_out",
+                                  [&] {
+    y = rows_axpy<scalar_t>(h.data(), B, rows, K, w_out_t.data_ptr<scalar_t>(), out);
+  });
+  if (b_out.has_value()) y.add_(b_out->to(at::kFloat));
+  return y.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
+  m.impl("sparse_gemv", &sparse_gemv_cpu);
+  m.impl("sparse_gemv_index", &sparse_gemv_index_cpu);
+  m.impl("gather_gemv", &gather_gemv_cpu);
+  m.impl("sparse_mlp", &sparse_mlp_cpu);
+}
+
+}  // namespace fastarch

@@ -1,0 +1,52 @@
+// The one list of fastarch operator schemas. Kernels register implementations per device in
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu; fake (meta) kernels and the PyTorch references
+// live in src/fastarch/ops/<family>.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastarch, m) {
+  // ---- activation sparsity (sparse GEMV family) -------------------------------------------
+  // y = (x * [|x| > threshold]) @ w_t + bias, with w_t input-major: (in_features, out_features).
+  m.def("sparse_gemv(Tensor x, Tensor w_t, Tensor? bias, float threshold) -> Tensor");
+  // y = x[:, index] @ w_t[index, :] + bias: only the listed input channels contribute.
+  m.def("sparse_gemv_index(Tensor x, Tensor w_t, Tensor? bias, Tensor index) -> Tensor");
+  // y[:, k] = x @ w[index[k], :] + bias[index[k]]: only the listed output rows, compact output.
+  m.def("gather_gemv(Tensor x, Tensor w, Tensor? bias, Tensor index) -> Tensor");
+  // Fused MLP over a neuron subset: h_j = act(x.w_in_j + b_in_j) [* (x.w_up_j + b_up_j)],
+  // neuron j kept when it is listed (or no list) and |act(.)| > threshold;
+  // y = sum_kept h_j * w_out_t[j, :] + b_out.
+  m.def(
+      "sparse_mlp(Tensor x, Tensor w_in, Tensor? w_up, Tensor w_out_t, Tensor? b_in, "
+      "Tensor? b_up, Tensor? b_out, Tensor? neuron_index, float threshold, str activation) "
+      "-> Tensor");
+
+  // ---- attention variants (block-sparse attention family) ---------------------------------
+  // (schemas added by the attention family)
+
+  // ---- structured pruning (N:M linear family) ---------------------------------------------
+  // (schemas added by the N:M family)
+}
+
+namespace {
+bool cuda_built() {
+#ifdef FASTARCH_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastarch native kernels (the ops are registered in torch.ops.fastarch)";
+  m.def("cuda_built", &cuda_built, "whether the CUDA kernels were compiled into this build");
+  m.def("cpu_capability", []() {
+#if defined(__AVX512F__)
+    return std::string("avx512");
+#elif defined(__AVX2__)
+    return std::string("avx2");
+#else
+    return std::string("default");
+#endif
+  });
+}

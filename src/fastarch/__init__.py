@@ -1,0 +1,27 @@
+"""fastarch: make existing PyTorch architectures run faster and smaller.
+
+Ops live in ``torch.ops.fastarch`` (registered on import), with documented wrappers here:
+:func:`sparse_gemv`, :func:`sparse_gemv_index`, :func:`gather_gemv`, :func:`sparse_mlp`.
+Model-level entry points: :func:`sparsify` / :func:`densify` (activation sparsity).
+``fastarch.info()`` or ``python -m fastarch.info`` says what is built here.
+"""
+from fastarch import native  # noqa: F401  (loads fastarch._C, warns once if it cannot)
+from fastarch import ops  # noqa: F401  (registers the ops)
+from fastarch.ops.sparse_gemv import (  # noqa: F401
+    gather_gemv,
+    prepare_input_major,
+    sparse_gemv,
+    sparse_gemv_index,
+    sparse_mlp,
+)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Imported lazily so that `python -m fastarch.info` does not find it already imported.
+    if name == "info":
+        import fastarch.info as info_module
+
+        return info_module
+    raise AttributeError(f"module 'fastarch' has no attribute {name!r}")
