@@ -1,0 +1,1 @@
+"""Model helpers shared by the techniques: offline loaders and architecture adapters."""
