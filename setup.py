@@ -24,10 +24,54 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def _find_cuda_home():
+    """CUDA_HOME / CUDA_PATH if set, else the toolkit that owns nvcc. A wrapper script on PATH
+    (as on our machines: /usr/local/bin/nvcc execs /usr/local/cuda-13.0/bin/nvcc) would make
+    torch guess /usr/local, so look for the real toolkit folder."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+        try:
+            with open(real, "rb") as f:
+                text = f.read(4096).decode("utf-8", "ignore")
+            for tok in text.split():
+                if tok.endswith("/bin/nvcc") and os.path.exists(tok):
+                    return os.path.dirname(os.path.dirname(tok))
+        except OSError:
+            pass
+    for cand in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return None
+
+
+def _pip_cuda_includes():
+    """Headers torch's CUDA headers need that a slim toolkit may lack (cusparse.h, cublas...),
+    taken from the nvidia-* wheels that the CUDA build of torch installs."""
+    out = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            out += [p for p in glob.glob(os.path.join(base, "*", "include")) if os.path.isdir(p)]
+    except ImportError:
+        pass
+    return out
+
+
 def _extensions():
     if os.environ.get("FASTARCH_CPP", "1") == "0":
         print("fastarch: FASTARCH_CPP=0, not building the native extension")
         return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home and os.environ.get("FASTARCH_CUDA", "auto").lower() not in ("0", "false", "off"):
+        os.environ.setdefault("CUDA_HOME", cuda_home)
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
@@ -66,8 +110,11 @@ def _extensions():
         ext_cls = CppExtension
     print(f"fastarch: building _C with CUDA={'yes' if with_cuda else 'no'} "
           f"({len(sources)} sources, -march={march or 'default'})")
+    kwargs = {}
+    if with_cuda:
+        kwargs["include_dirs"] = _pip_cuda_includes()
     ext = ext_cls("fastarch._C", sources, extra_compile_args=extra, extra_link_args=link,
-                  py_limited_api=False)
+                  py_limited_api=False, **kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

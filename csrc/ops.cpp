@@ -4,6 +4,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifdef FASTARCH_WITH_CUDA
+#include "cuda/sparse_gemv.h"
+#endif
+
 TORCH_LIBRARY(fastarch, m) {
   // ---- activation sparsity (sparse GEMV family) -------------------------------------------
   // y = (x * [|x| > threshold]) @ w_t + bias, with w_t input-major: (in_features, out_features).

@@ -1,0 +1,194 @@
+"""Triton kernels of the sparse GEMV family (GPU; run on CPU under TRITON_INTERPRET=1 in tests).
+
+One core kernel, ``_rows_axpy``: program (b, n-block) accumulates ``a[b, k] * w[row_k, n-block]``
+over k, loading a weight row only where its coefficient is kept. The mask is applied to the load
+itself, so a skipped row costs no memory traffic: this is the whole speed-up of a memory-bound
+decode GEMV. The coefficient of row k is read either from x at the row index (``X_GATHER``) or
+compactly at k (the hidden activations of ``sparse_mlp``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows_axpy(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, K, N, stride_x, threshold,
+               HAS_IDX: tl.constexpr, X_GATHER: tl.constexpr, USE_THRESHOLD: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if HAS_IDX:
+            rows = tl.load(idx_ptr + offs_k, mask=k_ok, other=0).to(tl.int64)
+        else:
+            rows = offs_k.to(tl.int64)
+        if X_GATHER:
+            a = tl.load(x_ptr + pid_b * stride_x + rows, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            a = tl.load(x_ptr + pid_b * stride_x + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if USE_THRESHOLD:
+            keep = (tl.abs(a) > threshold) & k_ok
+        else:
+            keep = (a != 0.0) & k_ok
+        a = tl.where(keep, a, 0.0)
+        w = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=keep[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a[:, None], axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_b * N + offs_n, acc, mask=n_ok)
+
+
+@triton.jit
+def _gather_rows_dot(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, K, IN, stride_x,
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr):
+    # program (b, k-block): y[b, k] = x[b] . w[idx[k]] (+ bias[idx[k]]) for the listed rows
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    rows = tl.load(idx_ptr + offs_k, mask=k_ok, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for i0 in range(0, IN, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < IN
+        xv = tl.load(x_ptr + pid_b * stride_x + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * IN + offs_i[None, :],
+                    mask=k_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * xv[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=k_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_b * K + offs_k, acc, mask=k_ok)
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:  # silu
+        return g * tl.sigmoid(g)
+    elif ACT == 1:  # gelu (erf)
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    elif ACT == 2:  # gelu (tanh approximation); tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+    else:  # relu
+        return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def _mlp_hidden(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, b_up_ptr, idx_ptr, h_ptr, K, IN, stride_x,
+                threshold, ACT: tl.constexpr, GATED: tl.constexpr, HAS_B_IN: tl.constexpr,
+                HAS_B_UP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr):
+    # program (b, k-block) over the listed neurons: h = act(gate) [* up], 0 where |act| <= t.
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    rows = tl.load(idx_ptr + offs_k, mask=k_ok, other=0).to(tl.int64)
+    g = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for i0 in range(0, IN, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < IN
+        xv = tl.load(x_ptr + pid_b * stride_x + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_in_ptr + rows[:, None] * IN + offs_i[None, :],
+                    mask=k_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+        g += tl.sum(w * xv[None, :], axis=1)
+    if HAS_B_IN:
+        g += tl.load(b_in_ptr + rows, mask=k_ok, other=0.0).to(tl.float32)
+    g = _act(g, ACT)
+    keep = (tl.abs(g) > threshold) & k_ok
+    h = g
+    if GATED:
+        u = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for i0 in range(0, IN, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = offs_i < IN
+            xv = tl.load(x_ptr + pid_b * stride_x + offs_i, mask=i_ok, other=0.0).to(tl.float32)
+            # up rows of dropped neurons are never loaded
+            w = tl.load(w_up_ptr + rows[:, None] * IN + offs_i[None, :],
+                        mask=keep[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+            u += tl.sum(w * xv[None, :], axis=1)
+        if HAS_B_UP:
+            u += tl.load(b_up_ptr + rows, mask=k_ok, other=0.0).to(tl.float32)
+        h = g * u
+    h = tl.where(keep, h, 0.0)
+    tl.store(h_ptr + pid_b * K + offs_k, h, mask=k_ok)
+
+
+_ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+_BLOCK_N = 128
+_BLOCK_K = 32
+
+
+def _launch_rows_axpy(a, w_t, index, bias, threshold, x_gather, use_threshold):
+    B = a.shape[0]
+    K = index.shape[0] if index is not None else w_t.shape[0]
+    N = w_t.shape[1]
+    y = torch.empty((B, N), device=a.device, dtype=torch.float32)
+    if B == 0 or N == 0:
+        return y
+    grid = (B, triton.cdiv(N, _BLOCK_N))
+    dummy = w_t
+    _rows_axpy[grid](
+        a, w_t, index if index is not None else dummy, bias if bias is not None else dummy, y,
+        K, N, a.stride(0), float(threshold),
+        HAS_IDX=index is not None, X_GATHER=x_gather, USE_THRESHOLD=use_threshold,
+        HAS_BIAS=bias is not None, BLOCK_K=_BLOCK_K, BLOCK_N=_BLOCK_N,
+    )
+    return y
+
+
+def sparse_gemv(x, w_t, bias, threshold):
+    x = x.contiguous()
+    y = _launch_rows_axpy(x, w_t.contiguous(), None, bias, threshold, x_gather=True,
+                          use_threshold=True)
+    return y.to(x.dtype)
+
+
+def sparse_gemv_index(x, w_t, bias, index):
+    x = x.contiguous()
+    y = _launch_rows_axpy(x, w_t.contiguous(), index.contiguous(), bias, 0.0, x_gather=True,
+                          use_threshold=False)
+    # use_threshold=False skips only exact zeros, which contribute nothing anyway
+    return y.to(x.dtype)
+
+
+def gather_gemv(x, w, bias, index):
+    x = x.contiguous()
+    B, IN = x.shape
+    K = index.shape[0]
+    y = torch.empty((B, K), device=x.device, dtype=torch.float32)
+    if B and K:
+        grid = (B, triton.cdiv(K, 32))
+        _gather_rows_dot[grid](x, w.contiguous(), index.contiguous(),
+                               bias if bias is not None else w, y, K, IN, x.stride(0),
+                               HAS_BIAS=bias is not None, BLOCK_K=32, BLOCK_I=128)
+    return y.to(x.dtype)
+
+
+def sparse_mlp(x, w_in, w_up, w_out_t, b_in, b_up, b_out, neuron_index, threshold, activation):
+    x = x.contiguous()
+    B, IN = x.shape
+    if neuron_index is None:
+        neuron_index = torch.arange(w_in.shape[0], device=x.device)
+    idx = neuron_index.contiguous()
+    K = idx.shape[0]
+    h = torch.empty((B, K), device=x.device, dtype=torch.float32)
+    if B and K:
+        grid = (B, triton.cdiv(K, 32))
+        w_in = w_in.contiguous()
+        _mlp_hidden[grid](
+            x, w_in, w_up if w_up is not None else w_in, b_in if b_in is not None else w_in,
+            b_up if b_up is not None else w_in, idx, h, K, IN, x.stride(0), float(threshold),
+            ACT=_ACT_CODE[activation], GATED=w_up is not None, HAS_B_IN=b_in is not None,
+            HAS_B_UP=b_up is not None, BLOCK_K=32, BLOCK_I=128,
+        )
+    y = _launch_rows_axpy(h, w_out_t.contiguous(), idx, b_out, 0.0, x_gather=False,
+                          use_threshold=False)
+    return y.to(x.dtype)

@@ -1,0 +1,37 @@
+"""The op registry: Python schema strings equal the native ones (csrc/ops.cpp is the one list),
+every op has a fake kernel, and fastarch.info reports each op."""
+import io
+
+import pytest
+import torch
+
+import fastarch
+from fastarch import native
+from fastarch.ops.registry import OPS
+
+
+@pytest.mark.skipif(not native.native_loaded(), reason="fastarch._C is not built")
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_python_schema_equals_native(name):
+    native_schema = str(getattr(torch.ops.fastarch, name).default._schema)
+    parsed = str(torch._C.parse_schema("fastarch::" + OPS[name].schema))
+    assert native_schema == parsed
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_has_a_fake_kernel(name):
+    qual = f"fastarch::{name}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "Meta") or \
+        torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CompositeExplicitAutograd") or \
+        torch.library.get_kernel(qual, "Meta") is not None
+
+
+def test_info_lists_every_op():
+    buf = io.StringIO()
+    report = fastarch.info(file=buf)
+    text = buf.getvalue()
+    assert report["torch"] == torch.__version__
+    for name in OPS:
+        assert name in report["ops"] and name in text
+    expected_cpu = "C++" if native.native_loaded() else "reference"
+    assert all(b["cpu"] == expected_cpu for b in report["ops"].values())

@@ -1,0 +1,343 @@
+"""The sparse GEMV family against its PyTorch reference: C++ CPU, Triton (interpreted without a
+GPU), the CUDA kernels when a GPU is here; opcheck; torch.compile; bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastarch
+from fastarch import native
+from fastarch.ops import sparse_gemv as sg
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (batch, in, out): odd sizes, size-1 dims, a batch past the dense-dispatch limit (16)
+SHAPES = [(1, 1, 1), (1, 123, 77), (3, 257, 5), (8, 64, 300), (17, 33, 45), (0, 16, 8)]
+
+
+def _ids(shapes):
+    return [f"B{b}-in{i}-out{o}" for b, i, o in shapes]
+
+
+def _close(got, want, dtype):
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, want.float().abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * scale)
+
+
+def _make(b, i, o, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, i, generator=g).to(dtype)
+    w = (torch.randn(o, i, generator=g) / max(i, 1) ** 0.5).to(dtype)
+    bias = torch.randn(o, generator=g).to(dtype)
+    return x, w, bias
+
+
+# ---- C++ CPU kernels ------------------------------------------------------------------------------
+needs_cpp = pytest.mark.skipif(not native.native_loaded(), reason="fastarch._C is not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+@pytest.mark.parametrize("threshold", [0.0, 0.7, 10.0], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_sparse_gemv_cpu(shape, dtype, threshold, with_bias):
+    b, i, o = shape
+    x, w, bias = _make(b, i, o, dtype)
+    bias = bias if with_bias else None
+    w_t = fastarch.prepare_input_major(w)
+    got = fastarch.sparse_gemv(x, w_t, bias, threshold)
+    assert got.dtype == dtype and got.shape == (b, o)
+    _close(got, sg.sparse_gemv_reference(x, w_t, bias, threshold), dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.95, 1.0])
+def test_sparse_gemv_dispatch_paths_agree(density):
+    # density > 0.9 goes to the dense product inside the kernel; every path must give the spec
+    x = torch.randn(2, 512)
+    t = torch.quantile(x.abs().flatten(), 1 - density).item() if density > 0 else 1e9
+    w_t = torch.randn(512, 96)
+    _close(fastarch.sparse_gemv(x, w_t, None, t), sg.sparse_gemv_reference(x, w_t, None, t),
+           torch.float32)
+
+
+@needs_cpp
+def test_sparse_gemv_leading_dims():
+    x = torch.randn(2, 3, 40)
+    w_t = torch.randn(40, 9)
+    got = fastarch.sparse_gemv(x, w_t, threshold=0.5)
+    assert got.shape == (2, 3, 9)
+    _close(got.reshape(6, 9), sg.sparse_gemv_reference(x.reshape(6, 40), w_t, None, 0.5),
+           torch.float32)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+def test_sparse_gemv_index_cpu(shape, dtype):
+    b, i, o = shape
+    x, w, bias = _make(b, i, o, dtype)
+    w_t = fastarch.prepare_input_major(w)
+    for index in (torch.randperm(i)[: max(1, i // 3)], torch.arange(i), torch.empty(0, dtype=torch.long),
+                  torch.tensor([i - 1, 0, i - 1])):  # repeats count twice, like the reference
+        got = fastarch.sparse_gemv_index(x, w_t, index, bias)
+        _close(got, sg.sparse_gemv_index_reference(x, w_t, bias, index), dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+def test_gather_gemv_cpu(shape, dtype):
+    b, i, o = shape
+    x, w, bias = _make(b, i, o, dtype)
+    for index in (torch.randperm(o)[: max(1, o // 2)], torch.empty(0, dtype=torch.int32)):
+        got = fastarch.gather_gemv(x, w, index, bias)
+        assert got.shape == (b, index.numel())
+        _close(got, sg.gather_gemv_reference(x, w, bias, index), dtype)
+
+
+MLP_CASES = [  # (batch, hidden, inter, gated, activation, biases)
+    (1, 64, 172, True, "silu", False),
+    (4, 33, 65, True, "gelu_tanh", False),
+    (1, 48, 190, False, "gelu", True),
+    (3, 17, 31, False, "relu", True),
+    (2, 20, 40, True, "gelu", True),
+]
+
+
+def _mlp(case, dtype, seed=0):
+    b, hidden, inter, gated, act, biases = case
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) / 4).to(dtype)  # noqa: E731
+    x = r(b, hidden) * 4
+    return dict(x=x, w_in=r(inter, hidden), w_up=r(inter, hidden) if gated else None,
+                w_out_t=r(inter, hidden), b_in=r(inter) if biases else None,
+                b_up=r(inter) if biases and gated else None, b_out=r(hidden) if biases else None,
+                activation=act)
+
+
+def _mlp_ref(a, neuron_index, threshold):
+    return sg.sparse_mlp_reference(a["x"], a["w_in"], a["w_up"], a["w_out_t"], a["b_in"],
+                                   a["b_up"], a["b_out"], neuron_index, threshold, a["activation"])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MLP_CASES, ids=lambda c: f"B{c[0]}-h{c[1]}-i{c[2]}-{'glu' if c[3] else 'mlp'}-{c[4]}")
+@pytest.mark.parametrize("mode", ["all", "index", "threshold", "index+threshold"])
+def test_sparse_mlp_cpu(case, dtype, mode):
+    a = _mlp(case, dtype)
+    inter = a["w_in"].shape[0]
+    index = torch.randperm(inter)[: inter // 2] if "index" in mode else None
+    threshold = 0.05 if "threshold" in mode else 0.0
+    got = fastarch.sparse_mlp(a["x"], a["w_in"], a["w_out_t"], w_up=a["w_up"], b_in=a["b_in"],
+                              b_up=a["b_up"], b_out=a["b_out"], neuron_index=index,
+                              threshold=threshold, activation=a["activation"])
+    _close(got, _mlp_ref(a, index, threshold), dtype)
+
+
+# ---- Triton (interpreted on CPU) -------------------------------------------------------------------
+def _triton_ready():
+    return native.triton_available() and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+needs_triton = pytest.mark.skipif(not _triton_ready(),
+                                  reason="Triton needs a GPU or TRITON_INTERPRET=1")
+TRITON_SHAPES = [(1, 37, 29), (3, 130, 7), (2, 5, 140)]
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=_ids(TRITON_SHAPES))
+def test_triton_gemv_kernels(shape, dtype):
+    from fastarch.kernels import sparse_gemv as k
+
+    b, i, o = shape
+    x, w, bias = (t.to(_dev()) for t in _make(b, i, o, dtype))
+    w_t = w.t().contiguous()
+    _close(k.sparse_gemv(x, w_t, bias, 0.6).cpu(),
+           sg.sparse_gemv_reference(x, w_t, bias, 0.6).cpu(), dtype)
+    idx = torch.randperm(i, device=_dev())[: max(1, i // 2)]
+    _close(k.sparse_gemv_index(x, w_t, None, idx).cpu(),
+           sg.sparse_gemv_index_reference(x, w_t, None, idx).cpu(), dtype)
+    rows = torch.randperm(o, device=_dev())[: max(1, o // 2)]
+    _close(k.gather_gemv(x, w, bias, rows).cpu(),
+           sg.gather_gemv_reference(x, w, bias, rows).cpu(), dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MLP_CASES[:3], ids=lambda c: f"h{c[1]}-i{c[2]}-{c[4]}")
+def test_triton_sparse_mlp(case, dtype):
+    from fastarch.kernels import sparse_gemv as k
+
+    a = {n: (v.to(_dev()) if isinstance(v, torch.Tensor) else v) for n, v in _mlp(case, dtype).items()}
+    inter = a["w_in"].shape[0]
+    index = torch.randperm(inter, device=_dev())[: inter // 2]
+    got = k.sparse_mlp(a["x"], a["w_in"], a["w_up"], a["w_out_t"], a["b_in"], a["b_up"],
+                       a["b_out"], index, 0.05, a["activation"])
+    _close(got.cpu(), _mlp_ref(a, index, 0.05).cpu(), dtype)
+
+
+# ---- CUDA kernels (only with a GPU) ----------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and native.cuda_built()),
+                    reason="needs a GPU and the CUDA kernels built")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_backends(backend, dtype, monkeypatch):
+    monkeypatch.setenv("FASTARCH_GEMV_CUDA_BACKEND", backend)
+    x, w, bias = (t.cuda() for t in _make(3, 1000, 777, dtype))
+    w_t = w.t().contiguous()
+    _close(fastarch.sparse_gemv(x, w_t, bias, 0.5), sg.sparse_gemv_reference(x, w_t, bias, 0.5), dtype)
+    idx = torch.randperm(1000, device="cuda")[:300]
+    _close(fastarch.sparse_gemv_index(x, w_t, idx, bias),
+           sg.sparse_gemv_index_reference(x, w_t, bias, idx), dtype)
+    _close(fastarch.gather_gemv(x, w, idx, bias), sg.gather_gemv_reference(x, w, bias, idx), dtype)
+    a = {n: (v.cuda() if isinstance(v, torch.Tensor) else v) for n, v in _mlp(MLP_CASES[0], dtype).items()}
+    _close(fastarch.sparse_mlp(a["x"], a["w_in"], a["w_out_t"], w_up=a["w_up"], threshold=0.05),
+           _mlp_ref(a, None, 0.05), dtype)
+
+
+# ---- opcheck, autograd, compile -------------------------------------------------------------------
+def _opcheck_samples():
+    x, w, bias = _make(2, 24, 10, torch.float32)
+    w_t = w.t().contiguous()
+    idx = torch.tensor([0, 3, 7, 23])
+    a = _mlp(MLP_CASES[2], torch.float32)
+    return [
+        ("sparse_gemv", (x, w_t, bias, 0.3)),
+        ("sparse_gemv", (x, w_t, None, 0.0)),
+        ("sparse_gemv_index", (x, w_t, bias, idx)),
+        ("gather_gemv", (x, w, bias, idx[:3])),
+        ("sparse_mlp", (a["x"], a["w_in"], a["w_up"], a["w_out_t"], a["b_in"], a["b_up"],
+                        a["b_out"], torch.tensor([0, 5, 9]), 0.01, a["activation"])),
+        ("sparse_mlp", (a["x"], a["w_in"], None, a["w_out_t"], None, None, None, None, 0.0, "silu")),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_samples(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck(name, args, grad):
+    if grad:
+        args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
+    torch.library.opcheck(getattr(torch.ops.fastarch, name).default, args)
+
+
+def test_backward_matches_reference():
+    x, w, bias = _make(3, 20, 7, torch.float32)
+    w_t = w.t().contiguous()
+    leaves = [t.clone().requires_grad_(True) for t in (x, w_t, bias)]
+    fastarch.sparse_gemv(*leaves[:2], leaves[2], 0.4).square().sum().backward()
+    ref = [t.clone().requires_grad_(True) for t in (x, w_t, bias)]
+    sg.sparse_gemv_reference(*ref, 0.4).square().sum().backward()
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+class _TinySparseMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w_in = torch.nn.Parameter(torch.randn(64, 32) / 6)
+        self.w_up = torch.nn.Parameter(torch.randn(64, 32) / 6)
+        self.w_out_t = torch.nn.Parameter(torch.randn(64, 32) / 8)
+        self.w_t = torch.nn.Parameter(torch.randn(32, 32) / 6)
+        self.register_buffer("core", torch.arange(0, 64, 2))
+
+    def forward(self, x):
+        h = fastarch.sparse_gemv(x, self.w_t, None, 0.1)
+        return h + fastarch.sparse_mlp(x, self.w_in, self.w_out_t, w_up=self.w_up,
+                                       neuron_index=self.core, activation="silu")
+
+
+def test_compile_fullgraph_no_break():
+    m = _TinySparseMLP()
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        eager = m(x)
+        torch._dynamo.reset()
+        explain = torch._dynamo.explain(m)(x)
+        assert explain.graph_break_count == 0, explain.break_reasons
+        compiled = torch.compile(m, fullgraph=True, backend="inductor")
+        torch.testing.assert_close(compiled(x), eager)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+def test_bad_inputs_name_the_argument():
+    x, w, bias = _make(2, 8, 4, torch.float32)
+    w_t = w.t().contiguous()
+    with pytest.raises(ValueError, match="threshold"):
+        fastarch.sparse_gemv(x, w_t, bias, -0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        fastarch.sparse_gemv(x, w_t, bias, float("nan"))
+    with pytest.raises(TypeError, match="w_t"):
+        fastarch.sparse_gemv(x, w_t.double(), bias)
+    with pytest.raises(TypeError, match="x"):
+        fastarch.sparse_gemv(x.long(), w_t)
+    with pytest.raises(ValueError, match="x must have 8 features"):
+        fastarch.sparse_gemv(torch.randn(2, 9), w_t)
+    with pytest.raises(ValueError, match="bias"):
+        fastarch.sparse_gemv(x, w_t, torch.randn(5))
+    with pytest.raises(TypeError, match="bias"):
+        fastarch.sparse_gemv(x, w_t, bias.half())
+    with pytest.raises(ValueError, match="index"):
+        fastarch.sparse_gemv_index(x, w_t, torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="index"):
+        fastarch.sparse_gemv_index(x, w_t, torch.tensor([-1]))
+    with pytest.raises(TypeError, match="index"):
+        fastarch.gather_gemv(x, w, torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="index"):
+        fastarch.gather_gemv(x, w, torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="activation"):
+        fastarch.sparse_mlp(x, torch.randn(6, 8), torch.randn(6, 8), activation="tanh")
+    with pytest.raises(ValueError, match="w_out_t"):
+        fastarch.sparse_mlp(x, torch.randn(6, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="neuron_index"):
+        fastarch.sparse_mlp(x, torch.randn(6, 8), torch.randn(6, 8), neuron_index=torch.tensor([6]))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="w_t"):
+            fastarch.sparse_gemv(x, w_t.cuda())
+
+
+@needs_cpp
+def test_cpp_checks_guard_direct_op_calls():
+    # The raw op (no Python wrapper) must refuse out-of-range indices, never read out of bounds.
+    x, w, _ = _make(1, 8, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fastarch.sparse_gemv_index(x, w.t().contiguous(), None, torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fastarch.gather_gemv(x, w, None, torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="threshold"):
+        torch.ops.fastarch.sparse_gemv(x, w.t().contiguous(), None, -1.0)
+
+
+def test_reference_fallback_without_native_build():
+    # With the native extension disabled the ops still work, through the reference, with a warning.
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastarch\n"
+        "    from fastarch.ops import sparse_gemv as sg\n"
+        "    x = torch.randn(2, 16); w_t = torch.randn(16, 4)\n"
+        "    y = fastarch.sparse_gemv(x, w_t, None, 0.5)\n"
+        "    assert torch.allclose(y, sg.sparse_gemv_reference(x, w_t, None, 0.5))\n"
+        "msgs = [str(r.message) for r in rec]\n"
+        "assert any('could not be loaded' in m or 'disabled' in m for m in msgs) or any('reference' in m for m in msgs), msgs\n"
+        "assert fastarch.native.native_loaded() is False\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FASTARCH_DISABLE_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
