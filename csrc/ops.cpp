@@ -53,4 +53,12 @@ PYBIND11_MODULE(_C, m) {
     return std::string("default");
 #endif
   });
+#ifdef FASTARCH_WITH_CUDA
+  // CUDA kernels are bound here; the dispatcher's CUDA entry is a Python chooser between these
+  // and the Triton kernels (fastarch/ops/<family>.py).
+  m.def("sparse_gemv_cuda", &fastarch::sparse_gemv_cuda);
+  m.def("sparse_gemv_index_cuda", &fastarch::sparse_gemv_index_cuda);
+  m.def("gather_gemv_cuda", &fastarch::gather_gemv_cuda);
+  m.def("sparse_mlp_cuda", &fastarch::sparse_mlp_cuda);
+#endif
 }
