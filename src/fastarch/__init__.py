@@ -14,6 +14,7 @@ from fastarch.ops.sparse_gemv import (  # noqa: F401
     sparse_gemv_index,
     sparse_mlp,
 )
+from fastarch.sparsity import densify, sparsify  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,173 @@
+"""nn.Modules that run the sparse GEMV ops, made from the modules of an existing model.
+
+Neither module copies a weight: the input-major layout the kernels want is stored as the
+parameter's data and the original parameter becomes a transposed *view* of it, so the original
+module (and its state_dict keys) keep working, and :func:`fastarch.densify` restores them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastarch.ops import sparse_gemv as ops
+
+
+def _transposed_storage(weight: nn.Parameter) -> nn.Parameter:
+    """The same values and shape, stored transposed: ``result.t()`` is contiguous. One copy,
+    after which the old storage is released."""
+    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+
+
+class SparseLinear(nn.Linear):
+    """A linear layer that skips input channels with ``|x| <= threshold`` (TEAL).
+
+    ``weight`` keeps the nn.Linear shape ``(out, in)`` but is stored input-major (a transposed
+    view of a contiguous ``(in, out)`` tensor), which is the layout the sparse GEMV kernel reads.
+
+    Example:
+        >>> sl = SparseLinear.from_linear(model.mlp.down_proj, threshold=0.02)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 threshold: float = 0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        w_t = self.weight.detach().t().contiguous()
+        self.weight = nn.Parameter(w_t.t())
+        self.threshold = float(threshold)
+        self.source_type: type | None = None  # class to restore on densify (Linear / HF Conv1D)
+        self.track = False
+        self.seen = 0
+        self.skipped = 0
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, threshold: float = 0.0) -> "SparseLinear":
+        """Make one from an ``nn.Linear`` or a Hugging Face ``Conv1D`` (GPT-2), sharing storage."""
+        if isinstance(module, nn.Linear):
+            in_f, out_f, out_in = module.in_features, module.out_features, True
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            in_f, out_f, out_in = module.weight.shape[0], module.weight.shape[1], False
+        else:
+            raise TypeError(f"module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = in_f, out_f
+        if out_in:
+            new.weight = _transposed_storage(module.weight)
+        else:  # Conv1D stores (in, out) contiguous: the view .t() is already (out, in)
+            new.weight = nn.Parameter(module.weight.detach().contiguous().t(),
+                                      requires_grad=module.weight.requires_grad)
+        new.bias = module.bias
+        new.threshold = float(threshold)
+        new.source_type = type(module)
+        new.track, new.seen, new.skipped = False, 0, 0
+        return new
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense module (nn.Linear, or Conv1D for GPT-2), weights contiguous."""
+        if self.source_type is not None and self.source_type.__name__ == "Conv1D":
+            dense = self.source_type.__new__(self.source_type)
+            nn.Module.__init__(dense)
+            dense.nf = self.out_features
+            dense.nx = self.in_features
+            dense.weight = nn.Parameter(self.weight.detach().t().contiguous(),
+                                        requires_grad=self.weight.requires_grad)
+            dense.bias = self.bias
+            return dense
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        dense.weight = nn.Parameter(self.weight.detach().contiguous(),
+                                    requires_grad=self.weight.requires_grad)
+        dense.bias = self.bias
+        return dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                self.seen += x.numel()
+                self.skipped += int((x.abs() <= self.threshold).sum())
+        return ops.sparse_gemv(x, self.weight.t(), self.bias, self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, threshold={self.threshold:.4g}"
+
+
+class CoreNeuronMLP(nn.Module):
+    """An MLP that, during decoding, computes only its *core neurons* (CoreInfer).
+
+    On a prefill call (more than one token per sequence) it runs densely and picks the core
+    neurons of the sentence: each token votes for its ``keep`` most active neurons and the
+    ``keep`` neurons with the most votes (ties broken by mean activation) are kept. On decode
+    calls (one token per sequence) only those neurons are computed, with the fused
+    ``sparse_mlp`` kernel: gate/up rows and down columns of the other neurons are never read.
+
+    The original MLP's child modules are registered under their own names, so state_dict keys
+    do not change; the original module is restored by :func:`fastarch.densify`.
+    """
+
+    def __init__(self, original: nn.Module, spec: "MLPSpec", sparsity: float):  # noqa: F821
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not a child: keys stay the same
+        self.spec = spec
+        for name in spec.children:
+            setattr(self, name, getattr(original, name))
+        w_in_mod = getattr(original, spec.w_in)
+        # make the down projection input-major in place: (inter, out) contiguous
+        down = getattr(original, spec.w_out)
+        if spec.out_layout == "out_in":  # nn.Linear (out, inter): store it (inter, out)
+            down.weight = _transposed_storage(down.weight)
+        # (a Conv1D down projection is (inter, out) already)
+        if spec.in_layout == "in_out":  # Conv1D (hidden, inter): store it (inter, hidden)
+            w_in_mod.weight = _transposed_storage(w_in_mod.weight)
+        self.inter = spec.intermediate(original)
+        self.keep = max(1, int(round((1.0 - sparsity) * self.inter)))
+        self.sparsity = sparsity
+        self.register_buffer("core", torch.empty(0, dtype=torch.long), persistent=False)
+        self.last_prefill_tokens = 0
+
+    # weights in kernel layout (all contiguous, no copies)
+    def _w_in(self):
+        w = getattr(self.original, self.spec.w_in).weight
+        return w if self.spec.in_layout == "out_in" else w.t()
+
+    def _w_up(self):
+        if self.spec.w_up is None:
+            return None
+        return getattr(self.original, self.spec.w_up).weight
+
+    def _w_out_t(self):
+        w = getattr(self.original, self.spec.w_out).weight
+        return w.t() if self.spec.out_layout == "out_in" else w
+
+    def _bias(self, name):
+        if name is None:
+            return None
+        return getattr(getattr(self.original, name), "bias", None)
+
+    @torch.no_grad()
+    def _choose_core(self, h: torch.Tensor) -> None:
+        a = h.detach().abs().reshape(-1, h.shape[-1]).float()
+        k = min(self.keep, a.shape[-1])
+        votes = torch.zeros(a.shape[-1], device=a.device)
+        votes.scatter_add_(0, a.topk(k, dim=-1).indices.reshape(-1),
+                           torch.ones(a.shape[0] * k, device=a.device))
+        # votes dominate; the mean activation (scaled below 1) breaks ties
+        score = votes + a.mean(0) / (a.mean(0).max() + 1e-12) * 0.5
+        self.core = score.topk(k).indices.sort().values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[-2] if x.dim() >= 3 else x.shape[0]
+        if tokens > 1 or self.core.numel() == 0:
+            h = self.spec.hidden(self.original, x)
+            if tokens > 1:
+                self._choose_core(h)
+                self.last_prefill_tokens = tokens
+            return self.spec.output(self.original, h)
+        y = ops.sparse_mlp(
+            x, self._w_in(), self._w_out_t(), w_up=self._w_up(), b_in=self._bias(self.spec.w_in),
+            b_up=self._bias(self.spec.w_up), b_out=self._bias(self.spec.w_out),
+            neuron_index=self.core, activation=self.spec.activation,
+        )
+        return self.spec.finish(self.original, y)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}/{self.inter} core neurons, activation={self.spec.activation}"

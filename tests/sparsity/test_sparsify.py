@@ -1,0 +1,225 @@
+"""fastarch.sparsify / densify on real model classes (random weights from small configs)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastarch
+from fastarch.sparsity import CoreNeuronMLP, SparseLinear, measure_sparsity
+from fastarch.ops import sparse_gemv as sg
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=211, max_position_embeddings=128)
+
+
+def _hf(model_type):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if model_type == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=211,
+                                   n_positions=128)
+        return AutoModelForCausalLM.from_config(cfg).eval()
+    if model_type == "bert":
+        cfg = AutoConfig.for_model("bert", **SMALL)
+        return AutoModel.from_config(cfg).eval()
+    extra = {"num_key_value_heads": 2, "head_dim": 16}
+    cfg = AutoConfig.for_model(model_type, **SMALL, **extra)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _ids(n=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 211, (n, t), generator=g)
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+class _MaskedInputs:
+    """Reference for TEAL: the dense model with each swapped layer's input masked by hooks."""
+
+    def __init__(self, dense, thresholds):
+        self.handles = []
+        for name, t in thresholds.items():
+            mod = dense.get_submodule(name)
+            self.handles.append(mod.register_forward_pre_hook(
+                lambda m, a, t=t: (torch.where(a[0].abs() > t, a[0], torch.zeros_like(a[0])),)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+HF_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "bert"]
+
+
+@pytest.mark.parametrize("model_type", HF_TYPES)
+@pytest.mark.parametrize("scope", ["mlp", "all"])
+def test_teal_equals_masked_dense_model(model_type, scope):
+    import copy
+
+    torch.manual_seed(0)
+    model = _hf(model_type)
+    dense = copy.deepcopy(model)
+    calib = [{"input_ids": _ids(seed=s)} for s in range(3)]
+    report = fastarch.sparsify(model, sparsity=0.5, method="teal", calib=calib, scope=scope)
+    assert report.changed and not report.unsupported
+    swapped = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    assert sorted(swapped) == sorted(e.name for e in report.modules)
+    if scope == "mlp":
+        assert all(("mlp" in n) or ("intermediate" in n) or ("output.dense" in n) for n in swapped)
+    else:
+        assert len(swapped) > len(dict(fastarch.sparsity.adapters.linear_modules(dense, "mlp")))
+    # exact spec: the dense model with masked inputs
+    hooks = _MaskedInputs(dense, {e.name: e.threshold for e in report.modules})
+    ids = _ids(seed=9)
+    torch.testing.assert_close(_out(model, ids), _out(dense, ids), rtol=1e-4, atol=1e-4)
+    hooks.remove()
+    # and it really is sparse on the calibration data
+    for e in report.modules:
+        assert abs(e.calib_sparsity - 0.5) < 0.05, e
+    # densify restores the dense model exactly
+    assert fastarch.densify(model) == len(swapped)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    torch.testing.assert_close(_out(model, ids), _out(dense, ids))
+    assert set(model.state_dict()) == set(dense.state_dict())
+
+
+def test_sparsity_zero_changes_nothing():
+    import copy
+
+    model = _hf("llama")
+    dense = copy.deepcopy(model)
+    fastarch.sparsify(model, sparsity=0.0, calib=[{"input_ids": _ids()}])
+    ids = _ids(seed=5)
+    torch.testing.assert_close(_out(model, ids), _out(dense, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_teal_held_out_sparsity_within_two_points():
+    model = _hf("llama")
+    calib = [{"input_ids": _ids(4, 64, seed=s)} for s in range(4)]
+    held = [{"input_ids": _ids(4, 64, seed=100 + s)} for s in range(3)]
+    for target in (0.25, 0.5, 0.7):
+        fastarch.densify(model)
+        fastarch.sparsify(model, sparsity=target, calib=calib)
+        achieved = measure_sparsity(model, held)
+        assert achieved and all(abs(v - target) <= 0.02 for v in achieved.values()), achieved
+
+
+def test_timm_vit_teal():
+    timm = pytest.importorskip("timm")
+    import copy
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, depth=2, num_classes=5).eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    report = fastarch.sparsify(model, sparsity=0.4, calib=[torch.randn(2, 3, 32, 32)])
+    assert len(report.modules) == 4  # fc1 and fc2 of two blocks
+    hooks = _MaskedInputs(dense, {e.name: e.threshold for e in report.modules})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-4)
+    hooks.remove()
+    rep2 = fastarch.sparsify(copy.deepcopy(dense), sparsity=0.4, method="coreinfer")
+    assert not rep2.changed and "encoder" in rep2.unsupported[0][1]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma", "gpt2"])
+def test_coreinfer_decode_uses_core_neurons(model_type):
+    import copy
+
+    torch.manual_seed(0)
+    model = _hf(model_type)
+    dense = copy.deepcopy(model)
+    report = fastarch.sparsify(model, sparsity=0.5, method="coreinfer")
+    cores = [m for m in model.modules() if isinstance(m, CoreNeuronMLP)]
+    assert len(cores) == 2 and report.modules[0].keep == report.modules[0].total // 2
+    prompt = _ids(1, 12, seed=3)
+    with torch.no_grad():
+        # prefill equals the dense model (it runs densely) and picks the core neurons
+        torch.testing.assert_close(model(input_ids=prompt).logits, dense(input_ids=prompt).logits)
+        assert all(c.core.numel() == c.keep for c in cores)
+        # a decode step computes exactly the MLP restricted to the core neurons
+        mlp = cores[0]
+        x = torch.randn(1, 1, 64)
+        w_up = mlp._w_up()
+        want = sg.sparse_mlp_reference(x[0], mlp._w_in(), w_up, mlp._w_out_t(),
+                                       mlp._bias(mlp.spec.w_in), None, mlp._bias(mlp.spec.w_out),
+                                       mlp.core, 0.0, mlp.spec.activation)
+        torch.testing.assert_close(mlp(x)[0], want, rtol=1e-4, atol=1e-5)
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert out.shape == (1, 18)
+    # densify gives the dense model back
+    fastarch.densify(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=prompt).logits, dense(input_ids=prompt).logits)
+
+
+def test_coreinfer_zero_sparsity_generates_like_dense():
+    import copy
+
+    model = _hf("llama")
+    dense = copy.deepcopy(model)
+    fastarch.sparsify(model, sparsity=0.0, method="coreinfer")
+    prompt = _ids(1, 10, seed=4)
+    with torch.no_grad():
+        a = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        b = dense.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_unknown_model_is_reported_and_unchanged():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="not one fastarch knows"):
+        report = fastarch.sparsify(model, sparsity=0.5, calib=[torch.randn(4, 8)])
+    assert not report.changed and "Sequential" in report.unsupported[0][1]
+    assert all(isinstance(m, (nn.Linear, nn.ReLU, nn.Sequential)) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # opting in applies TEAL to the linears of the layer stack
+    report = fastarch.sparsify(model, sparsity=0.5, calib=[torch.randn(4, 8)], allow_unknown=True)
+    assert len(report.modules) == 2
+
+
+def test_bad_arguments():
+    model = _hf("llama")
+    with pytest.raises(ValueError, match="sparsity"):
+        fastarch.sparsify(model, sparsity=1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        fastarch.sparsify(model, sparsity=float("nan"))
+    with pytest.raises(ValueError, match="method"):
+        fastarch.sparsify(model, method="magic")
+    with pytest.raises(ValueError, match="scope"):
+        fastarch.sparsify(model, scope="attention")
+    with pytest.raises(TypeError, match="model"):
+        fastarch.sparsify("llama")
+    fastarch.sparsify(model, sparsity=0.3, calib=[{"input_ids": _ids()}])
+    with pytest.raises(ValueError, match="already sparsified"):
+        fastarch.sparsify(model, sparsity=0.3, calib=[{"input_ids": _ids()}])
+
+
+def test_synthetic_calibration_warns():
+    model = _hf("qwen2")
+    with pytest.warns(UserWarning, match="synthetic"):
+        report = fastarch.sparsify(model, sparsity=0.5)
+    assert report.changed and report.calibration == "synthetic calibration"
+
+
+def test_sparsified_model_compiles_without_graph_breaks():
+    model = _hf("llama")
+    fastarch.sparsify(model, sparsity=0.5, calib=[{"input_ids": _ids()}], scope="all")
+    layer = model.model.layers[0]
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        eager = layer.mlp(x)
+        torch._dynamo.reset()
+        explain = torch._dynamo.explain(layer.mlp)(x)
+        assert explain.graph_break_count == 0, explain.break_reasons
+        compiled = torch.compile(layer.mlp, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
