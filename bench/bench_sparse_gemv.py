@@ -1,0 +1,172 @@
+"""Sparse GEMV and sparse MLP kernels against the dense PyTorch baseline, same process.
+
+    python bench/bench_sparse_gemv.py             # tables -> bench/results/sparse_gemv.md
+    python bench/bench_sparse_gemv.py --quick     # fewer shapes and rounds
+    pytest bench/bench_sparse_gemv.py --benchmark-only    # pytest-benchmark view
+
+Each kernel and its baseline run in interleaved rounds (bench/timing.py); weights are cycled
+through enough copies to exceed the last-level cache and the activations change every call, as
+in decoding, where each layer's weights come from memory. Sparsity s means a fraction s of the
+input channels (sparse_gemv, per batch row) or of the neurons (sparse_mlp) is skipped; memory
+traffic bounds the speed-up at 1/(1-s) for a batch of one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fastarch  # noqa: E402
+from timing import copies_to_defeat_cache, interleaved, machine  # noqa: E402
+
+GEMV_SHAPES = {  # name: (out, in)
+    "8B-up (14336x4096)": (14336, 4096),
+    "8B-down (4096x14336)": (4096, 14336),
+    "1B-up (8192x2048)": (8192, 2048),
+    "1B-down (2048x8192)": (2048, 8192),
+}
+MLP_SHAPES = {"Llama-3-8B MLP (4096, 14336)": (4096, 14336), "Llama-3.2-1B MLP (2048, 8192)": (2048, 8192)}
+SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
+
+
+def _thresholds(xs, s):
+    """Per-call threshold that skips a fraction s of each x's channels (row-wise for batches:
+    one threshold per call, taken over all rows, as a calibrated TEAL threshold is)."""
+    if s <= 0:
+        return [0.0] * len(xs)
+    return [torch.quantile(x.float().abs().flatten(), s).item() for x in xs]
+
+
+def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
+    n = copies_to_defeat_cache(out_f * in_f * torch.finfo(dtype).bits // 8)
+    ws = [torch.randn(out_f, in_f, dtype=dtype) / in_f ** 0.5 for _ in range(n)]
+    wts = [w.t().contiguous() for w in ws]
+    xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(n)]
+    ts = _thresholds(xs, sparsity)
+    i = {"d": 0, "s": 0}
+
+    def dense():
+        i["d"] = (i["d"] + 1) % n
+        return F.linear(xs[i["d"]], ws[i["d"]])
+
+    def sparse():
+        i["s"] = (i["s"] + 1) % n
+        k = i["s"]
+        return fastarch.sparse_gemv(xs[k], wts[k], None, ts[k])
+
+    res = interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
+    union = torch.stack([(x.abs() > t).any(0).float().mean() for x, t in zip(xs, ts)]).mean()
+    return res, float(union)
+
+
+def mlp_case(hidden, inter, dtype, batch, sparsity, rounds):
+    """Dense SwiGLU MLP vs sparse_mlp over a fixed core-neuron set (CoreInfer decode)."""
+    per = 3 * hidden * inter * torch.finfo(dtype).bits // 8
+    n = copies_to_defeat_cache(per)
+    mk = lambda *s: (torch.randn(*s) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+    layers = [dict(g=mk(inter, hidden), u=mk(inter, hidden), d=mk(hidden, inter)) for _ in range(n)]
+    for lay in layers:
+        lay["dt"] = lay["d"].t().contiguous()
+        keep = max(1, int(round((1 - sparsity) * inter)))
+        lay["core"] = torch.randperm(inter)[:keep].sort().values
+    xs = [torch.randn(batch, hidden, dtype=dtype) for _ in range(n)]
+    i = {"d": 0, "s": 0}
+
+    def dense():
+        i["d"] = (i["d"] + 1) % n
+        lay, x = layers[i["d"]], xs[i["d"]]
+        return F.linear(F.silu(F.linear(x, lay["g"])) * F.linear(x, lay["u"]), lay["d"])
+
+    def sparse():
+        i["s"] = (i["s"] + 1) % n
+        lay, x = layers[i["s"]], xs[i["s"]]
+        return fastarch.sparse_mlp(x, lay["g"], lay["dt"], w_up=lay["u"], neuron_index=lay["core"],
+                                   activation="silu")
+
+    return interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
+
+
+def _fmt_row(cells):
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sparse_gemv.md"))
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rounds = 7 if args.quick else 15
+    gemv_shapes = dict(list(GEMV_SHAPES.items())[:2]) if args.quick else GEMV_SHAPES
+    lines = [f"Machine: {machine()}", "",
+             "### sparse_gemv vs F.linear (speed-up = dense time / fastarch time; limit 1/(1-s) at batch 1)", "",
+             _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in SPARSITIES]
+                      + ["fraction of limit at s=0.5"]),
+             _fmt_row(["---"] * (5 + len(SPARSITIES)))]
+    print("\n".join(lines), flush=True)
+    for name, (o, i) in gemv_shapes.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for batch in (1, 8):
+                cells, dense_ms, half = [], None, None
+                for s in SPARSITIES:
+                    res, union = gemv_case(o, i, dtype, batch, s, rounds)
+                    ratio = res["dense"] / res["fastarch"]
+                    dense_ms = res["dense"] * 1e3 if dense_ms is None else dense_ms
+                    cells.append(f"{ratio:.2f}x" + (f" (u={union:.2f})" if batch > 1 else ""))
+                    if s == 0.5:
+                        half = ratio / 2.0
+                row = _fmt_row([name, str(dtype).split(".")[-1], batch, f"{dense_ms:.2f}"] + cells
+                               + [f"{half:.0%}" if batch == 1 else "n/a (union)"])
+                lines.append(row)
+                print(row, flush=True)
+    lines += ["", "u = fraction of input channels active in at least one batch row (the union "
+              "a batched call must read).", "",
+              "### sparse_mlp (core neurons) vs the dense SwiGLU MLP", "",
+              _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in SPARSITIES]),
+              _fmt_row(["---"] * (4 + len(SPARSITIES)))]
+    print("\n".join(lines[-4:]), flush=True)
+    mlp_shapes = dict(list(MLP_SHAPES.items())[:1]) if args.quick else MLP_SHAPES
+    for name, (h, inter) in mlp_shapes.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for batch in (1, 8):
+                cells, dense_ms = [], None
+                for s in SPARSITIES:
+                    res = mlp_case(h, inter, dtype, batch, s, max(5, rounds // 2))
+                    dense_ms = res["dense"] * 1e3 if dense_ms is None else dense_ms
+                    cells.append(f"{res['dense'] / res['fastarch']:.2f}x")
+                row = _fmt_row([name, str(dtype).split(".")[-1], batch, f"{dense_ms:.2f}"] + cells)
+                lines.append(row)
+                print(row, flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n\nCommand: `python bench/bench_sparse_gemv.py"
+                + (" --quick" if args.quick else "") + "`\n")
+    return 0
+
+
+# ---- pytest-benchmark view (pytest bench/bench_sparse_gemv.py --benchmark-only) --------------------
+@pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"s{s}")
+@pytest.mark.parametrize("provider", ["torch", "fastarch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemv_1b_up(benchmark, provider, dtype, sparsity):
+    o, i = GEMV_SHAPES["1B-up (8192x2048)"]
+    w = torch.randn(o, i, dtype=dtype)
+    w_t = w.t().contiguous()
+    x = torch.randn(1, i, dtype=dtype)
+    t = _thresholds([x], sparsity)[0]
+    if provider == "torch":
+        benchmark(F.linear, x, w)
+    else:
+        benchmark(fastarch.sparse_gemv, x, w_t, None, t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
