@@ -120,7 +120,12 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
                      int64_t out) {
   auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
   if (K == 0 || out == 0 || B == 0) return y;
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K / 4));
+  // A thread is worth starting only for enough work: a decode GEMV of a small layer takes tens
+  // of microseconds, and a parallel region that waits on a descheduled thread costs far more.
+  constexpr int64_t kMinWorkPerThread = int64_t(1) << 20;  // multiply-adds
+  const int64_t work = K * out * B;
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>({int64_t(at::get_num_threads()), K / 4, work / kMinWorkPerThread}));
   std::vector<at::Tensor> partial(nthreads);
   const int64_t per = (K + nthreads - 1) / nthreads;
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
@@ -128,6 +133,34 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
       const int64_t k0 = t * per, k1 = std::min(K, k0 + per);
       at::Tensor acc_t = (t == 0) ? y : at::zeros({B, out}, y.options());
       float* acc = acc_t.data_ptr<float>();
+      if (B > 1) {
+        // Batch: each block of 4 rows is read from memory once and applied to every batch row
+        // while it is in cache (tiles of the output keep the 4 row slices in L1/L2).
+        constexpr int64_t kTile = 2048;
+        for (int64_t kb = k0; kb < k1; kb += 4) {
+          const int64_t nk = std::min<int64_t>(4, k1 - kb);
+          const T* wr[4];
+          for (int i = 0; i < 4; ++i) wr[i] = w + rows[kb + std::min<int64_t>(i, nk - 1)] * out;
+          for (int64_t o0 = 0; o0 < out; o0 += kTile) {
+            const int64_t n = std::min(kTile, out - o0);
+            for (int64_t b = 0; b < B; ++b) {
+              const float* xb = xa + b * K + kb;
+              float a[4] = {0.f, 0.f, 0.f, 0.f};
+              for (int64_t i = 0; i < nk; ++i) a[i] = xb[i];
+              if (a[0] == 0.f && a[1] == 0.f && a[2] == 0.f && a[3] == 0.f) continue;
+              if (nk == 4) {
+                axpy4<T>(acc + b * out + o0, wr[0] + o0, wr[1] + o0, wr[2] + o0, wr[3] + o0,
+                         a[0], a[1], a[2], a[3], n);
+              } else {
+                for (int64_t i = 0; i < nk; ++i)
+                  if (a[i] != 0.f) axpy1<T>(acc + b * out + o0, wr[i] + o0, a[i], n);
+              }
+            }
+          }
+        }
+        partial[t] = acc_t;
+        continue;
+      }
       for (int64_t b = 0; b < B; ++b) {
         const float* xb = xa + b * K;
         float* ab = acc + b * out;
@@ -244,7 +277,7 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
   const int64_t K = static_cast<int64_t>(rows.size());
   const double density = in > 0 ? double(K) / double(in) : 0.0;
   if (B > dense_batch_above() || density > dense_above()) {
-    at::Tensor xm = x * (x.abs() > threshold);
+    at::Tensor xm = at::where(x.abs() > threshold, x, at::zeros({}, x.options()));
     at::Tensor y = at::mm(xm, w_t);
     if (bias.has_value()) y.add_(*bias);
     return y;
@@ -295,7 +328,9 @@ at::Tensor sparse_gemv_index_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
 template <typename T>
 void gather_rows_dot(const float* xf, int64_t B, int64_t in, const T* w, const int64_t* rows,
                      int64_t K, float* y) {
-  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+  // grain: at least ~1M multiply-adds per task (see rows_axpy)
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, in * B));
+  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const T* wr = w + rows[k] * in;
       for (int64_t b = 0; b < B; ++b) y[b * K + k] = dot<T>(wr, xf + b * in, in);
@@ -405,7 +440,9 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     const scalar_t* wu = w_up.has_value() ? w_up->data_ptr<scalar_t>() : nullptr;
     const float* bi = bin.defined() ? bin.data_ptr<float>() : nullptr;
     const float* bu = bup.defined() ? bup.data_ptr<float>() : nullptr;
-    at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    const int64_t grain =
+        std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, 2 * hidden * B));
+    at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j = rows[k];
         for (int64_t b = 0; b < B; ++b) {
