@@ -13,6 +13,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -112,6 +115,31 @@ inline float dot(const T* __restrict w, const float* __restrict x, int64_t n) {
   return s;
 }
 
+template <typename T>
+inline void widen(float* __restrict dst, const T* __restrict src, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
+    int64_t o = 0;
+#if defined(__AVX512F__)
+    for (; o + 16 <= n; o += 16) {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + o));
+      __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      _mm512_storeu_ps(dst + o, _mm512_castsi512_ps(w));
+    }
+#endif
+    for (; o < n; ++o) {
+      uint32_t b = uint32_t(u[o]) << 16;
+      std::memcpy(dst + o, &b, 4);
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const _Float16* h = reinterpret_cast<const _Float16*>(src);
+#pragma omp simd
+    for (int64_t o = 0; o < n; ++o) dst[o] = float(h[o]);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
 // ---- the shared core: y(B, out) = sum_k xa(B, k) * w_t[rows[k], :] ------------------------------
 // xa is fp32 (B, K) holding the coefficient of each listed row per batch row (0 = skip);
 // rows holds K row indices into w_t. Returns fp32 (B, out).
@@ -137,23 +165,36 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
         // Batch: each block of 4 rows is read from memory once and applied to every batch row
         // while it is in cache (tiles of the output keep the 4 row slices in L1/L2).
         constexpr int64_t kTile = 2048;
+        std::vector<float> wbuf(std::is_same_v<T, float> ? 0 : 4 * kTile);
         for (int64_t kb = k0; kb < k1; kb += 4) {
           const int64_t nk = std::min<int64_t>(4, k1 - kb);
           const T* wr[4];
           for (int i = 0; i < 4; ++i) wr[i] = w + rows[kb + std::min<int64_t>(i, nk - 1)] * out;
           for (int64_t o0 = 0; o0 < out; o0 += kTile) {
             const int64_t n = std::min(kTile, out - o0);
+            // bf16/fp16: widen the 4 row slices to fp32 once (32 KiB, stays in L1) instead of
+            // once per batch row; the per-row work is then plain fp32 FMAs.
+            const float* wf[4];
+            if constexpr (std::is_same_v<T, float>) {
+              for (int i = 0; i < 4; ++i) wf[i] = wr[i] + o0;
+            } else {
+              for (int i = 0; i < 4; ++i) {
+                float* dst = wbuf.data() + i * kTile;
+                widen<T>(dst, wr[i] + o0, n);
+                wf[i] = dst;
+              }
+            }
             for (int64_t b = 0; b < B; ++b) {
               const float* xb = xa + b * K + kb;
               float a[4] = {0.f, 0.f, 0.f, 0.f};
               for (int64_t i = 0; i < nk; ++i) a[i] = xb[i];
               if (a[0] == 0.f && a[1] == 0.f && a[2] == 0.f && a[3] == 0.f) continue;
               if (nk == 4) {
-                axpy4<T>(acc + b * out + o0, wr[0] + o0, wr[1] + o0, wr[2] + o0, wr[3] + o0,
-                         a[0], a[1], a[2], a[3], n);
+                axpy4<float>(acc + b * out + o0, wf[0], wf[1], wf[2], wf[3], a[0], a[1], a[2],
+                             a[3], n);
               } else {
                 for (int64_t i = 0; i < nk; ++i)
-                  if (a[i] != 0.f) axpy1<T>(acc + b * out + o0, wr[i] + o0, a[i], n);
+                  if (a[i] != 0.f) axpy1<float>(acc + b * out + o0, wf[i], a[i], n);
               }
             }
           }
@@ -226,24 +267,25 @@ at::Tensor check_index(const at::Tensor& index, int64_t limit, const at::Tensor&
   return idx;
 }
 
-// Density above which the dense product is faster than skipping rows (measured by
-// bench/bench_sparse_gemv.py; FASTARCH_GEMV_DENSE_ABOVE overrides it).
-double dense_above() {
-  static double v = [] {
-    const char* e = std::getenv("FASTARCH_GEMV_DENSE_ABOVE");
-    return e ? std::atof(e) : 0.90;
-  }();
-  return v;
+// Dispatch to the dense product (at::mm on the input-major weight), measured with
+// bench/bench_sparse_gemv.py (interleaved timings) on a 2-core AVX-512 CPU:
+//  * batch 1: the kernel is at least as fast as F.linear even at full density (fp32 0.9-1.1x,
+//    bf16 ~1.5x, where oneDNN's bf16 GEMV is slow), so only a density above 0.97 (fp32) goes dense;
+//  * fp32 batches up to 16: the kernel reuses each 4-row weight block across the batch and beats
+//    MKL's small-M GEMM; larger batches go dense;
+//  * bf16/fp16 batches: oneDNN's AVX512-BF16 dot products beat widening to fp32, so any batch > 1
+//    goes dense. (A paired-row layout for vdpbf16ps would bring these back; not done yet.)
+// FASTARCH_GEMV_DENSE_ABOVE / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes.
+double dense_above(at::ScalarType dt) {
+  static const char* e = std::getenv("FASTARCH_GEMV_DENSE_ABOVE");
+  if (e) return std::atof(e);
+  return dt == at::kFloat ? 0.97 : 1.01;
 }
 
-// Batches larger than this go to the dense product (the union of active channels is nearly full
-// and the dense GEMM reuses each weight row across the batch better than the row loop does).
-int64_t dense_batch_above() {
-  static int64_t v = [] {
-    const char* e = std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE");
-    return e ? std::atoll(e) : int64_t(16);
-  }();
-  return v;
+int64_t dense_batch_above(at::ScalarType dt) {
+  static const char* e = std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE");
+  if (e) return std::atoll(e);
+  return dt == at::kFloat ? 16 : 1;
 }
 
 // ---- sparse_gemv ---------------------------------------------------------------------------------
@@ -276,7 +318,7 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
   }
   const int64_t K = static_cast<int64_t>(rows.size());
   const double density = in > 0 ? double(K) / double(in) : 0.0;
-  if (B > dense_batch_above() || density > dense_above()) {
+  if (B > dense_batch_above(x.scalar_type()) || density > dense_above(x.scalar_type())) {
     at::Tensor xm = at::where(x.abs() > threshold, x, at::zeros({}, x.options()));
     at::Tensor y = at::mm(xm, w_t);
     if (bias.has_value()) y.add_(*bias);
