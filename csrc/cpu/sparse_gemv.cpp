@@ -319,7 +319,8 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
   const int64_t K = static_cast<int64_t>(rows.size());
   const double density = in > 0 ? double(K) / double(in) : 0.0;
   if (B > dense_batch_above(x.scalar_type()) || density > dense_above(x.scalar_type())) {
-    at::Tensor xm = at::where(x.abs() > threshold, x, at::zeros({}, x.options()));
+    // compare in fp32 like the spec: a half-precision comparison would round the threshold
+    at::Tensor xm = at::where(xf.abs() > threshold, x, at::zeros({}, x.options()));
     at::Tensor y = at::mm(xm, w_t);
     if (bias.has_value()) y.add_(*bias);
     return y;
