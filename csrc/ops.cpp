@@ -25,7 +25,24 @@ TORCH_LIBRARY(fastarch, m) {
       "-> Tensor");
 
   // ---- attention variants (block-sparse attention family) ---------------------------------
-  // (schemas added by the attention family)
+  // Flash-style attention over the key/value tiles a block mask lists per query tile: "full"
+  // tiles unmasked, "partial" tiles with the element mask (window/prefix/doc descriptor and
+  // optional per-tile bitmaps), ALiBi / relative-position-bias / softcap score mods.
+  // q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D); returns (out, lse fp32).
+  m.def(
+      "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, "
+      "Tensor kv_indices, Tensor? full_kv_num_blocks, Tensor? full_kv_indices, "
+      "Tensor? tile_masks, Tensor? tile_mask_index, Tensor? q_doc_ids, Tensor? kv_doc_ids, "
+      "Tensor? alibi_slopes, Tensor? rel_bias, int block_size, int q_offset, int window_left, "
+      "int window_right, int prefix_len, float scale, float softcap) -> (Tensor, Tensor)");
+  // Its backward: (dq, dk, dv) from grad_out (and grad_lse), recomputing P tile by tile.
+  m.def(
+      "block_sparse_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks, Tensor kv_indices, "
+      "Tensor? full_kv_num_blocks, Tensor? full_kv_indices, Tensor? tile_masks, "
+      "Tensor? tile_mask_index, Tensor? q_doc_ids, Tensor? kv_doc_ids, Tensor? alibi_slopes, "
+      "Tensor? rel_bias, int block_size, int q_offset, int window_left, int window_right, "
+      "int prefix_len, float scale, float softcap) -> (Tensor, Tensor, Tensor)");
 
   // ---- structured pruning (N:M linear family) ---------------------------------------------
   // (schemas added by the N:M family)

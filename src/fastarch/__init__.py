@@ -15,6 +15,13 @@ from fastarch.ops.sparse_gemv import (  # noqa: F401
     sparse_mlp,
 )
 from fastarch.sparsity import densify, sparsify  # noqa: F401
+from fastarch.ops.block_sparse_attention import BlockMask, block_sparse_attention  # noqa: F401
+from fastarch.attention import (  # noqa: F401
+    create_block_mask,
+    use_attention,
+)
+from fastarch import zoo  # noqa: F401  (fastarch.zoo.names / create / family)
+from fastarch.retrieval.retrieve import retrieve  # noqa: F401
 
 __version__ = "0.1.0"
 

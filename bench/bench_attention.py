@@ -1,0 +1,179 @@
+"""CPU benchmark of the block-sparse attention family (same-run ratios).
+
+Providers on the same inputs (B=1, fp32 / bf16):
+  sdpa-causal      F.scaled_dot_product_attention(is_causal=True)
+  sdpa-mask        SDPA with the variant's mask as a dense bool tensor
+  flex             torch.compile(flex_attention) with the variant's FlexAttention block mask
+  fastarch         fastarch.block_sparse_attention with the variant's block mask
+Reported: median time, fraction of tiles computed, block-mask build time, and the scaling
+efficiency (time ratio against the ideal ratio of computed tiles, window vs causal).
+
+    python bench/bench_attention.py                  # a few configs (minutes on 2 cores)
+    python bench/bench_attention.py --full           # the whole S x H x D x dtype grid
+    python bench/bench_attention.py --out bench/results/attention.md
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastarch
+from fastarch.attention import causal, create_block_mask, sliding_window
+from fastarch.ops.block_sparse_attention import dense_mask
+
+
+def flex_provider(q, k, v, window):
+    """Compiled FlexAttention with the same mask, or None when it is unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask as flex_bm
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+
+    def mod(b, h, qi, ki):
+        ok = ki <= qi
+        if window is not None:
+            ok = ok & (qi - ki <= window)
+        return ok
+
+    s = q.shape[2]
+    bm = flex_bm(mod, None, None, s, s, device="cpu")
+    fa = torch.compile(flex_attention, fullgraph=True)
+    try:
+        fa(q, k, v, block_mask=bm)
+    except Exception as exc:  # noqa: BLE001  (CPU flex needs a working inductor toolchain)
+        print(f"  flex unavailable: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+    return lambda: fa(q, k, v, block_mask=bm)
+
+
+def interleaved_median_ms(providers: dict, reps: int) -> dict:
+    """Median time of each provider, the providers taking turns (one call each per round), so
+    that a change in the machine's load hits all of them alike (the machine is shared)."""
+    for fn in providers.values():
+        fn()  # warm-up
+    times = {name: [] for name in providers}
+    for _ in range(reps):
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def run_config(s, h, d, dtype, window, block_size, reps, with_flex):
+    q, k, v = (torch.randn(1, h, s, d, dtype=dtype) for _ in range(3))
+    t0 = time.perf_counter()
+    bm_c = create_block_mask(causal(), q_len=s, block_size=block_size, cache=False)
+    build_c = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    bm_w = create_block_mask(sliding_window(window), q_len=s, block_size=block_size, cache=False)
+    build_w = (time.perf_counter() - t0) * 1e3
+    allowed = dense_mask(s, s, *bm_w.op_args(), block_size, 0, bm_w.window_left,
+                         bm_w.window_right, 0)[0, 0]
+    q1 = q[:, :, -1:].contiguous()  # decode: the newest query over the whole cache
+    bm_d = create_block_mask(causal(), q_len=1, kv_len=s, q_offset=s - 1,
+                             block_size=block_size)
+    providers = {
+        "sdpa-causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "fastarch-causal": lambda: fastarch.block_sparse_attention(q, k, v, bm_c),
+        "sdpa-mask-window": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
+        "fastarch-window": lambda: fastarch.block_sparse_attention(q, k, v, bm_w),
+        "sdpa-decode": lambda: F.scaled_dot_product_attention(q1, k, v),
+        "fastarch-decode": lambda: fastarch.block_sparse_attention(q1, k, v, bm_d),
+    }
+    if with_flex:
+        f = flex_provider(q, k, v, window)
+        if f is not None:
+            providers["flex-window"] = f
+    rows = interleaved_median_ms(providers, reps)
+    frac_c, frac_w = bm_c.computed_fraction(), bm_w.computed_fraction()
+    ideal = frac_c / frac_w
+    got = rows["fastarch-causal"] / rows["fastarch-window"]
+    return {
+        "times": rows, "frac_causal": frac_c, "frac_window": frac_w,
+        "build_causal_ms": build_c, "build_window_ms": build_w,
+        "scaling_efficiency": got / ideal,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--window", type=int, default=255, help="left window (keys before the query)")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--configs", default=None,
+                    help="semicolon-separated S,H,D,dtype list, e.g. '8192,8,64,float32'")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--append", action="store_true", help="append the table rows to --out")
+    args = ap.parse_args(argv)
+    shown_argv = sys.argv[1:] if argv is None else argv
+    torch.set_num_threads(args.threads)
+    if args.configs:
+        grid = []
+        for item in args.configs.split(";"):
+            s_, h_, d_, dt_ = item.split(",")
+            grid.append((int(s_), int(h_), int(d_), getattr(torch, dt_)))
+    elif args.full:
+        grid = [(s, h, d, dt) for s in (1024, 4096, 8192) for h in (8, 32) for d in (64, 128)
+                for dt in (torch.float32, torch.bfloat16)]
+    else:
+        grid = [(1024, 8, 64, torch.float32), (4096, 8, 64, torch.float32),
+                (4096, 8, 64, torch.bfloat16), (4096, 8, 128, torch.float32)]
+    lines = [
+        "# Block-sparse attention, CPU",
+        "",
+        (f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
+         f"torch {torch.__version__}, fastarch CPU capability "
+         f"{fastarch.native.cpu_capability()}. B=1, window = {args.window + 1} keys "
+         f"(sliding_window({args.window})), block {args.block_size}. Median of {args.reps} "
+         "interleaved runs, ms."),
+        "",
+        f"Command: `python bench/bench_attention.py {' '.join(shown_argv)}`".rstrip(),
+        "",
+        ("| S | H | D | dtype | sdpa causal | fastarch causal | ratio | sdpa mask (window) "
+         "| flex (window) | fastarch window | vs sdpa-causal | vs flex | tiles causal | "
+         "tiles window | scaling eff. | mask build (ms, causal / window) "
+         "| decode sdpa / fastarch |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, h, d, dt in grid:
+        r = run_config(s, h, d, dt, args.window, args.block_size, args.reps, not args.no_flex)
+        t = r["times"]
+        flex_w = t.get("flex-window")
+        row = (f"| {s} | {h} | {d} | {str(dt).replace('torch.', '')} | {t['sdpa-causal']:.1f} | "
+               f"{t['fastarch-causal']:.1f} | {t['fastarch-causal'] / t['sdpa-causal']:.2f}x | "
+               f"{t['sdpa-mask-window']:.1f} | {flex_w:.1f} | " if flex_w else
+               f"| {s} | {h} | {d} | {str(dt).replace('torch.', '')} | {t['sdpa-causal']:.1f} | "
+               f"{t['fastarch-causal']:.1f} | {t['fastarch-causal'] / t['sdpa-causal']:.2f}x | "
+               f"{t['sdpa-mask-window']:.1f} | n/a | ")
+        row += (f"{t['fastarch-window']:.1f} | "
+                f"{t['sdpa-causal'] / t['fastarch-window']:.1f}x | "
+                f"{(flex_w / t['fastarch-window']) if flex_w else float('nan'):.1f}x | "
+                f"{r['frac_causal']:.3f} | {r['frac_window']:.3f} | "
+                f"{r['scaling_efficiency']:.0%} | {r['build_causal_ms']:.2f} / "
+                f"{r['build_window_ms']:.2f} | {t['sdpa-decode']:.2f} / "
+                f"{t['fastarch-decode']:.2f} |")
+        print(row, flush=True)
+        lines.append(row)
+    text = "\n".join(lines) + "\n"
+    if args.out and args.append:
+        with open(args.out, "a") as fh:
+            fh.write("\n".join(lines[-len(grid):]) + "\n")
+    elif args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

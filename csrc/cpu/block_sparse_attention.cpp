@@ -1,0 +1,839 @@
+// CPU kernels of the block-sparse attention family (block_sparse_attention and its backward).
+//
+// Flash-style forward: the (Lq, Lk) score matrix is never formed. Work items are
+// (batch, query head, query tile[, key split]); each walks the key/value tiles its block mask
+// lists, keeping a running row max m, row sum l and an fp32 accumulator (online softmax). Tiles
+// come in two lists (as in FlexAttention's BlockMask): "full" tiles need no element mask,
+// "partial" tiles evaluate the element mask
+//   allowed(q, kv) = (window_ok(kv - qpos) || kv < prefix_len) && same_doc(q, kv) && bitmap(q, kv)
+// with qpos = q + q_offset, from a small descriptor (window, prefix, document ids) plus, for any
+// other mask, a per-tile bitmap (tile_masks[tile_mask_index[...]]). No dense (Lq, Lk) mask exists.
+// The two lists are walked merged in key order so that a run of consecutive tiles (full or
+// partial) is one wider product.
+//
+// The two products of a tile, S = Q K^T and O += P V, go to MKL's sgemm when libtorch exports it
+// (a weak symbol: the extension still loads without MKL and then uses the plain loops below).
+// bf16/fp16 tiles are converted to fp32 scratch first (cost ~ 1/(4*block) of the flops).
+//
+// Decode (few query rows, few (b, h) items) splits the key tiles of an item over threads and merges
+// the partial (m, l, acc) afterwards (flash-decoding). The backward recomputes P tile by tile from
+// the saved lse (see the comment above backward_item).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS sgemm (column-major), exported by MKL inside libtorch_cpu on x86 builds.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+}
+
+namespace fastarch {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline void load_row_f32(const T* __restrict src, float* __restrict dst, int64_t n, float mul) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t b = uint32_t(u[i]) << 16;
+      float f;
+      std::memcpy(&f, &b, 4);
+      dst[i] = f * mul;
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const _Float16* h = reinterpret_cast<const _Float16*>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = float(h[i]) * mul;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
+  }
+}
+
+template <typename T>
+inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n, float mul) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
+}
+
+// exp(x) for x <= ~88, vectorisable: 2^t = 2^round(t) * 2^f, |f| <= 1/2, Taylor degree 7
+// (relative error ~1e-8 before rounding). Returns exactly 0 below 2^-126 (and for -inf).
+inline float fast_exp(float x) {
+  float t = x * 1.4426950408889634f;
+  t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
+  const float r = std::nearbyint(t);
+  const float f = (t - r) * 0.6931471805599453f;
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t e = static_cast<int32_t>(r) + 127;
+  const uint32_t bits = static_cast<uint32_t>(e < 1 ? 1 : e) << 23;
+  float s;
+  std::memcpy(&s, &bits, 4);
+  return r < -126.f ? 0.f : p * s;
+}
+
+// C(m x n, row-major, ldc) = A(m x k, lda) * B(n x k, ldb)^T      (S = Q K^T)
+inline void gemm_abt(int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                     float* c, int ldc) {
+  if (sgemm_ != nullptr) {
+    const float one = 1.f, zero = 0.f;
+    // Column-major view: C^T (n x m) = B (n x k) * A^T.
+    sgemm_("T", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    const float* ai = a + int64_t(i) * lda;
+    float* ci = c + int64_t(i) * ldc;
+    for (int j = 0; j < n; ++j) {
+      const float* bj = b + int64_t(j) * ldb;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int d = 0; d < k; ++d) s += ai[d] * bj[d];
+      ci[j] = s;
+    }
+  }
+}
+
+// C(m x n, ldc) += A(m x k, lda) * B(k x n, ldb)      (O += P V)
+inline void gemm_ab_acc(int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                        float* c, int ldc) {
+  if (sgemm_ != nullptr) {
+    const float one = 1.f;
+    // Column-major view: C^T (n x m) += B^T (n x k) * A^T (k x m).
+    sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &one, c, &ldc);
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    const float* ai = a + int64_t(i) * lda;
+    float* ci = c + int64_t(i) * ldc;
+    for (int j = 0; j < k; ++j) {
+      const float p = ai[j];
+      if (p == 0.f) continue;
+      const float* bj = b + int64_t(j) * ldb;
+#pragma omp simd
+      for (int d = 0; d < n; ++d) ci[d] += p * bj[d];
+    }
+  }
+}
+
+// C(m x n, ldc) += A(k x m, lda)^T * B(k x n, ldb)      (dV += P^T dO, dK += dS^T Q)
+inline void gemm_atb_acc(int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                         float* c, int ldc) {
+  if (sgemm_ != nullptr) {
+    const float one = 1.f;
+    // Column-major view: C^T (n x m) += B^T (n x k) * A (k x m).
+    sgemm_("N", "T", &n, &m, &k, &one, b, &ldb, a, &lda, &one, c, &ldc);
+    return;
+  }
+  for (int kk = 0; kk < k; ++kk) {
+    const float* ak = a + int64_t(kk) * lda;
+    const float* bk = b + int64_t(kk) * ldb;
+    for (int i = 0; i < m; ++i) {
+      const float x = ak[i];
+      if (x == 0.f) continue;
+      float* ci = c + int64_t(i) * ldc;
+#pragma omp simd
+      for (int j = 0; j < n; ++j) ci[j] += x * bk[j];
+    }
+  }
+}
+
+// Everything a work item needs, gathered once.
+struct Params {
+  int64_t B, Hq, Hkv, Lq, Lk, D, bs, Qt, Kt;
+  int64_t q_offset, window_left, window_right, prefix_len;
+  float scale, softcap;
+  // strides (elements) of q, k, v over (b, h, l); the last dim is contiguous
+  int64_t qs[3], ks[3], vs[3];
+  // block mask: dims (Bm, Hm, Qt[, W]) with Bm in {1, B}, Hm in {1, Hq}
+  int64_t Bm, Hm, W, Wf;
+  int64_t group;  // most consecutive full tiles fused into one product
+  const int32_t* num;
+  const int32_t* idx;
+  const int32_t* fnum;  // may be null
+  const int32_t* fidx;
+  const uint8_t* tile_masks;  // (P, bs, bs) or null
+  const int32_t* tile_mask_index;  // (Bm, Hm, Qt, W) or null
+  const int64_t* q_doc;  // (Bd, Lq) or null
+  const int64_t* kv_doc;  // (Bd, Lk)
+  int64_t Bd;
+  const float* alibi;  // (Hq) or null
+  const float* rel;  // relative position bias (Hq, 2 R + 1) or null
+  int64_t rel_r;
+};
+
+// Softcap and ALiBi on one score row: query row qi, key columns c0 .. c0 + n - 1. tanh_out
+// (backward) receives tanh(s / cap).
+inline void score_mods_row(const Params& p, float* __restrict s, int64_t n, int64_t qi,
+                           int64_t c0, float slope, const float* relh,
+                           float* __restrict tanh_out) {
+  const int64_t qpos = qi + p.q_offset;
+  if (p.softcap > 0) {
+    const float cap = p.softcap, inv_cap = 1.f / p.softcap;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      // tanh(x) = 1 - 2 / (exp(2x) + 1)
+      const float th = 1.f - 2.f / (fast_exp(2.f * s[j] * inv_cap) + 1.f);
+      s[j] = cap * th;
+      if (tanh_out) tanh_out[j] = th;
+    }
+  }
+  if (slope != 0.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] += slope * float(c0 + j - qpos);
+  }
+  if (relh != nullptr) {  // bias of the clipped distance kv - q, in [-R, R]
+    const int64_t R = p.rel_r;
+    for (int64_t j = 0; j < n; ++j) s[j] += relh[std::clamp<int64_t>(c0 + j - qpos, -R, R) + R];
+  }
+}
+
+// The element mask of a partial tile on one score row (s[j] = -inf where not allowed).
+inline void mask_row(const Params& p, float* __restrict s, int64_t n, int64_t qi, int64_t c0,
+                     const uint8_t* bmr, int64_t bd) {
+  const int64_t qpos = qi + p.q_offset;
+  // Window (or prefix): the allowed columns are [jlo, jhi) plus [0, jpre).
+  const int64_t big = int64_t(1) << 40;
+  const int64_t lo = p.window_left < 0 ? -big : qpos - p.window_left;
+  const int64_t hi = p.window_right < 0 ? big : qpos + p.window_right;
+  const int64_t jlo = std::clamp<int64_t>(lo - c0, 0, n);
+  const int64_t jhi = std::clamp<int64_t>(hi - c0 + 1, jlo, n);
+  const int64_t jpre = std::clamp<int64_t>(p.prefix_len - c0, 0, n);
+  for (int64_t j = jpre; j < jlo; ++j) s[j] = kNegInf;
+  for (int64_t j = std::max(jhi, jpre); j < n; ++j) s[j] = kNegInf;
+  if (p.q_doc) {
+    const int64_t qd = p.q_doc[bd * p.Lq + qi];
+    const int64_t* kd = p.kv_doc + bd * p.Lk + c0;
+    for (int64_t j = 0; j < n; ++j)
+      if (kd[j] != qd) s[j] = kNegInf;
+  }
+  if (bmr) {
+    for (int64_t j = 0; j < n; ++j)
+      if (!bmr[j]) s[j] = kNegInf;
+  }
+}
+
+// The tiles of one block-mask row in key order: (tile index, slot in the partial list or -1).
+inline int64_t merged_tiles(const Params& p, int64_t row, std::vector<int64_t>& kts,
+                            std::vector<int64_t>& slots) {
+  const int64_t nf = p.fnum ? p.fnum[row] : 0, np = p.num[row];
+  kts.resize(size_t(nf + np));
+  slots.resize(size_t(nf + np));
+  int64_t a = 0, b = 0, o = 0;
+  while (a < nf || b < np) {
+    const int64_t fa = a < nf ? p.fidx[row * p.Wf + a] : INT64_MAX;
+    const int64_t pb = b < np ? p.idx[row * p.W + b] : INT64_MAX;
+    if (fa <= pb) {
+      kts[o] = fa;
+      slots[o++] = -1;
+      ++a;
+    } else {
+      kts[o] = pb;
+      slots[o++] = b++;
+    }
+  }
+  return o;
+}
+
+// One (b, h, q tile) walks tiles [t0, t1) of its row (full and partial tiles merged in key order),
+// leaving the unnormalised accumulator acc (m x D), the row max mrow and row sum lrow.
+template <typename T>
+void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b, int64_t h,
+                  int64_t qt, int64_t t0, int64_t t1, float* qbuf, float* kbuf, float* vbuf,
+                  float* sbuf, float* acc, float* mrow, float* lrow) {
+  const int64_t D = p.D, bs = p.bs;
+  const int64_t r0 = qt * bs, m = std::min(bs, p.Lq - r0);
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const T* qb = q + b * p.qs[0] + h * p.qs[1];
+  const T* kb = k + b * p.ks[0] + hk * p.ks[1];
+  const T* vb = v + b * p.vs[0] + hk * p.vs[1];
+  for (int64_t i = 0; i < m; ++i)
+    load_row_f32<T>(qb + (r0 + i) * p.qs[2], qbuf + i * D, D, p.scale);
+  std::fill(acc, acc + m * D, 0.f);
+  std::fill(mrow, mrow + m, kNegInf);
+  std::fill(lrow, lrow + m, 0.f);
+
+  const int64_t bm = p.Bm == 1 ? 0 : b, hm = p.Hm == 1 ? 0 : h;
+  const int64_t row = (bm * p.Hm + hm) * p.Qt + qt;
+  const float slope = p.alibi ? p.alibi[h] : 0.f;
+  const float* relh = p.rel ? p.rel + h * (2 * p.rel_r + 1) : nullptr;
+  const int64_t bd = p.Bd == 1 ? 0 : b;
+
+  const int64_t ldS = p.group * bs;  // row stride of the score buffer
+  thread_local std::vector<int64_t> kts, slots;
+  merged_tiles(p, row, kts, slots);
+  for (int64_t t = t0; t < t1;) {
+    const int64_t kt = kts[t];
+    // A run of consecutive key tiles is one wider product (fewer, larger GEMMs); the element
+    // mask is applied to the partial tiles of the run only.
+    int64_t g = 1;
+    while (g < p.group && t + g < t1 && kts[t + g] == kt + g) ++g;
+    const int64_t tfirst = t;
+    t += g;
+    const int64_t c0 = kt * bs, n = std::min(g * bs, p.Lk - c0);
+    const float* kp;
+    const float* vp;
+    int64_t ldk, ldv;
+    if constexpr (std::is_same_v<T, float>) {
+      kp = kb + c0 * p.ks[2];
+      vp = vb + c0 * p.vs[2];
+      ldk = p.ks[2];
+      ldv = p.vs[2];
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        load_row_f32<T>(kb + (c0 + j) * p.ks[2], kbuf + j * D, D, 1.f);
+        load_row_f32<T>(vb + (c0 + j) * p.vs[2], vbuf + j * D, D, 1.f);
+      }
+      kp = kbuf;
+      vp = vbuf;
+      ldk = ldv = D;
+    }
+    gemm_abt(int(m), int(n), int(D), qbuf, int(D), kp, int(ldk), sbuf, int(ldS));
+
+    for (int64_t i = 0; i < m; ++i) {
+      float* s = sbuf + i * ldS;
+      score_mods_row(p, s, n, r0 + i, c0, slope, relh, nullptr);
+      for (int64_t u = 0; u < g; ++u) {
+        const int64_t slot = slots[tfirst + u];
+        if (slot < 0) continue;
+        const int64_t cu = c0 + u * bs, nu = std::min(bs, p.Lk - cu);
+        const uint8_t* bmr = nullptr;
+        if (p.tile_mask_index != nullptr) {
+          const int32_t ti = p.tile_mask_index[row * p.W + slot];
+          if (ti >= 0) bmr = p.tile_masks + (int64_t(ti) * bs + i) * bs;
+        }
+        mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
+      }
+      float mx = mrow[i];
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+      const float mref = mx == kNegInf ? 0.f : mx;
+      const float alpha = fast_exp(mrow[i] - mref);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        const float e = fast_exp(s[j] - mref);
+        s[j] = e;
+        sum += e;
+      }
+      lrow[i] = lrow[i] * alpha + sum;
+      mrow[i] = mx;
+      if (alpha != 1.f) {
+        float* a = acc + i * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+      }
+    }
+    gemm_ab_acc(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D));
+  }
+}
+
+void check_mask_tensor(const at::Tensor& t, const char* name, int64_t dims) {
+  TORCH_CHECK(t.dim() == dims, "fastarch: ", name, " must be ", dims, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt, "fastarch: ", name, " must be int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "fastarch: ", name, " must be on the CPU like q");
+}
+
+// The checked, contiguous inputs of a call and the Params pointing into them.
+struct Prepared {
+  Params p{};
+  at::Tensor q, k, v, num, idx, fnum, fidx, tm, tmi, qd, kd, al, rel;
+  int64_t max_tiles = 0;
+};
+
+void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, const std::optional<at::Tensor>& tile_masks,
+    const std::optional<at::Tensor>& tile_mask_index, const std::optional<at::Tensor>& q_doc_ids,
+    const std::optional<at::Tensor>& kv_doc_ids, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& rel_bias,
+    int64_t block_size, int64_t q_offset, int64_t window_left, int64_t window_right,
+    int64_t prefix_len, double scale, double softcap) {
+  Params& p = pr.p;
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+              "fastarch: q, k, v must be 4-D (B, H, L, D), got ", q_in.sizes(), ", ",
+              k_in.sizes(), ", ", v_in.sizes());
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+              "fastarch: q, k, v must share a dtype");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
+                  q_in.scalar_type() == at::kHalf,
+              "fastarch: q must be float32, bfloat16 or float16, got ", q_in.scalar_type());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
+  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B, "fastarch: k and v must have batch ", B);
+  TORCH_CHECK(v_in.size(1) == Hkv && v_in.size(2) == Lk, "fastarch: v must have the heads and ",
+              "length of k, got ", v_in.sizes(), " and ", k_in.sizes());
+  TORCH_CHECK(k_in.size(3) == D && v_in.size(3) == D, "fastarch: q, k, v must share the head dim");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastarch: query heads (", Hq,
+              ") must be a multiple of key/value heads (", Hkv, ")");
+  TORCH_CHECK(block_size >= 1 && block_size <= 256, "fastarch: block_size must be in [1, 256]");
+  TORCH_CHECK(softcap >= 0, "fastarch: softcap must be >= 0");
+  const int64_t bs = block_size;
+  const int64_t Qt = (Lq + bs - 1) / bs, Kt = (Lk + bs - 1) / bs;
+
+  auto last_contig = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  pr.q = last_contig(q_in);
+  pr.k = last_contig(k_in);
+  pr.v = last_contig(v_in);
+  const at::Tensor &q = pr.q, &k = pr.k, &v = pr.v;
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D; p.bs = bs; p.Qt = Qt; p.Kt = Kt;
+  p.q_offset = q_offset; p.window_left = window_left; p.window_right = window_right;
+  p.prefix_len = prefix_len; p.scale = float(scale); p.softcap = float(softcap);
+  for (int i = 0; i < 3; ++i) {
+    p.qs[i] = q.stride(i);
+    p.ks[i] = k.stride(i);
+    p.vs[i] = v.stride(i);
+  }
+
+  check_mask_tensor(kv_num_blocks, "kv_num_blocks", 3);
+  check_mask_tensor(kv_indices, "kv_indices", 4);
+  const int64_t Bm = kv_num_blocks.size(0), Hm = kv_num_blocks.size(1);
+  TORCH_CHECK((Bm == 1 || Bm == B) && (Hm == 1 || Hm == Hq) && kv_num_blocks.size(2) == Qt,
+              "fastarch: kv_num_blocks must have shape (1 or ", B, ", 1 or ", Hq, ", ", Qt,
+              ") for Lq=", Lq, " and block_size=", bs, ", got ", kv_num_blocks.sizes());
+  TORCH_CHECK(kv_indices.size(0) == Bm && kv_indices.size(1) == Hm && kv_indices.size(2) == Qt,
+              "fastarch: kv_indices must have shape (", Bm, ", ", Hm, ", ", Qt, ", W), got ",
+              kv_indices.sizes());
+  at::Tensor& num = pr.num = kv_num_blocks.contiguous();
+  at::Tensor& idx = pr.idx = kv_indices.contiguous();
+  at::Tensor &fnum = pr.fnum, &fidx = pr.fidx;
+  TORCH_CHECK(full_kv_num_blocks.has_value() == full_kv_indices.has_value(),
+              "fastarch: full_kv_num_blocks and full_kv_indices must be given together");
+  if (full_kv_num_blocks.has_value()) {
+    check_mask_tensor(*full_kv_num_blocks, "full_kv_num_blocks", 3);
+    check_mask_tensor(*full_kv_indices, "full_kv_indices", 4);
+    TORCH_CHECK(full_kv_num_blocks->sizes() == kv_num_blocks.sizes(),
+                "fastarch: full_kv_num_blocks must have the shape of kv_num_blocks ",
+                kv_num_blocks.sizes(), ", got ", full_kv_num_blocks->sizes());
+    TORCH_CHECK(full_kv_indices->size(0) == Bm && full_kv_indices->size(1) == Hm &&
+                    full_kv_indices->size(2) == Qt,
+                "fastarch: full_kv_indices must have shape (", Bm, ", ", Hm, ", ", Qt,
+                ", W), got ", full_kv_indices->sizes());
+    fnum = full_kv_num_blocks->contiguous();
+    fidx = full_kv_indices->contiguous();
+  }
+  p.group = std::max<int64_t>(1, 256 / bs);
+  p.Bm = Bm; p.Hm = Hm; p.W = idx.size(3); p.Wf = fidx.defined() ? fidx.size(3) : 0;
+  p.num = num.data_ptr<int32_t>();
+  p.idx = idx.data_ptr<int32_t>();
+  p.fnum = fnum.defined() ? fnum.data_ptr<int32_t>() : nullptr;
+  p.fidx = fidx.defined() ? fidx.data_ptr<int32_t>() : nullptr;
+  // Validate the lists (never read out of bounds).
+  const int64_t rows = Bm * Hm * Qt;
+  int64_t& max_tiles = pr.max_tiles;
+  std::vector<uint8_t> seen_row;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = p.num[r], nf = p.fnum ? p.fnum[r] : 0;
+    TORCH_CHECK(n >= 0 && n <= p.W, "fastarch: kv_num_blocks holds ", n, ", outside [0, ", p.W,
+                "]");
+    TORCH_CHECK(nf >= 0 && nf <= p.Wf, "fastarch: full_kv_num_blocks holds ", nf,
+                ", outside [0, ", p.Wf, "]");
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t t = p.idx[r * p.W + j];
+      TORCH_CHECK(t >= 0 && t < Kt, "fastarch: kv_indices holds tile ", t, ", outside [0, ", Kt,
+                  ")");
+    }
+    for (int64_t j = 0; j < nf; ++j) {
+      const int32_t t = p.fidx[r * p.Wf + j];
+      TORCH_CHECK(t >= 0 && t < Kt, "fastarch: full_kv_indices holds tile ", t, ", outside [0, ",
+                  Kt, ")");
+    }
+    // A tile listed twice would be counted twice by the online softmax.
+    seen_row.assign(size_t(Kt), 0);
+    for (int64_t j = 0; j < n; ++j) seen_row[size_t(p.idx[r * p.W + j])] += 1;
+    for (int64_t j = 0; j < nf; ++j) seen_row[size_t(p.fidx[r * p.Wf + j])] += 1;
+    for (int64_t t = 0; t < Kt; ++t)
+      TORCH_CHECK(seen_row[size_t(t)] <= 1, "fastarch: key tile ", t,
+                  " is listed twice for one query tile (kv_indices / full_kv_indices)");
+    max_tiles = std::max(max_tiles, n + nf);
+  }
+
+  at::Tensor &tm = pr.tm, &tmi = pr.tmi;
+  TORCH_CHECK(tile_masks.has_value() == tile_mask_index.has_value(),
+              "fastarch: tile_masks and tile_mask_index must be given together");
+  if (tile_masks.has_value()) {
+    TORCH_CHECK(tile_masks->dim() == 3 && tile_masks->size(1) == bs && tile_masks->size(2) == bs,
+                "fastarch: tile_masks must have shape (P, ", bs, ", ", bs, "), got ",
+                tile_masks->sizes());
+    TORCH_CHECK(tile_masks->scalar_type() == at::kBool || tile_masks->scalar_type() == at::kByte,
+                "fastarch: tile_masks must be bool or uint8");
+    check_mask_tensor(*tile_mask_index, "tile_mask_index", 4);
+    TORCH_CHECK(tile_mask_index->sizes() == kv_indices.sizes(),
+                "fastarch: tile_mask_index must have the shape of kv_indices ", kv_indices.sizes(),
+                ", got ", tile_mask_index->sizes());
+    tm = tile_masks->contiguous().view(at::kByte);
+    tmi = tile_mask_index->contiguous();
+    const int32_t* ti = tmi.data_ptr<int32_t>();
+    const int64_t P = tm.size(0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < p.num[r]; ++j) {
+        const int32_t x = ti[r * p.W + j];
+        TORCH_CHECK(x >= -1 && x < P, "fastarch: tile_mask_index holds ", x, ", outside [-1, ",
+                    P, ")");
+      }
+    p.tile_masks = tm.data_ptr<uint8_t>();
+    p.tile_mask_index = ti;
+  }
+  at::Tensor &qd = pr.qd, &kd = pr.kd;
+  TORCH_CHECK(q_doc_ids.has_value() == kv_doc_ids.has_value(),
+              "fastarch: q_doc_ids and kv_doc_ids must be given together");
+  if (q_doc_ids.has_value()) {
+    TORCH_CHECK(q_doc_ids->dim() == 2 && kv_doc_ids->dim() == 2 &&
+                    q_doc_ids->size(0) == kv_doc_ids->size(0) &&
+                    (q_doc_ids->size(0) == 1 || q_doc_ids->size(0) == B) &&
+                    q_doc_ids->size(1) == Lq && kv_doc_ids->size(1) == Lk,
+                "fastarch: q_doc_ids / kv_doc_ids must have shapes (B, Lq) / (B, Lk), got ",
+                q_doc_ids->sizes(), " and ", kv_doc_ids->sizes());
+    qd = q_doc_ids->to(at::kLong).contiguous();
+    kd = kv_doc_ids->to(at::kLong).contiguous();
+    p.q_doc = qd.data_ptr<int64_t>();
+    p.kv_doc = kd.data_ptr<int64_t>();
+    p.Bd = qd.size(0);
+  }
+  at::Tensor& al = pr.al;
+  if (alibi_slopes.has_value()) {
+    TORCH_CHECK(alibi_slopes->dim() == 1 && alibi_slopes->size(0) == Hq,
+                "fastarch: alibi_slopes must have shape (", Hq, "), got ", alibi_slopes->sizes());
+    al = alibi_slopes->to(at::kFloat).contiguous();
+    p.alibi = al.data_ptr<float>();
+  }
+  if (rel_bias.has_value()) {
+    TORCH_CHECK(rel_bias->dim() == 2 && rel_bias->size(0) == Hq && rel_bias->size(1) % 2 == 1,
+                "fastarch: rel_bias must have shape (", Hq, ", 2 R + 1), got ", rel_bias->sizes());
+    pr.rel = rel_bias->to(at::kFloat).contiguous();
+    p.rel = pr.rel.data_ptr<float>();
+    p.rel_r = rel_bias->size(1) / 2;
+  }
+
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, const std::optional<at::Tensor>& tile_masks,
+    const std::optional<at::Tensor>& tile_mask_index, const std::optional<at::Tensor>& q_doc_ids,
+    const std::optional<at::Tensor>& kv_doc_ids, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& rel_bias,
+    int64_t block_size, int64_t q_offset, int64_t window_left, int64_t window_right,
+    int64_t prefix_len, double scale, double softcap) {
+  Prepared pr;
+  prepare(pr, q_in, k_in, v_in, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+          tile_masks, tile_mask_index, q_doc_ids, kv_doc_ids, alibi_slopes, rel_bias, block_size,
+          q_offset,
+          window_left, window_right, prefix_len, scale, softcap);
+  const Params& p = pr.p;
+  const at::Tensor &q = pr.q, &k = pr.k, &v = pr.v;
+  const int64_t B = p.B, Hq = p.Hq, Lq = p.Lq, D = p.D, bs = p.bs, Qt = p.Qt;
+  const int64_t Bm = p.Bm, Hm = p.Hm, max_tiles = pr.max_tiles;
+  at::Tensor out = at::empty({B, Hq, Lq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  if (B == 0 || Hq == 0 || Lq == 0 || D == 0) {
+    out.zero_();
+    lse.fill_(kNegInf);
+    return {out, lse};
+  }
+
+  // Split the key tiles of an item when there are too few items to fill the threads (decode).
+  const int64_t items = B * Hq * Qt;
+  const int64_t threads = at::get_num_threads();
+  int64_t nsplit = 1;
+  if (items < 2 * threads && max_tiles >= 8) {
+    nsplit = std::min<int64_t>((2 * threads + items - 1) / items, max_tiles / 4);
+    nsplit = std::max<int64_t>(nsplit, 1);
+  }
+  // Partial results of the splits: acc (items*nsplit, bs, D), m and l (items*nsplit, bs).
+  std::vector<float> pacc, pm, pl;
+  if (nsplit > 1) {
+    pacc.resize(size_t(items * nsplit * bs * D));
+    pm.resize(size_t(items * nsplit * bs));
+    pl.resize(size_t(items * nsplit * bs));
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
+                                  "block_sparse_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    float* lp = lse.data_ptr<float>();
+    at::parallel_for(0, items * nsplit, 1, [&](int64_t w0, int64_t w1) {
+      const int64_t gb = p.group * bs;
+      std::vector<float> scratch(size_t(2 * bs * D + 2 * gb * D + bs * gb + 2 * bs));
+      float* qbuf = scratch.data();
+      float* kbuf = qbuf + bs * D;
+      float* vbuf = kbuf + gb * D;
+      float* sbuf = vbuf + gb * D;
+      float* accb = sbuf + bs * gb;
+      float* mb = accb + bs * D;
+      float* lb = mb + bs;
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t item = w / nsplit, split = w % nsplit;
+        const int64_t qt = item % Qt, h = (item / Qt) % Hq, b = item / (Qt * Hq);
+        const int64_t bm = Bm == 1 ? 0 : b, hm = Hm == 1 ? 0 : h;
+        const int64_t row = (bm * Hm + hm) * Qt + qt;
+        const int64_t ntile = int64_t(p.num[row]) + (p.fnum ? p.fnum[row] : 0);
+        const int64_t per = (ntile + nsplit - 1) / nsplit;
+        const int64_t t0 = std::min(ntile, split * per), t1 = std::min(ntile, t0 + per);
+        const int64_t r0 = qt * bs, m = std::min(bs, Lq - r0);
+        float* acc = nsplit > 1 ? pacc.data() + w * bs * D : accb;
+        float* mr = nsplit > 1 ? pm.data() + w * bs : mb;
+        float* lr = nsplit > 1 ? pl.data() + w * bs : lb;
+        attend_tiles<scalar_t>(p, qp, kp, vp, b, h, qt, t0, t1, qbuf, kbuf, vbuf, sbuf, acc, mr,
+                               lr);
+        if (nsplit > 1) continue;
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t o = ((b * Hq + h) * Lq + r0 + i);
+          const float l = lr[i];
+          store_row<scalar_t>(acc + i * D, op + o * D, D, l > 0 ? 1.f / l : 0.f);
+          lp[o] = l > 0 ? mr[i] + std::log(l) : kNegInf;
+        }
+      }
+    });
+    if (nsplit > 1) {
+      at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> tmp(static_cast<size_t>(D));
+        for (int64_t item = i0; item < i1; ++item) {
+          const int64_t qt = item % Qt, h = (item / Qt) % Hq, b = item / (Qt * Hq);
+          const int64_t r0 = qt * bs, m = std::min(bs, Lq - r0);
+          for (int64_t i = 0; i < m; ++i) {
+            float mx = kNegInf;
+            for (int64_t s = 0; s < nsplit; ++s)
+              mx = std::max(mx, pm[(item * nsplit + s) * bs + i]);
+            const float mref = mx == kNegInf ? 0.f : mx;
+            float l = 0.f;
+            std::fill(tmp.begin(), tmp.end(), 0.f);
+            for (int64_t s = 0; s < nsplit; ++s) {
+              const int64_t w = item * nsplit + s;
+              const float a = pl[w * bs + i] > 0 ? std::exp(pm[w * bs + i] - mref) : 0.f;
+              if (a == 0.f) continue;
+              l += a * pl[w * bs + i];
+              const float* src = pacc.data() + (w * bs + i) * D;
+              for (int64_t d = 0; d < D; ++d) tmp[d] += a * src[d];
+            }
+            const int64_t o = ((b * Hq + h) * Lq + r0 + i);
+            store_row<scalar_t>(tmp.data(), op + o * D, D, l > 0 ? 1.f / l : 0.f);
+            lp[o] = l > 0 ? mx + std::log(l) : kNegInf;
+          }
+        }
+      });
+    }
+  });
+  return {out, lse};
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+// Per (b, h, q tile): recompute P = exp(S - lse) tile by tile (no (Lq, Lk) matrix), then
+//   dV_j += P^T dO,  dP = dO V_j^T,  dS = P * (dP - Di) [* (1 - tanh^2) under softcap],
+//   dQ += scale * dS K_j,  dK_j += scale * dS^T Q,   Di = rowsum(dO * O) - dlse.
+// dQ rows belong to one item; dK / dV are shared by the items of a kv head, so each chunk of
+// items accumulates into its own fp32 buffers, summed at the end.
+template <typename T>
+void backward_item(const Params& p, const T* q, const T* k, const T* v, const T* go,
+                   const T* o, const float* lse, const float* glse, int64_t b, int64_t h,
+                   int64_t qt, float* qbuf, float* dobuf, float* kbuf, float* vbuf, float* pbuf,
+                   float* dpbuf, float* tbuf, float* dq, float* di, float* dk_all,
+                   float* dv_all) {
+  const int64_t D = p.D, bs = p.bs;
+  const int64_t r0 = qt * bs, m = std::min(bs, p.Lq - r0);
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const T* qb = q + b * p.qs[0] + h * p.qs[1];
+  const T* kb = k + b * p.ks[0] + hk * p.ks[1];
+  const T* vb = v + b * p.vs[0] + hk * p.vs[1];
+  const int64_t orow0 = (b * p.Hq + h) * p.Lq + r0;  // row of (out, grad_out, lse), contiguous
+  for (int64_t i = 0; i < m; ++i) {
+    load_row_f32<T>(qb + (r0 + i) * p.qs[2], qbuf + i * D, D, p.scale);
+    load_row_f32<T>(go + (orow0 + i) * D, dobuf + i * D, D, 1.f);
+    float* orow = kbuf;  // scratch for one row of out
+    load_row_f32<T>(o + (orow0 + i) * D, orow, D, 1.f);
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc += dobuf[i * D + d] * orow[d];
+    di[i] = acc - (glse ? glse[orow0 + i] : 0.f);
+  }
+  std::fill(dq, dq + m * D, 0.f);
+  const int64_t bm = p.Bm == 1 ? 0 : b, hm = p.Hm == 1 ? 0 : h;
+  const int64_t row = (bm * p.Hm + hm) * p.Qt + qt;
+  const int64_t nfull = p.fnum ? p.fnum[row] : 0;
+  const int64_t ntile = nfull + p.num[row];
+  const float slope = p.alibi ? p.alibi[h] : 0.f;
+  const float* relh = p.rel ? p.rel + h * (2 * p.rel_r + 1) : nullptr;
+  const int64_t bd = p.Bd == 1 ? 0 : b;
+  for (int64_t t = 0; t < ntile; ++t) {
+    const bool partial = t >= nfull;
+    const int64_t slot = partial ? t - nfull : t;
+    const int64_t kt = partial ? p.idx[row * p.W + slot] : p.fidx[row * p.Wf + slot];
+    const int64_t c0 = kt * bs, n = std::min(bs, p.Lk - c0);
+    const float* kp;
+    const float* vp;
+    int64_t ldk, ldv;
+    if constexpr (std::is_same_v<T, float>) {
+      kp = kb + c0 * p.ks[2];
+      vp = vb + c0 * p.vs[2];
+      ldk = p.ks[2];
+      ldv = p.vs[2];
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        load_row_f32<T>(kb + (c0 + j) * p.ks[2], kbuf + j * D, D, 1.f);
+        load_row_f32<T>(vb + (c0 + j) * p.vs[2], vbuf + j * D, D, 1.f);
+      }
+      kp = kbuf;
+      vp = vbuf;
+      ldk = ldv = D;
+    }
+    const uint8_t* bitmap = nullptr;
+    if (partial && p.tile_mask_index != nullptr) {
+      const int32_t ti = p.tile_mask_index[row * p.W + slot];
+      if (ti >= 0) bitmap = p.tile_masks + int64_t(ti) * bs * bs;
+    }
+    gemm_abt(int(m), int(n), int(D), qbuf, int(D), kp, int(ldk), pbuf, int(bs));
+    for (int64_t i = 0; i < m; ++i) {
+      float* s = pbuf + i * bs;
+      score_mods_row(p, s, n, r0 + i, c0, slope, relh, p.softcap > 0 ? tbuf + i * bs : nullptr);
+      if (partial) mask_row(p, s, n, r0 + i, c0, bitmap ? bitmap + i * bs : nullptr, bd);
+      const float l = lse[orow0 + i];
+      if (l == kNegInf) {
+        std::fill(s, s + n, 0.f);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] - l);
+      }
+    }
+    float* dvj = dv_all + ((b * p.Hkv + hk) * p.Lk + c0) * D;
+    float* dkj = dk_all + ((b * p.Hkv + hk) * p.Lk + c0) * D;
+    gemm_atb_acc(int(n), int(D), int(m), pbuf, int(bs), dobuf, int(D), dvj, int(D));
+    gemm_abt(int(m), int(n), int(D), dobuf, int(D), vp, int(ldv), dpbuf, int(bs));
+    for (int64_t i = 0; i < m; ++i) {
+      const float* pr = pbuf + i * bs;
+      float* ds = dpbuf + i * bs;
+      const float dii = di[i];
+      if (p.softcap > 0) {
+        const float* th = tbuf + i * bs;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dii) * (1.f - th[j] * th[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) ds[j] = pr[j] * (ds[j] - dii);
+      }
+    }
+    gemm_ab_acc(int(m), int(D), int(n), dpbuf, int(bs), kp, int(ldk), dq, int(D));
+    gemm_atb_acc(int(n), int(D), int(m), dpbuf, int(bs), qbuf, int(D), dkj, int(D));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, const std::optional<at::Tensor>& tile_masks,
+    const std::optional<at::Tensor>& tile_mask_index, const std::optional<at::Tensor>& q_doc_ids,
+    const std::optional<at::Tensor>& kv_doc_ids, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& rel_bias,
+    int64_t block_size, int64_t q_offset, int64_t window_left, int64_t window_right,
+    int64_t prefix_len, double scale, double softcap) {
+  Prepared pr;
+  prepare(pr, q_in, k_in, v_in, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+          tile_masks, tile_mask_index, q_doc_ids, kv_doc_ids, alibi_slopes, rel_bias, block_size,
+          q_offset,
+          window_left, window_right, prefix_len, scale, softcap);
+  const Params& p = pr.p;
+  const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, bs = p.bs;
+  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out.sizes() == q_in.sizes(),
+              "fastarch: grad_out and out must have the shape of q ", q_in.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q_in.scalar_type() &&
+                  out.scalar_type() == q_in.scalar_type(),
+              "fastarch: grad_out and out must have the dtype of q");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == Hq && lse.size(2) == Lq &&
+                  lse.scalar_type() == at::kFloat,
+              "fastarch: lse must be float32 (B, Hq, Lq), got ", lse.sizes());
+  at::Tensor go = grad_out.contiguous(), o = out.contiguous(), ls = lse.contiguous();
+  at::Tensor gl;
+  if (grad_lse.has_value()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes(), "fastarch: grad_lse must have the shape of lse");
+    gl = grad_lse->to(at::kFloat).contiguous();
+  }
+  const int64_t items = B * Hq * p.Qt;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const int64_t kv_elems = B * Hkv * Lk * D;
+  at::Tensor dq32 = at::empty({B, Hq, Lq, D}, q_in.options().dtype(at::kFloat));
+  at::Tensor dkv = at::zeros({nchunks, 2, kv_elems}, q_in.options().dtype(at::kFloat));
+  if (items > 0 && D > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_in.scalar_type(),
+                                    "block_sparse_attention_backward", [&] {
+      const scalar_t* qp = pr.q.data_ptr<scalar_t>();
+      const scalar_t* kp = pr.k.data_ptr<scalar_t>();
+      const scalar_t* vp = pr.v.data_ptr<scalar_t>();
+      const scalar_t* gop = go.data_ptr<scalar_t>();
+      const scalar_t* op = o.data_ptr<scalar_t>();
+      const float* lp = ls.data_ptr<float>();
+      const float* glp = gl.defined() ? gl.data_ptr<float>() : nullptr;
+      float* dqp = dq32.data_ptr<float>();
+      float* dkvp = dkv.data_ptr<float>();
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<float> scratch(size_t(5 * bs * D + 3 * bs * bs + bs));
+        float* qbuf = scratch.data();
+        float* dobuf = qbuf + bs * D;
+        float* kbuf = dobuf + bs * D;
+        float* vbuf = kbuf + bs * D;
+        float* dqb = vbuf + bs * D;
+        float* pbuf = dqb + bs * D;
+        float* dpbuf = pbuf + bs * bs;
+        float* tbuf = dpbuf + bs * bs;
+        float* di = tbuf + bs * bs;
+        for (int64_t c = c0; c < c1; ++c) {
+          float* dk_all = dkvp + c * 2 * kv_elems;
+          float* dv_all = dk_all + kv_elems;
+          // Items are dealt round-robin so that long and short causal rows mix in each chunk.
+          for (int64_t item = c; item < items; item += nchunks) {
+            const int64_t qt = item % p.Qt, h = (item / p.Qt) % Hq, b = item / (p.Qt * Hq);
+            backward_item<scalar_t>(p, qp, kp, vp, gop, op, lp, glp, b, h, qt, qbuf, dobuf,
+                                    kbuf, vbuf, pbuf, dpbuf, tbuf, dqb, di, dk_all, dv_all);
+            const int64_t r0 = qt * bs, m = std::min(bs, Lq - r0);
+            float* dst = dqp + ((b * Hq + h) * Lq + r0) * D;
+            const float sc = p.scale;
+            for (int64_t e = 0; e < m * D; ++e) dst[e] = dqb[e] * sc;
+          }
+        }
+      });
+    });
+  } else {
+    dq32.zero_();
+  }
+  at::Tensor sums = dkv.sum(0);  // (2, kv_elems)
+  // Copies: dk and dv must not share the storage of `sums` (the schema says fresh tensors).
+  at::Tensor dk = sums[0].view({B, Hkv, Lk, D}).to(q_in.scalar_type(), false, true);
+  at::Tensor dv = sums[1].view({B, Hkv, Lk, D}).to(q_in.scalar_type(), false, true);
+  return {dq32.to(q_in.scalar_type()), dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
+  m.impl("block_sparse_attention", &block_sparse_attention_cpu);
+  m.impl("block_sparse_attention_backward", &block_sparse_attention_backward_cpu);
+}
+
+}  // namespace fastarch

@@ -1,0 +1,103 @@
+"""``BlockSparseAttention``: an nn.Module that runs the block-sparse kernel with a mask variant."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastarch.attention import masks as M
+from fastarch.attention.block_mask import DEFAULT_BLOCK_SIZE, create_block_mask
+from fastarch.ops.block_sparse_attention import block_sparse_attention
+
+# One object per named variant, so that the block-mask cache hits across layers and calls.
+_NAMED = {"causal": M.causal(), "full": M.full()}
+# The last dense (padding) mask seen per variant and the block mask built for it.
+_LAST_DENSE: dict = {}
+
+
+def resolve_variant(variant) -> M.MaskSpec:
+    """A :class:`MaskSpec`, or a name: ``"causal"``, ``"full"``, ``"sliding_window:W"`` (causal,
+    W keys including the query's own), ``"local:W"`` (bidirectional, W on each side),
+    ``"prefix_lm:P"``, ``"strided:S"``, ``"fixed:S"``."""
+    if isinstance(variant, M.MaskSpec):
+        return variant
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a MaskSpec or a name, got {type(variant).__name__}")
+    if variant in _NAMED:
+        return _NAMED[variant]
+    name, _, arg = variant.partition(":")
+    makers = {
+        "sliding_window": lambda n: M.sliding_window(n - 1),
+        "local": lambda n: M.sliding_window(n, n),
+        "prefix_lm": M.prefix_lm,
+        "strided": M.strided,
+        "fixed": M.fixed,
+    }
+    if name not in makers or not arg.isdigit() or int(arg) < 1:
+        raise ValueError(f"unknown attention variant {variant!r}: use 'causal', 'full', "
+                         "'sliding_window:W', 'local:W', 'prefix_lm:P', 'strided:S', 'fixed:S' "
+                         "or a fastarch.attention MaskSpec")
+    _NAMED[variant] = makers[name](int(arg))
+    return _NAMED[variant]
+
+
+class BlockSparseAttention(nn.Module):
+    """Attention ``(B, Hq, Lq, D) x (B, Hkv, Lk, D) -> (B, Hq, Lq, D)`` restricted to a mask.
+
+    Queries sit at the end of the keys (``q_offset = Lk - Lq``), as in decoding over a KV cache.
+    An extra boolean ``attn_mask`` (e.g. padding, shape broadcastable to (B, H, Lq, Lk)) is
+    combined with the variant.
+
+    Example:
+        >>> attn = BlockSparseAttention("sliding_window:256")
+        >>> out = attn(q, k, v)
+    """
+
+    def __init__(self, variant="causal", *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
+        super().__init__()
+        self.mask = resolve_variant(variant)
+        self.block_size = block_size
+        self.softcap = softcap
+        self.alibi_slopes = alibi_slopes
+
+    def block_mask(self, q, k, attn_mask: torch.Tensor | None = None):
+        b, hq, lq = q.shape[:3]
+        lk = k.shape[2]
+        spec = self.mask
+        if attn_mask is not None and not torch.compiler.is_compiling():
+            # A model hands the same mask tensor to every layer: build its block mask once
+            # (keyed on identity and the version counter, which in-place writes bump).
+            key = (id(attn_mask), attn_mask._version, attn_mask.shape, b, hq, lq, lk,
+                   self.block_size, q.device)
+            hit = _LAST_DENSE.get(self.mask)
+            if hit is not None and hit[0] == key and hit[1] is attn_mask:
+                return hit[2]
+            bm = self._dense_block_mask(q, k, attn_mask)
+            _LAST_DENSE[self.mask] = (key, attn_mask, bm)
+            return bm
+        if attn_mask is not None:
+            return self._dense_block_mask(q, k, attn_mask)
+        return create_block_mask(spec, q_len=lq, kv_len=lk, batch=b, heads=hq,
+                                 block_size=self.block_size, q_offset=lk - lq, device=q.device)
+
+    def _dense_block_mask(self, q, k, attn_mask):
+        b, hq, lq = q.shape[:3]
+        lk = k.shape[2]
+        if attn_mask.dtype != torch.bool:  # additive float mask: -inf / min = masked
+            attn_mask = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        spec = M.and_masks(self.mask, M.from_dense(attn_mask[..., :lk], q_offset=lk - lq))
+        return create_block_mask(spec, q_len=lq, kv_len=lk, batch=b, heads=hq,
+                                 block_size=self.block_size, q_offset=lk - lq, device=q.device,
+                                 cache=False)
+
+    def forward(self, q, k, v, *, scale: float | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        bm = self.block_mask(q, k, attn_mask)
+        slopes = self.alibi_slopes
+        if slopes is not None:
+            slopes = slopes.to(q.device)
+        return block_sparse_attention(q, k, v, bm, scale=scale, softcap=self.softcap,
+                                      alibi_slopes=slopes)
+
+    def extra_repr(self) -> str:
+        return f"mask={self.mask.name}, block_size={self.block_size}"

@@ -1,0 +1,157 @@
+"""Data-dependent block selection (Quest / landmark / NSA style): each query tile keeps the top-k
+key blocks by a per-block summary score, shared across a GQA group.
+
+Scores: key block ``j`` keeps the per-channel min and max of its keys (Quest); a query tile's
+score for it is the upper bound ``sum_d max(q_d * kmin_jd, q_d * kmax_jd)`` summed over the tile's
+queries' mean and over the query heads of the group (so one selection serves the group, and the
+kernel reads each selected K/V tile once per head). Causal selection only considers blocks that
+are not in the future; the block holding the query tile's diagonal (and ``sink_blocks`` first
+blocks) are always kept. The result is an ordinary :class:`BlockMask` (full tiles below the
+diagonal, causal element mask on the diagonal tiles), for prefill and for decode over a KV cache.
+
+:class:`KeyBlockSummary` keeps the summaries of a growing KV cache up to date in O(new keys).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastarch.ops.block_sparse_attention import BlockMask
+
+
+class KeyBlockSummary:
+    """Per-block channel min / max of the keys ``(B, Hkv, Kt, D)``, extended as keys arrive."""
+
+    def __init__(self, block_size: int = 64):
+        self.block_size = block_size
+        self.kmin: torch.Tensor | None = None
+        self.kmax: torch.Tensor | None = None
+        self.length = 0
+
+    @classmethod
+    def of(cls, k: torch.Tensor, block_size: int = 64) -> KeyBlockSummary:
+        s = cls(block_size)
+        s.update(k)
+        return s
+
+    def update(self, k_new: torch.Tensor) -> KeyBlockSummary:
+        """Add keys ``(B, Hkv, n, D)`` at positions ``length .. length + n - 1``."""
+        if k_new.dim() != 4:
+            raise ValueError(f"k_new must be (B, Hkv, n, D), got shape {tuple(k_new.shape)}")
+        bs = self.block_size
+        kf = k_new.detach().float()
+        b, h, n, d = kf.shape
+        if n == 0:
+            return self
+        start = self.length
+        first_blk = start // bs
+        # Pad the new keys so that they line up with block boundaries; the padding repeats a
+        # real key, which does not change a min or a max.
+        lead = start - first_blk * bs
+        total = lead + n
+        nblk = -(-total // bs)
+        pad_front = kf[:, :, :1].expand(b, h, lead, d)
+        pad_back = kf[:, :, -1:].expand(b, h, nblk * bs - total, d)
+        blocks = torch.cat([pad_front, kf, pad_back], dim=2).view(b, h, nblk, bs, d)
+        new_min, new_max = blocks.amin(3), blocks.amax(3)
+        if self.kmin is None:
+            self.kmin, self.kmax = new_min, new_max
+        else:
+            if lead > 0:  # the first new block continues the last stored one
+                new_min[:, :, 0] = torch.minimum(new_min[:, :, 0], self.kmin[:, :, -1])
+                new_max[:, :, 0] = torch.maximum(new_max[:, :, 0], self.kmax[:, :, -1])
+                self.kmin, self.kmax = self.kmin[:, :, :-1], self.kmax[:, :, :-1]
+            self.kmin = torch.cat([self.kmin, new_min], dim=2)
+            self.kmax = torch.cat([self.kmax, new_max], dim=2)
+        self.length += n
+        return self
+
+
+def block_scores(q: torch.Tensor, summary: KeyBlockSummary) -> torch.Tensor:
+    """Quest upper-bound scores ``(B, Hkv, Qt, Kt)`` of each query tile (mean query of the tile,
+    summed over the GQA group) against each key block."""
+    bs = summary.block_size
+    b, hq, lq, d = q.shape
+    hkv = summary.kmin.shape[1]
+    qt = -(-lq // bs)
+    qf = q.detach().float()
+    pad = qt * bs - lq
+    counts = torch.full((qt,), float(bs), device=q.device)
+    if pad:
+        qf = torch.cat([qf, qf.new_zeros(b, hq, pad, d)], dim=2)
+        counts[-1] = bs - pad
+    qmean = qf.view(b, hq, qt, bs, d).sum(3) / counts.view(1, 1, -1, 1)
+    qmean = qmean.view(b, hkv, hq // hkv, qt, 1, d)
+    kmin = summary.kmin[:, :, None, None]  # (B, Hkv, 1, 1, Kt, D)
+    kmax = summary.kmax[:, :, None, None]
+    bound = torch.maximum(qmean * kmin, qmean * kmax).sum(-1)  # (B, Hkv, G, Qt, Kt)
+    return bound.sum(2)
+
+
+def topk_block_mask(q: torch.Tensor, k: torch.Tensor | None = None, *, topk: int,
+                    block_size: int = 64, causal: bool = True, sink_blocks: int = 1,
+                    q_offset: int | None = None,
+                    summary: KeyBlockSummary | None = None) -> BlockMask:
+    """A :class:`BlockMask` keeping, per query tile and GQA group, the ``topk`` best key blocks.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` queries (prefill, or the 1..16 newest positions when decoding).
+        k: ``(B, Hkv, Lk, D)`` keys, or None when ``summary`` is given.
+        topk: key blocks per query tile, counting the always-kept diagonal and sink blocks.
+        causal: only blocks at or before the query; the element mask is causal.
+        sink_blocks: the first blocks, always kept (attention sinks).
+        q_offset: position of the first query; default ``Lk - Lq`` (queries at the end).
+        summary: a :class:`KeyBlockSummary` of the keys (a KV cache keeps one up to date).
+
+    Example:
+        >>> bm = topk_block_mask(q, k, topk=8)
+        >>> out = fastarch.block_sparse_attention(q, k, v, bm)
+    """
+    if summary is None:
+        if k is None:
+            raise ValueError("give k or summary")
+        summary = KeyBlockSummary.of(k, block_size)
+    if summary.block_size != block_size:
+        raise ValueError(f"summary has block_size {summary.block_size}, expected {block_size}")
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    _, hq, lq, _ = q.shape
+    lk = summary.length
+    hkv = summary.kmin.shape[1]
+    if hq % hkv:
+        raise ValueError(f"the heads of q ({hq}) must be a multiple of the key heads ({hkv})")
+    q_offset = lk - lq if q_offset is None else q_offset
+    bs = block_size
+    qt, kt = -(-lq // bs), -(-lk // bs)
+    dev = q.device
+    scores = block_scores(q, summary)  # (B, Hkv, Qt, Kt)
+    qfirst = torch.arange(qt, device=dev) * bs + q_offset  # first query position of each tile
+    qlast = torch.clamp(torch.arange(qt, device=dev) * bs + bs, max=lq) - 1 + q_offset
+    kfirst = torch.arange(kt, device=dev) * bs
+    klast = torch.clamp(kfirst + bs, max=lk) - 1
+    if causal:
+        visible = kfirst.view(1, -1) <= qlast.view(-1, 1)  # (Qt, Kt)
+        forced = visible & (klast.view(1, -1) >= qfirst.view(-1, 1))  # the diagonal tiles
+    else:
+        visible = torch.ones(qt, kt, dtype=torch.bool, device=dev)
+        forced = torch.zeros(qt, kt, dtype=torch.bool, device=dev)
+    forced = forced | ((torch.arange(kt, device=dev) < sink_blocks).view(1, -1) & visible)
+    big = torch.finfo(torch.float32).max
+    ranked = torch.where(forced, big, torch.where(visible, scores, -big))
+    kk = min(topk, kt)
+    top = torch.topk(ranked, kk, dim=-1).indices if kk > 0 else ranked.new_zeros(
+        (*ranked.shape[:-1], 0), dtype=torch.long)
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top, True)
+    chosen = chosen & visible
+    chosen = chosen.repeat_interleave(hq // hkv, dim=1)  # (B, Hq, Qt, Kt): shared by the group
+    if causal:
+        full_tile = (klast.view(1, -1) <= qfirst.view(-1, 1))  # entirely in the past
+    else:
+        full_tile = torch.ones(qt, kt, dtype=torch.bool, device=dev)
+    full = chosen & full_tile
+    partial = chosen & ~full_tile
+    from fastarch.attention.block_mask import _compress
+
+    num, idx = _compress(partial)
+    fnum, fidx = _compress(full)
+    return BlockMask(num, idx, fnum, fidx, bs, lq, lk, q_offset=q_offset,
+                     window_right=0 if causal else -1)

@@ -1,0 +1,97 @@
+"""Top-k block selection: the chosen blocks are the best-scoring visible ones, shared by a GQA
+group, the diagonal is always kept, and attention over them matches the reference."""
+import pytest
+import torch
+
+from fastarch.attention import (
+    KeyBlockSummary,
+    block_scores,
+    causal,
+    create_block_mask,
+    topk_block_mask,
+)
+from fastarch.ops.block_sparse_attention import (
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    dense_mask,
+)
+
+
+def listed(bm, b, h, qt):
+    n, f = int(bm.kv_num_blocks[b, h, qt]), int(bm.full_kv_num_blocks[b, h, qt])
+    return (set(bm.kv_indices[b, h, qt, :n].tolist())
+            | set(bm.full_kv_indices[b, h, qt, :f].tolist()))
+
+
+def test_summary_incremental_equals_batch():
+    k = torch.randn(2, 2, 150, 64)
+    whole = KeyBlockSummary.of(k, 32)
+    grown = KeyBlockSummary(32)
+    for a, b in ((0, 7), (7, 40), (40, 41), (41, 150)):
+        grown.update(k[:, :, a:b])
+    assert grown.length == 150
+    torch.testing.assert_close(grown.kmin, whole.kmin)
+    torch.testing.assert_close(grown.kmax, whole.kmax)
+    torch.testing.assert_close(whole.kmax[:, :, 1], k[:, :, 32:64].amax(2))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_selection(group):
+    q = torch.randn(1, 4, 200, 64)
+    k = torch.randn(1, 4 // group, 200, 64)
+    v = torch.randn(1, 4 // group, 200, 64)
+    bm = topk_block_mask(q, k, topk=3, block_size=32)
+    scores = block_scores(q, KeyBlockSummary.of(k, 32))
+    for h in range(4):
+        for qt in range(bm.num_q_tiles):
+            got = listed(bm, 0, h, qt)
+            assert qt in got and 0 in got  # diagonal and sink
+            assert len(got) == min(3, qt + 1)
+            # the others are the best-scoring past blocks of the group
+            others = got - {0, qt}
+            cand = [j for j in range(1, qt)]
+            best = sorted(cand, key=lambda j: -float(scores[0, h // group, qt, j]))
+            assert others == set(best[:len(others)])
+            assert got == listed(bm, 0, (h // group) * group, qt)  # shared in the group
+    out = block_sparse_attention(q, k, v, bm)
+    ref, _ = block_sparse_attention_reference(q, k, v, *bm.op_args(), None, None, 32, 0, -1, 0, 0,
+                                              0.125, 0.0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_topk_all_blocks_is_causal():
+    q, k, v = (torch.randn(1, 2, 130, 64) for _ in range(3))
+    bm = topk_block_mask(q, k, topk=100, block_size=32)
+    dense = dense_mask(130, 130, *bm.op_args(), 32, 0, -1, 0, 0)
+    assert torch.equal(dense[0, 0], torch.ones(130, 130, dtype=torch.bool).tril())
+    want = block_sparse_attention(q, k, v, create_block_mask(causal(), q_len=130, block_size=32))
+    torch.testing.assert_close(block_sparse_attention(q, k, v, bm), want)
+
+
+def test_decode_over_growing_cache():
+    torch.manual_seed(1)
+    k = torch.randn(1, 2, 300, 64)
+    v = torch.randn(1, 2, 300, 64)
+    summary = KeyBlockSummary.of(k[:, :, :250], 32)
+    for step in range(250, 300, 17):
+        summary.update(k[:, :, summary.length:step + 1])
+        q = torch.randn(1, 8, 1, 64)
+        bm = topk_block_mask(q, summary=summary, topk=4, block_size=32)
+        assert bm.kv_len == step + 1 and bm.q_offset == step
+        got = listed(bm, 0, 0, 0)
+        assert len(got) == 4 and step // 32 in got and 0 in got
+        kk, vv = k[:, :, :step + 1], v[:, :, :step + 1]
+        out = block_sparse_attention(q, kk, vv, bm)
+        ref, _ = block_sparse_attention_reference(q, kk, vv, *bm.op_args(), None, None, 32,
+                                                  step, -1, 0, 0, 0.125, 0.0)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_topk_bad_input():
+    q, k = torch.randn(1, 3, 10, 64), torch.randn(1, 2, 10, 64)
+    with pytest.raises(ValueError, match="multiple"):
+        topk_block_mask(q, k, topk=2, block_size=16)
+    with pytest.raises(ValueError, match="topk"):
+        topk_block_mask(q[:, :2], k, topk=0, block_size=16)
+    with pytest.raises(ValueError, match="give k or summary"):
+        topk_block_mask(q, topk=2)
