@@ -14,6 +14,9 @@ import sys
 COMMANDS = {
     "info": "fastarch.cli:_add_info",
     "sparsify": "fastarch.sparsity.cli:add_parser",
+    "index": "fastarch.retrieval.cli:add_index_parser",
+    "retrieve": "fastarch.retrieval.cli:add_retrieve_parser",
+    "compress": "fastarch.retrieval.cli:add_compress_parser",
 }
 
 

@@ -1,0 +1,206 @@
+"""Name-blind embeddings of operator graphs.
+
+Three blocks, each computed from the :class:`~fastarch.retrieval.graph.OpGraph` alone:
+
+* Weisfeiler-Lehman subtree features: node labels refined ``iterations`` times from their
+  predecessors and successors, every (iteration, label) hashed into ``WL_DIM`` buckets;
+  counts are log-scaled, weighted by inverse document frequency over the index, L2-normalised.
+* Motif histogram: the graph cut at its residual additions (the ``add`` of two computed tensors)
+  into blocks, each block a multiset of op labels hashed into ``MOTIF_DIM`` buckets, plus the
+  depth-2 WL label of every residual addition (the shape of what a block adds back). Repeated
+  blocks are what characterise a family (Neural Architecture Retrieval's motifs).
+* Layer shapes: a histogram of (op kind, weight shape), exact and in powers of two (graphs
+  read before shapes were recorded have an empty block).
+* Global statistics: log params, log FLOPs, log depth, log width, the share of each op kind and
+  the kind of input (image, text, audio, video), standardised over the index.
+
+The blocks are weighted and concatenated; cosine similarity of the result is the score.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+
+import numpy as np
+
+from fastarch.retrieval.graph import OpGraph
+
+__all__ = [
+    "MOTIF_DIM",
+    "STAT_KINDS",
+    "WL_DIM",
+    "FeatureSpace",
+    "raw_features",
+    "wl_hash",
+    "wl_labels",
+]
+
+WL_DIM = 2048
+MOTIF_DIM = 512
+SHAPE_DIM = 512
+WL_ITERATIONS = 3
+# op kinds whose share of the graph is a statistic
+STAT_KINDS = ("conv", "conv.dw", "conv.k1", "linear", "matmul", "attention", "softmax",
+              "layer_norm", "batch_norm", "group_norm", "math", "relu", "gelu", "silu",
+              "sigmoid", "hardswish", "add", "mul", "concat", "max_pool", "avg_pool",
+              "global_pool", "roll", "rnn", "embedding", "resize", "conv_transpose", "topk")
+# what the network reads (from its example inputs, not its name)
+INPUT_KINDS = ("image", "text", "audio", "video")
+N_STATS = 4 + len(STAT_KINDS) + len(INPUT_KINDS)
+
+
+def _h(*parts) -> int:
+    """A stable 63-bit hash (Python's hash() of str changes between processes)."""
+    data = "\x1f".join(map(str, parts)).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def _neighbours(g: OpGraph):
+    preds = [[] for _ in g.labels]
+    succs = [[] for _ in g.labels]
+    for s, d in g.edges:
+        if 0 <= s < len(g.labels) and 0 <= d < len(g.labels) and s != d:
+            preds[d].append(s)
+            succs[s].append(d)
+    return preds, succs
+
+
+def wl_labels(g: OpGraph, iterations: int = WL_ITERATIONS) -> list[list[int]]:
+    """Per iteration, the WL label (int) of every node; iteration 0 is the op label."""
+    preds, succs = _neighbours(g)
+    cur = [_h("op", label) for label in g.labels]
+    out = [cur]
+    for it in range(1, iterations + 1):
+        nxt = [
+            _h(it, cur[v], tuple(sorted(cur[p] for p in preds[v])),
+               tuple(sorted(cur[s] for s in succs[v])))
+            for v in range(len(cur))
+        ]
+        out.append(nxt)
+        cur = nxt
+    return out
+
+
+def wl_hash(g: OpGraph, iterations: int = WL_ITERATIONS, labels=None) -> str:
+    """Hex digest of the graph's WL label multiset: identical graphs hash the same."""
+    labels = labels or wl_labels(g, iterations)
+    counts = sorted(Counter(labels[-1]).items())
+    return hashlib.blake2b(repr((len(g.labels), counts)).encode(), digest_size=12).hexdigest()
+
+
+def _kind(label: str) -> str:
+    return label.split(".", 1)[0]
+
+
+def _stat_kinds(label: str):
+    k = _kind(label)
+    if k.startswith("conv") and k != "conv_transpose":
+        yield "conv"
+        if ".dw" in label:
+            yield "conv.dw"
+        if ".k1" in label:
+            yield "conv.k1"
+    elif label in ("add", "mul"):  # residual add / gating mul between computed tensors
+        yield label
+    else:
+        yield k
+
+
+def shape_counts(g: OpGraph) -> np.ndarray:
+    """Histogram of layer shapes: (op kind, exact weight shape) and (op kind, shape in powers
+    of two), hashed into ``SHAPE_DIM`` buckets. Zero when the graph has no shapes."""
+    out = np.zeros(SHAPE_DIM, np.float32)
+    for label, dims in zip(g.labels, g.dims or ()):
+        if not dims:
+            continue
+        kind = _kind(label)
+        out[_h("shape", kind, tuple(dims)) % SHAPE_DIM] += 1
+        coarse = tuple(int(round(math.log2(max(d, 1)))) for d in dims)
+        out[_h("shape2", kind, coarse) % SHAPE_DIM] += 1
+    return out
+
+
+def raw_features(g: OpGraph, iterations: int = WL_ITERATIONS):
+    """``(wl_counts, motif_counts, stats, wl_hash, shape_counts)``: un-normalised blocks of one
+    graph."""
+    labels = wl_labels(g, iterations)
+    wl = np.zeros((iterations + 1, WL_DIM), np.float32)
+    for it, layer in enumerate(labels):
+        for lab, c in Counter(layer).items():
+            wl[it, lab % WL_DIM] += c
+    motif = np.zeros(MOTIF_DIM, np.float32)
+    # blocks between residual adds, in execution order
+    block: list[str] = []
+    for i, label in enumerate(g.labels):
+        if label == "add":
+            if block:
+                motif[_h("block", tuple(sorted(Counter(block).items()))) % MOTIF_DIM] += 1
+            motif[_h("res", labels[min(2, iterations)][i]) % MOTIF_DIM] += 1
+            block = []
+        elif not label.endswith(".c"):
+            block.append(label)
+    if block:
+        motif[_h("block", tuple(sorted(Counter(block).items()))) % MOTIF_DIM] += 1
+    n = max(1, len(g.labels))
+    kinds = Counter(k for label in g.labels for k in _stat_kinds(label))
+    stats = np.array(
+        [math.log10(max(g.params, 1)), math.log10(max(g.flops, 1)),
+         math.log2(max(g.depth, 1)), math.log2(max(g.width, 1))]
+        + [kinds.get(k, 0) / n for k in STAT_KINDS]
+        + [float(g.input_kind == k) for k in INPUT_KINDS], np.float32)
+    return wl, motif, stats, wl_hash(g, iterations, labels), shape_counts(g)
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+class FeatureSpace:
+    """How raw blocks become one embedding: IDF and standardisation fitted on the index, and
+    block weights. Stored in the index file so that queries land in the same space."""
+
+    def __init__(self, idf=None, stat_mean=None, stat_std=None, weights=None,
+                 wl_iteration_weights=None):
+        self.idf = None if idf is None else np.asarray(idf, np.float32)
+        self.stat_mean = None if stat_mean is None else np.asarray(stat_mean, np.float32)
+        self.stat_std = None if stat_std is None else np.asarray(stat_std, np.float32)
+        self.weights = {"wl": 1.0, "motif": 0.6, "stats": 0.5, "shape": 0.5}
+        self.weights.update(weights or {})
+        self.wl_iteration_weights = list(wl_iteration_weights or [1.0, 1.0, 1.0, 1.0])
+
+    @property
+    def dim(self) -> int:
+        return WL_DIM + MOTIF_DIM + N_STATS + SHAPE_DIM
+
+    def fit(self, wl: np.ndarray, stats: np.ndarray) -> FeatureSpace:
+        """``wl``: (N, iterations+1, WL_DIM) counts; ``stats``: (N, N_STATS)."""
+        present = (wl.sum(axis=1) > 0).sum(axis=0)  # documents containing each bucket
+        n = wl.shape[0]
+        self.idf = np.log((1 + n) / (1 + present)).astype(np.float32) + 1.0
+        self.stat_mean = stats.mean(axis=0)
+        self.stat_std = stats.std(axis=0) + 1e-3
+        return self
+
+    def transform(self, wl: np.ndarray, motif: np.ndarray, stats: np.ndarray,
+                  shape: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings (N, dim), L2-normalised, from batched raw blocks."""
+        if shape is None:
+            shape = np.zeros((wl.shape[0], SHAPE_DIM), np.float32)
+        w = np.asarray(self.wl_iteration_weights, np.float32)[: wl.shape[1]]
+        wl_vec = (np.log1p(wl) * w[None, :, None]).sum(axis=1) * self.idf[None, :]
+        parts = [
+            self.weights["wl"] * _l2(wl_vec),
+            self.weights["motif"] * _l2(np.log1p(motif)),
+            self.weights["stats"] * _l2((stats - self.stat_mean) / self.stat_std),
+            self.weights["shape"] * _l2(np.log1p(shape)),
+        ]
+        return _l2(np.concatenate(parts, axis=1)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "wl_iteration_weights": self.wl_iteration_weights}
+
+    @classmethod
+    def from_arrays(cls, idf, stat_mean, stat_std, cfg: dict) -> FeatureSpace:
+        return cls(idf, stat_mean, stat_std, cfg.get("weights"), cfg.get("wl_iteration_weights"))
