@@ -45,7 +45,9 @@ TORCH_LIBRARY(fastarch, m) {
       "int prefix_len, float scale, float softcap) -> (Tensor, Tensor, Tensor)");
 
   // ---- structured pruning (N:M linear family) ---------------------------------------------
-  // (schemas added by the N:M family)
+  // y = x @ W^T + bias with W N:M-sparse along the input: values (out, in*n/m) and their
+  // positions inside each group of m, indices (out, in*n/m) uint8.
+  m.def("nm_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,239 @@
+"""Structured pruning benchmarks and sweeps (plain script; figures as markdown tables).
+
+  python bench/bench_pruning.py --latency     latency vs MACs, pruned 30% / 50%, batch 1 and 32
+  python bench/bench_pruning.py --graph-time  time to trace + prune resnet50 and a 1B decoder (meta)
+  python bench/bench_pruning.py --quality     digits CNN / ViT accuracy, MiniLM embedding cosine
+  python bench/bench_pruning.py --sweep torchvision|timm [--limit N]   success rate
+
+Latency and MACs are measured in the same process on this CPU (median of interleaved rounds).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "pruning"))
+sys.path.insert(0, os.path.dirname(__file__))
+warnings.filterwarnings("ignore")
+
+from timing import interleaved
+
+from fastarch.pruning import count_flops, prune
+
+
+def median_ms(fn, rounds=5):
+    fn()
+    t = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - t0)
+    return 1000 * sorted(t)[len(t) // 2]
+
+
+def _decoder(hidden=512, layers=4, inter=1376, heads=8, kv=4, vocab=4096, dtype=None):
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv, vocab_size=vocab,
+                                   max_position_embeddings=512)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def latency(args):
+    import timm
+    import torchvision
+
+    size = args.image
+    models = {
+        "resnet50": lambda: torchvision.models.resnet50(weights=None),
+        "convnext_tiny": lambda: timm.create_model("convnext_tiny", pretrained=False),
+        "vit_small_patch16_224": lambda: timm.create_model(
+            "vit_small_patch16_224", pretrained=False, img_size=size),
+        "llama-shaped (512 x 4 layers)": _decoder,
+    }
+    print(f"\n### Latency vs MACs ({platform.machine()}, {torch.get_num_threads()} threads, "
+          f"images {size}x{size}, decoder seq {args.seq})\n")
+    print(f"round_to={args.round_to}; interleaved timing rounds={args.rounds}\n")
+    print("| model | batch | pruned | dense ms | pruned ms | MACs ratio | latency ratio | "
+          "latency / MAC reduction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, make in models.items():
+        for batch in (1, 32):
+            torch.manual_seed(0)
+            model = make().eval()
+            if name.startswith("llama"):
+                x = (torch.randint(0, 4096, (batch, args.seq)),)
+                small = (torch.randint(0, 4096, (1, 8)),)
+            else:
+                x = (torch.randn(batch, 3, size, size),)
+                small = (torch.randn(1, 3, size, size),)
+            base_macs = count_flops(model, small) / 2
+            variants = {"dense": model}
+            macs = {"dense": base_macs}
+            for ratio in (0.3, 0.5):
+                pruned = copy.deepcopy(model)
+                prune(pruned, small, ratio=ratio, round_to=args.round_to)
+                variants[ratio] = pruned
+                macs[ratio] = count_flops(pruned, small) / 2
+            calls = {k: (lambda mod=m, x=x: mod(*x)) for k, m in variants.items()}
+            with torch.no_grad():
+                ms = {k: 1000 * v for k, v in interleaved(calls, rounds=args.rounds, warmup=1).items()}
+            for ratio in (0.3, 0.5):
+                mac_red = 1 - macs[ratio] / base_macs
+                lat_red = 1 - ms[ratio] / ms["dense"]
+                print(f"| {name} | {batch} | {int(ratio * 100)}% | {ms['dense']:.1f} | "
+                      f"{ms[ratio]:.1f} | {macs[ratio] / base_macs:.2f} | "
+                      f"{ms[ratio] / ms['dense']:.2f} | {lat_red / mac_red:.2f} |", flush=True)
+
+
+def graph_time(args):
+    import torchvision
+
+    print("\n### Time to build the graph and prune\n")
+    print("| model | device | graph s | total prune s |")
+    print("|---|---|---|---|")
+    for size in (224, 64):
+        model = torchvision.models.resnet50(weights=None).eval()
+        r = prune(model, torch.randn(1, 3, size, size), ratio=0.3)
+        print(f"| resnet50 (input {size}x{size}) | cpu | {r.graph_seconds:.1f} | "
+              f"{r.total_seconds:.1f} |", flush=True)
+    # a 1B Llama-shaped decoder in bf16 on the CPU (HF masks call .item(): no eager meta run);
+    # verify=False: the forward check would need two more copies of the weights
+    big = _decoder(hidden=2048, layers=16, inter=8192, heads=32, kv=8, vocab=32000,
+                   dtype=torch.bfloat16)
+    n = sum(p.numel() for p in big.parameters())
+    r = prune(big, (torch.randint(0, 32000, (1, 8)),), ratio=0.3, verify=False)
+    print(f"| Llama-shaped {n / 1e9:.2f}B, bf16 | cpu | {r.graph_seconds:.1f} | "
+          f"{r.total_seconds:.1f} |", flush=True)
+
+
+def quality(args):
+    import digits
+
+    train_set, test_set = digits.load_digits_tensors()
+    print("\n### Quality: scikit-learn digits (test accuracy, 397 images)\n")
+    print("| model | dense | pruned 30% | 30% + 3 ep fine-tune | pruned 50% | 50% + 3 ep fine-tune |")
+    print("|---|---|---|---|---|---|")
+    for arch in ("cnn", "vit"):
+        torch.manual_seed(0)
+        model = digits.SmallCNN() if arch == "cnn" else digits.small_vit()
+        digits.train(model, train_set, epochs=12 if arch == "cnn" else 25)
+        row = [f"{digits.accuracy(model, test_set):.3f}"]
+        for ratio in (0.3, 0.5):
+            pruned = copy.deepcopy(model)
+            prune(pruned, train_set[0][:8], ratio=ratio)
+            row.append(f"{digits.accuracy(pruned, test_set):.3f}")
+            digits.train(pruned, train_set, epochs=3, lr=1e-3)
+            row.append(f"{digits.accuracy(pruned, test_set):.3f}")
+        print(f"| small {arch.upper()} | " + " | ".join(row) + " |", flush=True)
+    try:
+        from fastarch.models.minilm import embed, fresh_minilm
+    except ImportError:
+        return
+    texts = [
+        "The cat sits on the mat.", "A dog runs in the park.", "Stocks fell sharply today.",
+        "The weather is sunny and warm.", "He plays the guitar every evening.",
+        "Neural networks learn representations.", "She bought fresh bread at the bakery.",
+        "The train was delayed by an hour.", "Quantum computers use qubits.",
+        "They watched a movie last night.", "Pruning removes channels from a network.",
+        "Paris is the capital of France.",
+    ]
+    tok, model = fresh_minilm()
+    with torch.no_grad():
+        ref = embed(texts, model, tok)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    example = (batch["input_ids"],)
+    print("\n### MiniLM (all-MiniLM-L6-v2, pretrained): embedding cosine to the unpruned model\n")
+    print("| pruned | importance | mean cosine | min cosine | params |")
+    print("|---|---|---|---|---|")
+    for importance in ("l2", "activation"):
+        tok, m = fresh_minilm()
+        before = sum(p.numel() for p in m.parameters())
+        prune(m, example, ratio=0.25, importance=importance, prune_heads=False)
+        prune(m, example, ratio=2 / 12 + 1e-3, importance=importance, prune_channels=False)
+        with torch.no_grad():
+            got = embed(texts, m, tok)
+        cos = (got * ref).sum(-1)
+        after = sum(p.numel() for p in m.parameters())
+        print(f"| 25% MLP neurons + 2 heads/layer | {importance} | {cos.mean():.4f} | "
+              f"{cos.min():.4f} | {before / 1e6:.1f}M -> {after / 1e6:.1f}M |", flush=True)
+
+
+def sweep(args):
+    from fastarch.pruning.check import check_model
+
+    if args.sweep == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+
+        def build(n):
+            kw = {"aux_logits": False, "init_weights": False} if n in ("googlenet", "inception_v3") else {}
+            return torchvision.models.get_model(n, weights=None, **kw), 224 if n in (
+                "inception_v3",) or n.startswith(("vit", "swin", "maxvit")) else 64
+    else:
+        import timm
+
+        names = timm.list_models()
+
+        def build(n):
+            return timm.create_model(n, pretrained=False), 0
+    names = names[args.offset:args.offset + args.limit] if args.limit else names
+    ok = 0
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            model, size = build(name)
+            if not size:
+                cfg = getattr(model, "pretrained_cfg", {}) or {}
+                size = cfg.get("input_size", (3, 224, 224))[-1]
+            res = check_model(model.eval(), (torch.randn(1, 3, size, size),), timeout=args.timeout)
+        except Exception as exc:  # noqa: BLE001
+            res = {"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:120]}"}
+        ok += bool(res["ok"])
+        rows.append((name, res["ok"], res.get("reason", ""), time.perf_counter() - t0))
+        print(f"{name}: {'ok' if res['ok'] else 'FAIL ' + res['reason']} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"\n{args.sweep}: {ok}/{len(names)} = {100 * ok / max(len(names), 1):.1f}% pass")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--latency", action="store_true")
+    p.add_argument("--graph-time", action="store_true")
+    p.add_argument("--quality", action="store_true")
+    p.add_argument("--sweep", choices=["torchvision", "timm"])
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--image", type=int, default=160)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.graph_time:
+        graph_time(args)
+    if args.quality:
+        quality(args)
+    if args.latency:
+        latency(args)
+    if args.sweep:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""``fastarch.prune``: dependency-aware structured pruning of any traceable model."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from fastarch.pruning.graph import (
+    DependencyGraph,
+    GraphBuildError,
+    flatten_tensors,
+    model_call_kwargs,
+)
+from fastarch.pruning.importance import IMPORTANCES, rank_uniform, score_units
+from fastarch.pruning.removal import drops_by_tensor, remove_units
+
+TARGETS = ("ratio", "params", "flops", "latency")
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What :func:`prune` did. ``str(report)`` is a readable summary."""
+
+    removed: list = dataclasses.field(default_factory=list)  # one dict per pruned group
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    skipped: list = dataclasses.field(default_factory=list)  # (module, reason)
+    shapes: dict = dataclasses.field(default_factory=dict)  # tensor -> (old shape, new shape)
+    ratio_used: float = 0.0  # the per-group ratio applied (found by search for budget targets)
+    graph_seconds: float = 0.0
+    total_seconds: float = 0.0
+    ok: bool = True  # False when the model could not be traced at all (left unchanged)
+    graph: object = dataclasses.field(default=None, repr=False)  # the DependencyGraph used
+    removed_units: list = dataclasses.field(default_factory=list, repr=False)  # its roots
+
+    @property
+    def param_reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def flop_reduction(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            (f"params {self.params_before:,} -> {self.params_after:,} "
+             f"(-{100 * self.param_reduction:.1f}%), FLOPs {self.flops_before:,} -> "
+             f"{self.flops_after:,} (-{100 * self.flop_reduction:.1f}%), "
+             f"graph {self.graph_seconds:.2f} s, total {self.total_seconds:.2f} s"),
+        ]
+        if self.latency_before_ms is not None:
+            lines.append(f"latency {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms")
+        for r in self.removed:
+            lines.append(f"  removed {r['removed']}/{r['before']} {r['group']}")
+        for where, reason in self.skipped:
+            lines.append(f"  not pruned: {where or '<model>'}: {reason}")
+        return "\n".join(lines)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_inputs: Sequence) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*example_inputs, **model_call_kwargs(model))
+    return int(counter.get_total_flops())
+
+
+def measure_latency_ms(model: nn.Module, example_inputs: Sequence, repeats: int = 5) -> float:
+    kwargs = model_call_kwargs(model)
+    with torch.no_grad():
+        model(*example_inputs, **kwargs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(*example_inputs, **kwargs)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1000 * times[len(times) // 2]
+
+
+def _check_args(model, example_inputs, ratio, importance, target, round_to, pattern):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
+            or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    if pattern is not None and pattern not in ("2:4", "4:8"):
+        raise ValueError(f"pattern must be None, '2:4' or '4:8', got {pattern!r}")
+    return tuple(example_inputs)
+
+
+def _ignored_prefixes(model: nn.Module, ignore) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for item in ignore or ():
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ValueError("ignore lists a module that is not part of model")
+            out.append(names[id(item)])
+        else:
+            raise TypeError(f"ignore must hold module names or modules, got {type(item).__name__}")
+    return out
+
+
+def _in_module(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def plan_removal(graph: DependencyGraph, groups, scores, ratio: float, round_to: int = 1,
+                 global_ranking: bool = False, max_group_ratio: float = 0.9) -> list[int]:
+    """Roots to remove at the given ratio (per group, or globally over normalised scores)."""
+    roots: list[int] = []
+    if ratio <= 0:
+        return roots
+    if not global_ranking:
+        for g in groups:
+            n = g.size
+            keep = n - math.floor(ratio * n + 1e-9)
+            if g.kind == "channels" and round_to > 1:
+                keep = min(n, math.ceil(keep / round_to) * round_to)
+            keep = max(keep, 1)
+            roots.extend(rank_uniform(g, scores, n - keep))
+        return roots
+    pool = []
+    for gi, g in enumerate(groups):
+        mean = sum(scores.get(r, 0.0) for r in g.units) / g.size or 1.0
+        for r in g.units:
+            pool.append((scores.get(r, 0.0) / mean, gi, r))
+    pool.sort()
+    total = sum(g.size for g in groups)
+    budget = math.floor(ratio * total)
+    taken = [0] * len(groups)
+    for s, gi, r in pool:
+        if budget <= 0:
+            break
+        g = groups[gi]
+        if taken[gi] + 1 > min(g.size - 1, int(max_group_ratio * g.size)):
+            continue
+        taken[gi] += 1
+        roots.append(r)
+        budget -= 1
+    return roots
+
+
+def _hf_hidden_multiple(model, graph, groups, scores, roots):
+    """Hugging Face configs require hidden_size % num_attention_heads == 0: keep a few more
+    residual channels when the plan would break that."""
+    cfg = getattr(model, "config", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if cfg is None or emb is None or not graph.attention or \
+            not isinstance(getattr(cfg, "num_attention_heads", None), int):
+        return roots
+    find = graph.uf.find
+    removed = {find(r) for r in roots}
+    multiple = 1
+    for site in graph.attention:
+        q_new = sum(1 for i in site.q_head_ids if i < 0 or find(i) not in removed)
+        multiple = math.lcm(multiple, max(q_new, 1))
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight}
+    for g in groups:
+        if not any(n in names and d == 1 for n, d in g.key):
+            continue
+        dropped = sorted((r for r in g.units if r in removed), key=lambda r: -scores.get(r, 0.0))
+        kept = g.size - len(dropped)
+        while kept % multiple and dropped:
+            removed.discard(dropped.pop(0))
+            kept += 1
+    return [r for r in roots if find(r) in removed]
+
+
+def _params_after(model: nn.Module, graph: DependencyGraph, roots) -> int:
+    drops = drops_by_tensor(graph, roots)
+    seen = set()
+    total = 0
+    per_tensor: dict[str, dict[int, int]] = {}
+    for (name, dim), idx in drops.items():
+        per_tensor.setdefault(name, {})[dim] = len(idx)
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        shape = list(p.shape)
+        for dim, n in per_tensor.get(name, {}).items():
+            shape[dim] -= n
+        total += math.prod(shape)
+    return total
+
+
+def _try_prune(model, graph, roots, example_inputs, ref_shapes):
+    """Prune a copy; None if it runs with the same output shapes, else the error text."""
+    trial = copy.deepcopy(model)
+    try:
+        remove_units(trial, graph, roots)
+        with torch.no_grad():
+            outs = flatten_tensors(trial(*example_inputs, **model_call_kwargs(trial)))
+        shapes = [tuple(o.shape) for o in outs]
+        if shapes != ref_shapes:
+            return f"output shapes changed: {ref_shapes} -> {shapes}", trial
+        return None, trial
+    except Exception as exc:  # noqa: BLE001 - reported, the group is left unpruned
+        return f"{type(exc).__name__}: {str(exc)[:200]}", None
+
+
+def _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes, skipped):
+    """Drop the groups whose removal breaks the forward pass (found by bisection)."""
+    err, trial = _try_prune(model, graph, roots, example_inputs, ref_shapes)
+    if err is None:
+        return roots, trial
+    root_set = set(roots)
+    chosen = [g for g in groups if any(r in root_set for r in g.units)]
+
+    def roots_of(gs):
+        return [r for g in gs for r in g.units if r in root_set]
+
+    good: list = []
+
+    def search(gs, err_text):
+        if not gs:
+            return
+        if len(gs) == 1:
+            skipped.append((gs[0].describe(), f"pruning it breaks the forward pass ({err_text})"))
+            return
+        half = len(gs) // 2
+        for part in (gs[:half], gs[half:]):
+            e, _ = _try_prune(model, graph, roots_of(good + part), example_inputs, ref_shapes)
+            if e is None:
+                good.extend(part)
+            else:
+                search(part, e)
+
+    search(chosen, err)
+    final = roots_of(good)
+    err, trial = _try_prune(model, graph, final, example_inputs, ref_shapes)
+    if err is not None:  # should not happen; be safe: prune nothing
+        skipped.append(("<model>", f"verification failed ({err}); nothing pruned"))
+        return [], copy.deepcopy(model)
+    return final, trial
+
+
+def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str = "l2",
+          target: str = "ratio", ignore: Iterable = (), calib=None, *, round_to: int = 1,
+          global_ranking: bool = False, pattern: str | None = None, timeout: float = 120.0,
+          verify: bool = True, loss_fn: Callable | None = None,
+          prune_heads: bool = True, prune_channels: bool = True,
+          exact_only: bool = False, graph: DependencyGraph | None = None) -> PruneReport:
+    """Remove channels, neurons, attention heads and conv groups from ``model``, in place.
+
+    The model is traced with the example inputs; channels that must go together (residual
+    adds, concatenations, grouped / depthwise convolutions, norms, attention heads with their
+    K/V heads for GQA/MQA) form groups, each unit is scored by ``importance``, and the lowest
+    ones are physically removed from the parameters; module attributes (``in_features``,
+    ``num_heads``, ...) and a Hugging Face ``config`` are updated so the model still runs and
+    can be saved and loaded (see :func:`fastarch.pruning.load_pruned`).
+
+    Args:
+        model: any ``nn.Module`` (torchvision, timm, Hugging Face, your own).
+        example_inputs: a tensor or tuple of tensors for one forward pass (small is fine).
+        ratio: with ``target="ratio"`` the fraction of units removed from each group (or over
+            all groups with ``global_ranking``); with ``"params"``/``"flops"``/``"latency"`` the
+            fraction of parameters / FLOPs / measured latency to remove.
+        importance: ``"l1"``, ``"l2"``, ``"taylor"``, ``"bn_scale"``, ``"activation"``
+            (calibration-based, Wanda/FLAP-like) or ``"random"``.
+        target: ``"ratio"``, ``"params"``, ``"flops"`` or ``"latency"``.
+        ignore: modules (or their names) whose parameters must keep their shapes.
+        calib: iterable of input tuples for ``importance="activation"`` (default: example_inputs).
+        round_to: keep channel counts a multiple of this (heads are whole anyway).
+        pattern: ``"2:4"`` / ``"4:8"``: instead of removing channels, make every Linear weight
+            N:M sparse (see :func:`fastarch.pruning.prune_nm`); ``importance`` "l2"/"l1" means
+            magnitude, "activation" means Wanda.
+        timeout: seconds allowed for tracing and building the graph; past it the model is
+            reported as not handled and left unchanged.
+        verify: run the pruned model and drop any group whose removal breaks it.
+        exact_only: prune only groups where removal equals zeroing (no LayerNorm / RMSNorm
+            statistics over the channels), so that :func:`masked_copy` reproduces the result.
+        graph: a :class:`DependencyGraph` already built for this architecture (e.g.
+            ``report.graph`` of an identical model) to skip tracing.
+
+    Returns:
+        a :class:`PruneReport` (removed groups, params and FLOPs before/after, modules not
+        handled with the reason).
+
+    Example:
+        >>> import torch, torchvision, fastarch
+        >>> m = torchvision.models.resnet18()
+        >>> report = fastarch.prune(m, torch.randn(1, 3, 64, 64), ratio=0.3)
+        >>> report.params_after < report.params_before
+        True
+    """
+    t_start = time.perf_counter()
+    example_inputs = _check_args(model, example_inputs, ratio, importance, target, round_to, pattern)
+    if pattern is not None:
+        from fastarch.pruning.nm import prune_nm
+
+        return prune_nm(model, pattern, importance=importance, calib=calib or [example_inputs],
+                        ignore=ignore)
+    ignored = _ignored_prefixes(model, ignore)
+    was_training = model.training
+    model.eval()
+    report = PruneReport()
+    report.params_before = count_params(model)
+    try:
+        report.flops_before = count_flops(model, example_inputs)
+        with torch.no_grad():
+            ref_shapes = [tuple(o.shape) for o in
+                          flatten_tensors(model(*example_inputs, **model_call_kwargs(model)))]
+    except Exception as exc:
+        model.train(was_training)
+        raise ValueError(f"example_inputs: the model does not run on them ({exc})") from exc
+    if ratio == 0:
+        report.params_after, report.flops_after = report.params_before, report.flops_before
+        report.total_seconds = time.perf_counter() - t_start
+        model.train(was_training)
+        return report
+    t0 = time.perf_counter()
+    try:
+        if graph is None:
+            graph = DependencyGraph(model, example_inputs, timeout=timeout)
+    except GraphBuildError as exc:
+        report.ok = False
+        report.skipped.append(("<model>", str(exc)))
+        report.params_after, report.flops_after = report.params_before, report.flops_before
+        report.total_seconds = time.perf_counter() - t_start
+        model.train(was_training)
+        return report
+    report.graph_seconds = time.perf_counter() - t0
+    seen = set()
+    for where, reason in graph.problems:
+        if (where, reason) not in seen:
+            seen.add((where, reason))
+            report.skipped.append((where, reason))
+    groups = []
+    for g in graph.groups:
+        if g.kind == "heads" and not prune_heads or g.kind != "heads" and not prune_channels:
+            continue
+        if exact_only and not g.exact:
+            continue
+        hit = [p for p in ignored if any(_in_module(n, p) for n, _ in g.key)]
+        if hit:
+            report.skipped.append((hit[0], f"ignored: {g.describe()} left whole"))
+            continue
+        groups.append(g)
+    scores = score_units(graph, model, importance, example_inputs, calib, loss_fn)
+
+    def plan(r):
+        roots = plan_removal(graph, groups, scores, r, round_to, global_ranking)
+        return _hf_hidden_multiple(model, graph, groups, scores, roots)
+
+    if target == "ratio":
+        r_used = ratio
+        roots = plan(ratio)
+    else:
+        if target == "params":
+            goal = (1 - ratio) * report.params_before
+
+            def cost(r):
+                return _params_after(model, graph, plan(r))
+        elif target == "flops":
+            goal = (1 - ratio) * report.flops_before
+
+            def cost(r):
+                trial = copy.deepcopy(model)
+                remove_units(trial, graph, plan(r))
+                return count_flops(trial, example_inputs)
+        else:
+            report.latency_before_ms = measure_latency_ms(model, example_inputs)
+            goal = (1 - ratio) * report.latency_before_ms
+
+            def cost(r):
+                trial = copy.deepcopy(model)
+                remove_units(trial, graph, plan(r))
+                return measure_latency_ms(trial, example_inputs)
+        lo, hi = 0.0, 0.95
+        for _ in range(12 if target == "params" else 8):
+            mid = (lo + hi) / 2
+            if cost(mid) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        r_used = hi
+        roots = plan(hi)
+        if cost(hi) > goal:
+            reason = f"{target} budget not reachable with the prunable groups; pruned as far as allowed"
+            report.skipped.append(("<model>", reason))
+    if verify:
+        roots, _ = _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes,
+                                   report.skipped)
+    root_set = set(roots)
+    for g in groups:
+        n = sum(1 for r in g.units if r in root_set)
+        if n:
+            report.removed.append({"group": g.describe(), "kind": g.kind, "before": g.size,
+                                   "removed": n, "exact": g.exact})
+    report.shapes = remove_units(model, graph, roots)
+    report.graph, report.removed_units = graph, list(roots)
+    report.ratio_used = r_used
+    _update_hf_config(model, graph, report)
+    report.params_after = count_params(model)
+    report.flops_after = count_flops(model, example_inputs)
+    if target == "latency":
+        report.latency_after_ms = measure_latency_ms(model, example_inputs)
+    model.train(was_training)
+    report.total_seconds = time.perf_counter() - t_start
+    return report
+
+
+def _update_hf_config(model: nn.Module, graph: DependencyGraph, report: PruneReport) -> None:
+    from fastarch.pruning.hf import update_config
+
+    if getattr(model, "config", None) is not None and report.shapes:
+        update_config(model, graph, report.shapes)
+
+
+def masked_copy(original: nn.Module, report: PruneReport) -> nn.Module:
+    """A copy of the unpruned ``original`` with the removed units zeroed instead of removed.
+
+    With ``exact_only=True`` it computes what the pruned model computes (the reference that the
+    tests compare the physically pruned model with)."""
+    from fastarch.pruning.removal import mask_units
+
+    masked = copy.deepcopy(original)
+    if report.graph is not None:
+        mask_units(masked, report.graph, report.removed_units)
+    return masked

@@ -1,0 +1,62 @@
+"""Checks used by the coverage test and the sweep benchmark: prune a model and verify it."""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from fastarch.pruning.api import masked_copy, prune
+from fastarch.pruning.graph import flatten_tensors, model_call_kwargs
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return flatten_tensors(model(*inputs, **model_call_kwargs(model)))
+
+
+def check_model(model: nn.Module, inputs: tuple, ratio: float = 0.3, tol: float = 1e-4,
+                timeout: float = 60.0) -> dict:
+    """Prune ``ratio`` of every group and check (1) the forward runs with the same output
+    shapes, (2) pruning the exact groups equals the masked model within ``tol``.
+
+    Returns a dict: ok, reason, removed (groups), param_reduction, max_diff, seconds."""
+    t0 = time.perf_counter()
+    model = model.eval()
+    ref = _outputs(model, inputs)
+    res = {"ok": False, "reason": "", "removed": 0, "param_reduction": 0.0, "max_diff": None}
+    same = copy.deepcopy(model)
+    prune(same, inputs, ratio=0.0)
+    before = model.state_dict()
+    if any(not torch.equal(v, before[k]) for k, v in same.state_dict().items()):
+        res["reason"] = "ratio 0 changed the model"
+        return res
+    pruned = copy.deepcopy(model)
+    report = prune(pruned, inputs, ratio=ratio, timeout=timeout)
+    res["graph_seconds"] = report.graph_seconds
+    if not report.ok:
+        res["reason"] = report.skipped[0][1]
+        res["seconds"] = time.perf_counter() - t0
+        return res
+    out = _outputs(pruned, inputs)
+    if [o.shape for o in out] != [o.shape for o in ref]:
+        res["reason"] = "output shape changed"
+        return res
+    res["removed"] = len(report.removed)
+    res["param_reduction"] = report.param_reduction
+    exact = copy.deepcopy(model)
+    rep2 = prune(exact, inputs, ratio=ratio, exact_only=True, graph=report.graph)
+    masked = masked_copy(model, rep2)
+    a, b = _outputs(exact, inputs), _outputs(masked, inputs)
+    diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b)) if a else 0.0
+    res["max_diff"] = diff
+    res["exact_removed"] = len(rep2.removed)
+    if diff > tol:
+        res["reason"] = f"pruned != masked (max diff {diff:.2e})"
+    elif res["removed"] == 0:
+        res["reason"] = "nothing prunable found"
+    else:
+        res["ok"] = True
+    res["seconds"] = time.perf_counter() - t0
+    return res

@@ -1,0 +1,1060 @@
+"""Dependency graph for structured pruning: which channels of which parameters must go together.
+
+The model is traced with ``torch.export`` (non-strict), which gives one closed set of ATen ops for
+torchvision, timm and Hugging Face models alike, with every parameter and buffer as a named graph
+input. Each parameter dimension that a channel can be removed from gets one integer id per index
+("position"); activations carry *label tensors*: an int64 tensor broadcastable to the activation,
+holding for every element the id of the channel it belongs to (-1: not tied to any channel).
+Labels are propagated op by op:
+
+* shape ops (view, permute, cat, unbind, expand, ...) are run on the label tensor itself;
+* elementwise ops merge the labels of their inputs (union-find: "removed together");
+* linear / conv / norms / embedding / attention tie activation labels to parameter positions;
+* anything not understood *blocks* the labels that reach it (never pruned), so an unknown op
+  makes the model less prunable, never wrong.
+
+A *unit* is one union-find class (a channel, a whole attention head with its K/V heads, a group
+of a grouped convolution); a :class:`ChannelGroup` is the set of units that touch the same
+parameter dimensions (e.g. the 512 hidden neurons of one MLP). Removing a unit removes all its
+positions from every parameter dimension it touches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+aten = torch.ops.aten
+
+ELEMENTWISE = {
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "where", "maximum",
+    "minimum", "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_",
+    "tanh", "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "neg", "exp",
+    "pow", "rsqrt", "sqrt", "abs", "clamp", "clamp_", "clamp_min", "clamp_max", "dropout",
+    "clone", "contiguous", "to", "_to_copy", "type_as", "alias", "detach", "leaky_relu",
+    "leaky_relu_", "elu", "elu_", "mish", "mish_", "softplus", "hardtanh", "hardtanh_", "erf",
+    "log", "reciprocal", "square", "masked_fill", "sin", "cos", "lift_fresh_copy", "celu",
+    "selu", "gelu_tanh", "log_sigmoid", "logsigmoid", "glu_", "feature_dropout", "alpha_dropout",
+    "native_dropout", "copy", "fill", "zeros_like", "ones_like", "full_like", "empty_like",
+    "erfinv", "sign", "floor", "ceil", "round", "log1p", "expm1", "prelu",
+}
+SHAPE_OPS = {
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "expand", "cat", "stack", "select", "slice", "narrow", "unbind",
+    "split", "split_with_sizes", "chunk", "repeat", "roll", "flip", "movedim", "tensor_split",
+    "view_as", "reshape_as", "expand_as", "index_select", "constant_pad_nd", "pad", "swapaxes",
+    "hstack", "vstack", "unfold",
+}
+# ops whose output keeps the channel dims of the input (spatial work only)
+CHANNEL_PRESERVING = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d",
+    "_upsample_nearest_exact2d", "upsample_nearest1d", "max_pool2d_with_indices",
+    "_adaptive_avg_pool2d", "upsample_linear1d", "_upsample_bilinear2d_aa",
+}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "norm", "linalg_vector_norm",
+              "max", "min", "logsumexp", "var_mean", "std_mean"}
+INEXACT_REDUCTIONS = {"mean", "var", "std", "norm", "linalg_vector_norm", "amax", "amin", "max",
+                      "min", "logsumexp", "var_mean", "std_mean"}
+ALONG_DIM = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"}
+IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel",
+           "_assert_async", "sym_constrain_range_for_size", "_check_is_size"}
+NO_LABEL_SOURCES = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "new_ones",
+                    "new_zeros", "new_full", "new_empty", "randn", "rand", "tensor", "lift_fresh",
+                    "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__", "logical_not",
+                    "logical_and", "logical_or", "bitwise_not", "diff", "triu", "tril",
+                    "argmax", "argmin", "bucketize"}
+
+
+class GraphBuildError(RuntimeError):
+    """The model could not be traced (within the time limit)."""
+
+
+@dataclasses.dataclass
+class ParamDim:
+    """One prunable dimension of one parameter or buffer: ids start..start+size-1."""
+
+    name: str
+    dim: int
+    start: int
+    size: int
+    role: str  # "out" (produces channels), "in" (consumes), "norm", "param" (used directly)
+
+
+@dataclasses.dataclass
+class ParamRef:
+    """A parameter flowing through the graph; ``dims[i]`` is the parameter dim of view dim i."""
+
+    name: str
+    dims: tuple
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """One attention call: where it lives and how its heads map to ids (for attribute updates)."""
+
+    module: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    q_head_ids: list  # one representative id per query head
+    kv_head_ids: list
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Units (sets of ids) that touch the same parameter dims; the thing a ratio is applied to."""
+
+    key: tuple  # sorted (param name, dim) pairs
+    units: list  # list of roots
+    positions: dict  # root -> {(name, dim): [indices]}
+    kind: str  # "channels", "heads", "groups"
+    exact: bool  # False when a norm over the channel dim couples it (LayerNorm, RMSNorm)
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    def describe(self) -> str:
+        names = sorted({n.rsplit(".", 1)[0] for n, _ in self.key})
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} modules)" if len(names) > 4 else "")
+        return f"{self.kind}[{self.size}] of {shown}"
+
+
+class UnionFind:
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Union a[i] with b[i] where both are >= 0 (distinct pairs only)."""
+        a = a.reshape(-1)
+        b = b.reshape(-1)
+        ok = (a >= 0) & (b >= 0) & (a != b)
+        if not bool(ok.any()):
+            return
+        pairs = torch.unique(torch.stack([a[ok], b[ok]], 1), dim=0).tolist()
+        for x, y in pairs:
+            self.union(x, y)
+
+    def union_all(self, ids: torch.Tensor) -> None:
+        ids = torch.unique(ids[ids >= 0]).tolist()
+        for x in ids[1:]:
+            self.union(ids[0], x)
+
+
+def canonical(label: torch.Tensor | None) -> torch.Tensor | None:
+    """Collapse dims along which the label is constant; None when nothing is labelled."""
+    if label is None:
+        return None
+    if bool((label < 0).all()):
+        return None
+    for d in range(label.dim()):
+        if label.shape[d] > 1:
+            first = label.narrow(d, 0, 1)
+            if bool((label == first).all()):
+                label = first
+    return label.contiguous()
+
+
+def varying_dims(label: torch.Tensor | None) -> list[int]:
+    if label is None:
+        return []
+    return [d for d in range(label.dim()) if label.shape[d] > 1]
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _shape(node):
+    v = _val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _opname(target) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(target, "__name__", str(target))
+
+
+class _ExportWrapper(nn.Module):
+    """Calls the model and returns only its tensor outputs (HF ModelOutput / caches dropped)."""
+
+    def __init__(self, model: nn.Module, kwargs: dict):
+        super().__init__()
+        self.model = model
+        self.kwargs = kwargs
+
+    def forward(self, *args):
+        out = self.model(*args, **self.kwargs)
+        return tuple(flatten_tensors(out))
+
+
+def flatten_tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        res = []
+        for o in out:
+            res.extend(flatten_tensors(o))
+        return res
+    return []
+
+
+def model_call_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments that make a Hugging Face model return plain tensors."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        return {"use_cache": False}
+    return {}
+
+
+def export_model(model: nn.Module, example_inputs: tuple, timeout: float):
+    """torch.export (non-strict) under a time limit; GraphBuildError on failure or timeout.
+
+    In the main thread the limit is a SIGALRM timer, so an overrun unwinds export cleanly; in
+    other threads export runs in a worker thread that is abandoned when it overruns."""
+    import signal
+
+    wrapper = _ExportWrapper(model, model_call_kwargs(model))
+
+    def do_export():
+        with torch.no_grad():
+            return torch.export.export(wrapper, tuple(example_inputs), strict=False)
+
+    def failed(exc):
+        if isinstance(exc, GraphBuildError):
+            return exc
+        return GraphBuildError(f"torch.export failed: {type(exc).__name__}: {str(exc)[:300]}")
+
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def on_alarm(signum, frame):
+            raise GraphBuildError(f"tracing took longer than the time limit ({timeout:g} s)")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
+        try:
+            return do_export()
+        except Exception as exc:
+            raise failed(exc) from exc
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    result: dict[str, Any] = {}
+
+    def work():
+        try:
+            result["ep"] = do_export()
+        except Exception as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True, name="fastarch-prune-trace")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise GraphBuildError(f"tracing took longer than the time limit ({timeout:g} s)")
+    if "error" in result:
+        raise failed(result["error"])
+    return result["ep"]
+
+
+class DependencyGraph:
+    """Traces ``model`` and builds its channel groups. See the module docstring."""
+
+    def __init__(self, model: nn.Module, example_inputs: tuple, timeout: float = 120.0):
+        import time
+
+        self.model = model
+        self.deadline = time.monotonic() + timeout
+        self._time = time.monotonic
+        self.uf = UnionFind()
+        self.param_dims: dict[tuple[str, int], ParamDim] = {}
+        self.blocked: set[int] = set()
+        self.inexact: set[int] = set()
+        self.problems: list[tuple[str, str]] = []  # (where, reason)
+        self.constraints: list[tuple[torch.Tensor, int, str]] = []  # label, dim must be stable
+        self.attention: list[AttentionSite] = []
+        self.splits: list[tuple[str, torch.Tensor, int, int]] = []  # module, label, dim, pieces
+        self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
+        ep = export_model(model, example_inputs, timeout)
+        self.ep = ep
+        sig = ep.graph_signature
+        self.input_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        prefix = "model."
+        self.input_names = {k: v.removeprefix(prefix)
+                            for k, v in self.input_names.items()}
+        self.tensors = dict(model.named_parameters(remove_duplicate=False))
+        self.params = set(self.tensors)
+        self.tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+        self._propagate()
+        self.groups = self._build_groups()
+
+    # ---- ids ----------------------------------------------------------------------------
+    def pid(self, name: str, dim: int, role: str) -> torch.Tensor:
+        key = (name, dim)
+        pd = self.param_dims.get(key)
+        if pd is None:
+            size = self.tensors[name].shape[dim]
+            pd = ParamDim(name, dim, self.uf.add(size), size, role)
+            self.param_dims[key] = pd
+        elif role == "out" and pd.role != "out":
+            pd.role = "out"
+        return torch.arange(pd.start, pd.start + pd.size)
+
+    def block(self, label, reason: str | None = None, where: str = "") -> None:
+        if label is None:
+            return
+        if isinstance(label, ParamRef):
+            for d in range(len(label.dims)):
+                if label.dims[d] is not None:
+                    self.blocked.update(self.pid(label.name, label.dims[d], "param").tolist())
+            return
+        if isinstance(label, (list, tuple)):
+            for item in label:
+                self.block(item, reason, where)
+            return
+        ids = label[label >= 0]
+        if ids.numel():
+            self.blocked.update(torch.unique(ids).tolist())
+            if reason:
+                self.problems.append((where, reason))
+
+    # ---- label helpers ------------------------------------------------------------------
+    def canon(self, label):
+        """Labels as union-find roots, collapsed along dims where they are constant."""
+        if label is None or isinstance(label, ParamRef):
+            return label
+        if label.numel() == 0:
+            return None
+        uniq, inv = torch.unique(label, return_inverse=True)
+        roots = torch.tensor([self.uf.find(i) if i >= 0 else -1 for i in uniq.tolist()],
+                             dtype=torch.long)
+        return canonical(roots[inv].reshape(label.shape))
+
+    def label_of(self, arg, env):
+        if isinstance(arg, torch.fx.Node):
+            return env.get(arg.name)
+        return None
+
+    def as_tensor_label(self, label, shape, where=""):
+        """A ParamRef used as a plain tensor: label its only non-1 dim (or its last one)."""
+        if not isinstance(label, ParamRef):
+            return label
+        if label.name not in self.params:
+            return None  # a buffer used as data (rotary frequencies, masks): a fixed constant
+        if shape is None or len(shape) == 0:
+            return None
+        big = [d for d in range(len(shape)) if shape[d] > 1]
+        if not big:
+            return None
+        keep = big[-1]
+        for d in big[:-1]:
+            pdim = label.dims[d]
+            if pdim is None:
+                continue
+            self.blocked.update(self.pid(label.name, pdim, "param").tolist())
+        pdim = label.dims[keep]
+        if pdim is None:
+            return None
+        ids = self.pid(label.name, pdim, "param")
+        view = [1] * len(shape)
+        view[keep] = shape[keep]
+        return ids.reshape(view)
+
+    def full(self, label, shape):
+        if label is None:
+            return torch.full(shape, -1, dtype=torch.long)
+        while label.dim() < len(shape):
+            label = label.unsqueeze(0)
+        return label.expand(shape)
+
+    # ---- propagation --------------------------------------------------------------------
+    def _propagate(self) -> None:
+        env: dict[str, Any] = {}
+        graph = self.ep.graph
+        for node in graph.nodes:
+            if self._time() > self.deadline:
+                raise GraphBuildError("building the dependency graph exceeded the time limit")
+            if node.op == "placeholder":
+                name = self.input_names.get(node.name)
+                if name is not None and name in self.tensors and \
+                        self.tensors[name].is_floating_point():
+                    env[node.name] = ParamRef(name, tuple(range(self.tensors[name].dim())))
+                else:
+                    env[node.name] = None
+            elif node.op == "call_function":
+                where = self._where(node)
+                try:
+                    env[node.name] = self._visit(node, env, where)
+                except Exception as exc:  # noqa: BLE001 - an op we mis-handle blocks, never breaks
+                    self._block_inputs(node, env, f"{_opname(node.target)}: {exc}", where)
+                    env[node.name] = None
+            elif node.op == "output":
+                for arg in torch.fx.node.map_arg(node.args, lambda n: n).__iter__():
+                    self._block_output(arg, env)
+            else:
+                env[node.name] = None
+        self._apply_constraints()
+
+    def _block_output(self, arg, env):
+        if isinstance(arg, (list, tuple)):
+            for a in arg:
+                self._block_output(a, env)
+        elif isinstance(arg, torch.fx.Node):
+            lab = env.get(arg.name)
+            self.block(lab)
+
+    def _where(self, node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        return _clean_path(path)
+
+    def _block_inputs(self, node, env, reason, where):
+        for arg in node.all_input_nodes:
+            lab = env.get(arg.name)
+            if lab is not None:
+                self.block(lab, reason, where)
+
+    def _visit(self, node, env, where):
+        name = _opname(node.target)
+        args, kwargs = node.args, node.kwargs
+        if name in IGNORED:
+            return None
+        if name.endswith("_") and not name.startswith("_") and name[:-1] in ELEMENTWISE:
+            name = name[:-1]
+        if name == "getitem":
+            src = env.get(args[0].name)
+            if isinstance(src, (list, tuple)):
+                return src[args[1]]
+            if src is None:
+                return None
+            raise ValueError("getitem on a tensor")
+        tensor_inputs = [a for a in node.all_input_nodes if env.get(a.name) is not None]
+        if not tensor_inputs and name not in ("linear", "conv1d", "conv2d", "conv3d", "convolution",
+                                              "embedding", "batch_norm", "layer_norm",
+                                              "group_norm", "rms_norm",
+                                              "_native_batch_norm_legit_no_training",
+                                              "addmm", "mm", "matmul"):
+            return None
+        if name in NO_LABEL_SOURCES:
+            self._block_inputs(node, env, None, where)
+            return None
+        handler = getattr(self, f"_op_{name}", None)
+        if handler is not None:
+            return handler(node, env, where)
+        if name in ELEMENTWISE:
+            return self._elementwise(node, env, where)
+        if name in SHAPE_OPS:
+            return self._shape_op(node, env, where)
+        if name in CHANNEL_PRESERVING:
+            return self._channel_preserving(node, env, where)
+        if name in REDUCTIONS:
+            return self._reduction(node, env, where, name)
+        if name in ALONG_DIM:
+            lab = self._tensor_label(args[0], env)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+            if lab is not None:
+                self.constraints.append((lab, dim % lab.dim(), where))
+            return lab
+        self._block_inputs(node, env, f"op {name} is not supported by the pruning graph", where)
+        return None
+
+    def _tensor_label(self, arg, env):
+        lab = self.label_of(arg, env)
+        if isinstance(lab, ParamRef):
+            return self.as_tensor_label(lab, _shape(arg))
+        return self.canon(lab)
+
+    # ---- generic op families ------------------------------------------------------------
+    def _elementwise(self, node, env, where):
+        out_shape = _shape(node)
+        if out_shape is None:
+            return None
+        items, param_items = [], []
+        for arg in list(node.args) + list(node.kwargs.values()):
+            if isinstance(arg, torch.fx.Node) and isinstance(_val(arg), torch.Tensor):
+                raw = self.label_of(arg, env)
+                lab = self._tensor_label(arg, env)
+                if isinstance(raw, ParamRef) and lab is not None:
+                    param_items.append((len(items), raw, lab))
+                items.append((lab, _shape(arg)))
+        # a parameter that varies along fewer labelled dims than the activation it scales (a
+        # per-head-dim norm weight shared by all heads) is a constant there, not a channel source
+        act_vary = set()
+        for i, (lab, shp) in enumerate(items):
+            if lab is not None and all(i != j for j, _, _ in param_items):
+                off = len(out_shape) - lab.dim()
+                act_vary.update(off + d for d in varying_dims(lab))
+        for i, raw, lab in param_items:
+            off = len(out_shape) - lab.dim()
+            pv = {off + d for d in varying_dims(lab)}
+            has_act = any(lab_ is not None for j, (lab_, _) in enumerate(items)
+                          if all(j != k for k, _, _ in param_items))
+            if has_act and not pv <= act_vary:
+                self.block(lab)
+                items[i] = (None, items[i][1])
+        labelled = [lab for lab, _ in items if lab is not None]
+        if not labelled:
+            return None
+        nd = len(out_shape)
+        # common canonical shape: out size where any labelled input varies, else 1
+        shape = [1] * nd
+        for lab in labelled:
+            off = nd - lab.dim()
+            for d in range(lab.dim()):
+                if lab.shape[d] > 1:
+                    shape[off + d] = out_shape[off + d]
+        out = None
+        for lab, _ in items:
+            if lab is None:
+                continue
+            f = self.full(lab, shape).clone()
+            if out is None:
+                out = f
+            else:
+                both = (out >= 0) & (f >= 0)
+                self.uf.union_pairs(out[both], f[both])
+                only_f = (out < 0) & (f >= 0)
+                out[only_f] = f[only_f]
+        out = self.canon(out)
+        if out is None:
+            return None
+        vary = varying_dims(out)
+        for lab, shp in items:
+            # an input with no channel labels but full extent along a labelled dim (a constant,
+            # an unrelated tensor) cannot shrink: the labelled dim must then stay whole
+            if shp is None:
+                continue
+            off = nd - len(shp)
+            for d in vary:
+                di = d - off
+                if di < 0 or shp[di] == 1:
+                    continue
+                if lab is None or lab.dim() <= di or (lab.shape[di] == 1 and bool((lab < 0).any())):
+                    self.constraints.append((out, d, where))
+                elif bool((lab < 0).any()):
+                    self.block(out, "elementwise op mixes channels with unlabelled values", where)
+        return out
+
+    def _shape_op(self, node, env, where):
+        name = _opname(node.target)
+        args = list(node.args)
+        # a parameter going through transpose/permute/view stays a ParamRef where possible
+        first = self.label_of(args[0], env) if args and isinstance(args[0], torch.fx.Node) else None
+        if isinstance(first, ParamRef) and name in ("t", "transpose", "permute"):
+            dims = list(first.dims)
+            if name == "t":
+                dims = dims[::-1]
+            elif name == "transpose":
+                a, b = args[1] % len(dims), args[2] % len(dims)
+                dims[a], dims[b] = dims[b], dims[a]
+            else:
+                dims = [dims[i] for i in args[1]]
+            return ParamRef(first.name, tuple(dims))
+        new_args = []
+        any_label = False
+        for arg in args:
+            if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, torch.fx.Node) for a in arg):
+                sub = []
+                for a in arg:
+                    lab = self._tensor_label(a, env)
+                    any_label |= lab is not None
+                    sub.append(self.full(lab, _shape(a)).contiguous())
+                new_args.append(sub)
+            elif isinstance(arg, torch.fx.Node) and isinstance(_val(arg), torch.Tensor):
+                lab = self._tensor_label(arg, env)
+                any_label |= lab is not None
+                new_args.append(self.full(lab, _shape(arg)).contiguous())
+            elif isinstance(arg, torch.fx.Node):
+                new_args.append(_val(arg))
+            else:
+                new_args.append(arg)
+        if not any_label:
+            return None
+        kwargs = {k: (_val(v) if isinstance(v, torch.fx.Node) else v) for k, v in node.kwargs.items()}
+        kwargs.pop("value", None) if name == "constant_pad_nd" else None
+        src = new_args[0]
+        if name in ("select", "slice", "narrow", "index_select", "constant_pad_nd", "pad",
+                    "unfold", "roll", "flip", "repeat", "split_with_sizes", "tensor_split", "unbind"):
+            dims = self._touched_dims(name, args, src)
+            lab = self.canon(src)
+            for d in dims:
+                if lab is not None and lab.shape[d] > 1:
+                    self.constraints.append((lab, d, where))
+        if name in ("split", "chunk") and isinstance(src, torch.Tensor):
+            dim = (args[2] if len(args) > 2 else node.kwargs.get("dim", 0)) % src.dim()
+            pieces = node.target(*new_args, **kwargs)
+            sizes = {p.shape[dim] for p in pieces}
+            lab = self.canon(src)
+            if lab is not None and lab.shape[dim] > 1:
+                if len(sizes) == 1:  # equal pieces: position i of every piece goes together
+                    for p in pieces[1:]:
+                        self.uf.union_pairs(pieces[0], p)
+                    self.splits.append((where, pieces[0], dim, len(pieces)))
+                else:
+                    self.constraints.append((lab, dim, where))
+            return [self.canon(p) for p in pieces]
+        result = node.target(*new_args, **kwargs)
+        if isinstance(result, (list, tuple)):
+            return [self.canon(r) for r in result]
+        return self.canon(result)
+
+    @staticmethod
+    def _touched_dims(name, args, src):
+        nd = src.dim() if isinstance(src, torch.Tensor) else 0
+        if name in ("select", "slice", "narrow", "index_select", "unfold", "split_with_sizes",
+                    "tensor_split", "unbind"):
+            d = args[1] if len(args) > 1 and isinstance(args[1], int) else 0
+            if name in ("split_with_sizes", "tensor_split"):
+                d = args[2] if len(args) > 2 else 0
+            return [d % nd] if nd else []
+        if name in ("roll", "flip"):
+            dims = args[-1] if len(args) > 1 else list(range(nd))
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            return [d % nd for d in dims]
+        if name in ("constant_pad_nd", "pad"):
+            pad = args[1]
+            return [nd - 1 - i // 2 for i in range(len(pad)) if pad[i] != 0]
+        if name == "repeat":
+            return [nd - len(args[1]) + i for i, r in enumerate(args[1]) if r != 1 and nd - len(args[1]) + i >= 0]
+        return []
+
+    def _channel_preserving(self, node, env, where):
+        lab = self._tensor_label(node.args[0], env)
+        if lab is None:
+            return None
+        out_shape = _shape(node)
+        if out_shape is None:  # e.g. max_pool2d_with_indices returns a tuple
+            vals = _val(node)
+            out_shape = tuple(vals[0].shape)
+            res = self.canon(lab)
+            return [res, None]
+        for d in varying_dims(lab):
+            if d >= len(out_shape) or out_shape[d] != lab.shape[d]:
+                raise ValueError("spatial op changes a labelled dim")
+        return lab
+
+    def _reduction(self, node, env, where, name):
+        lab = self._tensor_label(node.args[0], env)
+        if lab is None:
+            return None
+        args = node.args
+        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        if name == "linalg_vector_norm":
+            dims = args[2] if len(args) > 2 else node.kwargs.get("dim")
+        keep = node.kwargs.get("keepdim", False)
+        for a in args[2:]:
+            if isinstance(a, bool):
+                keep = a
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            dims = list(range(lab.dim()))
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = sorted({d % lab.dim() for d in dims})
+        vary = set(varying_dims(lab))
+        reduced_vary = [d for d in dims if d in vary]
+        if reduced_vary and name in INEXACT_REDUCTIONS:
+            self.inexact.update(torch.unique(lab[lab >= 0]).tolist())
+        out = lab
+        if reduced_vary and not (vary - set(dims)):
+            out = None  # a statistic over all channels (e.g. RMSNorm): carries no channel
+        else:
+            for d in reduced_vary:
+                self.constraints.append((lab, d, where))
+            for d in dims:
+                out = out.narrow(d, 0, 1)
+        if out is not None and not keep:
+            for d in reversed(dims):
+                out = out.squeeze(d)
+        if name in ("max", "min", "var_mean", "std_mean") and isinstance(_val(node), (list, tuple)):
+            return [self.canon(out), None if name in ("max", "min") else self.canon(out)]
+        return self.canon(out)
+
+    # ---- layers -------------------------------------------------------------------------
+    def _consume(self, lab, dim, w: ParamRef, wdim, where, role="in"):
+        """Tie the labels of activation dim `dim` to parameter dim `wdim` (input channels)."""
+        pdim = w.dims[wdim]
+        ids = self.pid(w.name, pdim, role)
+        if lab is None:
+            self.blocked.update(ids.tolist())
+            return
+        other = [d for d in varying_dims(lab) if d != dim % lab.dim()]
+        if other:
+            self.blocked.update(ids.tolist())
+            self.block(lab, "channel labels vary along several dims at a layer input", where)
+            return
+        x = lab.reshape(-1) if lab.shape[dim] > 1 else lab.reshape(-1).expand(ids.numel())
+        if x.numel() != ids.numel():
+            raise ValueError("layer input size does not match its weight")
+        self.uf.union_pairs(x, ids)
+        bad = x < 0
+        if bool(bad.any()):
+            self.blocked.update(ids[bad].tolist())
+            self.block(x, "layer input mixes labelled and unlabelled channels", where)
+
+    def _produce(self, w: ParamRef, wdim, out_shape, dim, bias=None):
+        ids = self.pid(w.name, w.dims[wdim], "out")
+        if isinstance(bias, ParamRef):
+            self.uf.union_pairs(ids, self.pid(bias.name, bias.dims[0], "out"))
+        view = [1] * len(out_shape)
+        view[dim % len(out_shape)] = ids.numel()
+        return ids.reshape(view)
+
+    def _param_arg(self, node, i, env, key=None):
+        arg = node.args[i] if len(node.args) > i else node.kwargs.get(key)
+        lab = self.label_of(arg, env) if isinstance(arg, torch.fx.Node) else None
+        return lab
+
+    def _op_linear(self, node, env, where):
+        x = self._tensor_label(node.args[0], env)
+        w = self._param_arg(node, 1, env)
+        b = self._param_arg(node, 2, env, "bias")
+        if not isinstance(w, ParamRef):
+            self.block(x, "linear with a computed weight", where)
+            self.block(w)
+            self.block(b)
+            return None
+        self._consume(x, -1, w, 1, where)
+        return self._produce(w, 0, _shape(node), -1, b)
+
+    def _op_addmm(self, node, env, where):
+        bias = self.label_of(node.args[0], env)
+        x = self._tensor_label(node.args[1], env)
+        w = self.label_of(node.args[2], env)
+        if not isinstance(w, ParamRef):
+            return self._matmul(node, env, where, node.args[1], node.args[2], bias=node.args[0])
+        self._consume(x, -1, w, 0, where)
+        return self._produce(w, 1, _shape(node), -1, bias if isinstance(bias, ParamRef) else None)
+
+    def _op_mm(self, node, env, where):
+        return self._op_matmul(node, env, where)
+
+    def _op_bmm(self, node, env, where):
+        return self._matmul(node, env, where, node.args[0], node.args[1])
+
+    def _op_matmul(self, node, env, where):
+        w = self.label_of(node.args[1], env)
+        if isinstance(w, ParamRef) and len(w.dims) == 2:
+            x = self._tensor_label(node.args[0], env)
+            self._consume(x, -1, w, 0, where)
+            return self._produce(w, 1, _shape(node), -1)
+        return self._matmul(node, env, where, node.args[0], node.args[1])
+
+    def _matmul(self, node, env, where, a_node, b_node, bias=None):
+        a = self._tensor_label(a_node, env)
+        b = self._tensor_label(b_node, env)
+        out_shape = _shape(node)
+        sa, sb = _shape(a_node), _shape(b_node)
+        if bias is not None and self.label_of(bias, env) is not None:
+            raise ValueError("matmul bias")
+        if a is None and b is None:
+            return None
+        if len(sa) < 2 or len(sb) < 2:
+            raise ValueError("matmul of vectors")
+        nd = len(out_shape)
+        A = self.full(a, sa)
+        B = self.full(b, sb)
+        while A.dim() < nd:
+            A = A.unsqueeze(0)
+        while B.dim() < nd:
+            B = B.unsqueeze(0)
+        batch = list(out_shape[:-2])
+        A = A.expand(batch + list(A.shape[-2:]))
+        B = B.expand(batch + list(B.shape[-2:]))
+        ca, cb = self.canon(A), self.canon(B)
+        a_m = ca is not None and ca.shape[-2] > 1
+        a_k = ca is not None and ca.shape[-1] > 1
+        b_k = cb is not None and cb.shape[-2] > 1
+        b_n = cb is not None and cb.shape[-1] > 1
+        if (a_m and b_n) or (a_m and a_k) or (b_k and b_n):
+            raise ValueError("matmul operands labelled along several dims")
+        if a_k != b_k:
+            raise ValueError("matmul contracts channels against unlabelled values")
+        flat_a = A.reshape(-1, A.shape[-2], A.shape[-1])
+        flat_b = B.reshape(-1, B.shape[-2], B.shape[-1])
+        n = flat_a.shape[0]
+        unit = torch.full((n,), -1, dtype=torch.long)
+        for i in range(n):
+            parts = []
+            if a_k:
+                ak, bk = flat_a[i, 0, :], flat_b[i, :, 0]
+                if bool(((ak >= 0) != (bk >= 0)).any()):
+                    raise ValueError("matmul contracts channels against unlabelled values")
+                parts += [ak, bk]  # a contracted slice survives or goes whole (a head)
+            if not a_m and not a_k:
+                parts.append(flat_a[i, 0, :1])
+            if not b_n and not b_k:
+                parts.append(flat_b[i, :1, 0])
+            ids = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+            ids = ids[ids >= 0]
+            if ids.numel():
+                self.uf.union_all(ids)
+                unit[i] = ids[0]
+        unit = unit.reshape(batch + [1, 1]) if batch else unit.reshape(1, 1)
+        if a_m or b_n:
+            lab = (A[..., :, :1] if a_m else B[..., :1, :]).contiguous()
+            u = unit.expand_as(lab)
+            both = (lab >= 0) & (u >= 0)
+            self.uf.union_pairs(lab[both], u[both])
+            lab = torch.where(lab >= 0, lab, u)
+            return self.canon(lab)
+        return self.canon(unit)
+
+    def _op_conv(self, node, env, where, groups_index):
+        x = self._tensor_label(node.args[0], env)
+        w = self._param_arg(node, 1, env)
+        b = self._param_arg(node, 2, env)
+        groups = node.args[groups_index] if len(node.args) > groups_index else 1
+        if not isinstance(w, ParamRef):
+            self.block(x, "convolution with a computed weight", where)
+            return None
+        out_shape = _shape(node)
+        if groups == 1:
+            self._consume(x, 1, w, 1, where)
+            return self._produce(w, 0, out_shape, 1, b)
+        weight = self.tensors[w.name]
+        cin_g = weight.shape[1]
+        cout = weight.shape[0]
+        cout_g = cout // groups
+        self.convs[w.name] = (cin_g, cout_g)
+        out_ids = self._produce(w, 0, out_shape, 1, b)
+        self.blocked.update(self.pid(w.name, 1, "in").tolist())
+        flat_out = out_ids.reshape(-1)
+        if x is None or any(d != 1 for d in varying_dims(x)):
+            self.blocked.update(flat_out.tolist())
+            self.block(x)
+            return out_ids
+        xin = x.reshape(-1)
+        if xin.numel() == 1:
+            xin = xin.expand(cin_g * groups)
+        for g in range(groups):  # a group of a grouped conv goes whole (input and output side)
+            ids = torch.cat([xin[g * cin_g:(g + 1) * cin_g], flat_out[g * cout_g:(g + 1) * cout_g]])
+            if bool((ids < 0).any()):
+                self.blocked.update(ids[ids >= 0].tolist())
+            self.uf.union_all(ids)
+        return out_ids
+
+    def _op_conv1d(self, node, env, where):
+        return self._op_conv(node, env, where, 6)
+
+    _op_conv2d = _op_conv1d
+    _op_conv3d = _op_conv1d
+
+    def _op_convolution(self, node, env, where):
+        if node.args[6]:  # transposed
+            self._block_inputs(node, env, "transposed convolution", where)
+            return None
+        return self._op_conv(node, env, where, 8)
+
+    def _norm(self, node, env, where, dim, params, exact):
+        x = self._tensor_label(node.args[0], env)
+        refs = [p for p in params if isinstance(p, ParamRef)]
+        if x is None:
+            for p in refs:
+                self.blocked.update(self.pid(p.name, p.dims[0], "norm").tolist())
+            return None
+        for p in refs:
+            self._consume(x, dim, p, 0, where, role="norm")
+        if not exact:
+            self.inexact.update(torch.unique(x[x >= 0]).tolist())
+        return x
+
+    def _op_batch_norm(self, node, env, where):
+        params = [self.label_of(a, env) for a in node.args[1:5]]
+        return self._norm(node, env, where, 1, params, True)
+
+    def _op__native_batch_norm_legit_no_training(self, node, env, where):
+        params = [self.label_of(a, env) for a in node.args[1:5]]
+        return [self._norm(node, env, where, 1, params, True), None, None]
+
+    def _op_layer_norm(self, node, env, where):
+        shape = node.args[1]
+        if len(shape) != 1:
+            self._block_inputs(node, env, "layer_norm over several dims", where)
+            return None
+        params = [self.label_of(a, env) for a in node.args[2:4]]
+        return self._norm(node, env, where, -1, params, False)
+
+    def _op_rms_norm(self, node, env, where):
+        shape = node.args[1]
+        if len(shape) != 1:
+            self._block_inputs(node, env, "rms_norm over several dims", where)
+            return None
+        params = [self.label_of(a, env) for a in node.args[2:3]]
+        return self._norm(node, env, where, -1, params, False)
+
+    def _op_group_norm(self, node, env, where):
+        x = self._tensor_label(node.args[0], env)
+        groups = node.args[1]
+        params = [self.label_of(a, env) for a in node.args[2:4]]
+        if x is not None and groups > 1:
+            # channels of one normalisation group go together
+            flat = self.full(x, _shape(node.args[0]))
+            flat = self.canon(flat)
+            if flat is not None and varying_dims(flat) == [1]:
+                ids = flat.reshape(-1)
+                per = ids.numel() // groups
+                for g in range(groups):
+                    self.uf.union_all(ids[g * per:(g + 1) * per])
+                self.constraints.append((flat, 1, where))  # the group count is a constant
+        return self._norm(node, env, where, 1, params, groups == 1)
+
+    def _op_embedding(self, node, env, where):
+        w = self._param_arg(node, 0, env)
+        idx = self.label_of(node.args[1], env)
+        self.block(idx)
+        if not isinstance(w, ParamRef):
+            return None
+        self.blocked.update(self.pid(w.name, w.dims[0], "param").tolist())
+        return self._produce(w, 1, _shape(node), -1)
+
+    def _op_scaled_dot_product_attention(self, node, env, where):
+        q, k, v = (self._tensor_label(a, env) for a in node.args[:3])
+        mask = self.label_of(node.args[3], env) if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        self.block(mask if not isinstance(mask, torch.fx.Node) else None)
+        if q is None and k is None and v is None:
+            return None
+        sq, sk, sv = (_shape(a) for a in node.args[:3])
+        Q = self.full(q, sq)
+        K = self.full(k, sk)
+        V = self.full(v, sv)
+        hq, hk = sq[-3], sk[-3]
+        rep = hq // hk
+        # per head: labels along the sequence must be constant
+        for name_, lab in (("q", q), ("k", k), ("v", v)):
+            if lab is not None and lab.dim() >= 2 and lab.shape[-2] > 1:
+                raise ValueError(f"attention {name_} labelled along the sequence")
+        Qh = Q.reshape(-1, hq, sq[-2], sq[-1])[0, :, 0, :]
+        Kh = K.reshape(-1, hk, sk[-2], sk[-1])[0, :, 0, :]
+        Vh = V.reshape(-1, hk, sv[-2], sv[-1])[0, :, 0, :]
+        q_rep, kv_rep = [], []
+        for h in range(hq):
+            g = h // rep
+            ids = torch.cat([Qh[h], Kh[g], Vh[g]])
+            if bool((ids < 0).any()):
+                self.block(ids, "attention head only partly labelled", where)
+            self.uf.union_all(ids)
+            q_rep.append(int(ids[ids >= 0][0]) if bool((ids >= 0).any()) else -1)
+        for g in range(hk):
+            kv_rep.append(q_rep[g * rep])
+        self.attention.append(AttentionSite(where, hq, hk, sq[-1], q_rep, kv_rep))
+        out_shape = _shape(node)
+        lab = torch.tensor(q_rep).reshape(hq, 1, 1)
+        while lab.dim() < len(out_shape):
+            lab = lab.unsqueeze(0)
+        # the head id goes with every value channel of that head
+        out = self.full(lab, out_shape[:-1] + (1,))
+        vout = Vh.repeat_interleave(rep, dim=0).reshape(hq, 1, sv[-1])
+        while vout.dim() < len(out_shape):
+            vout = vout.unsqueeze(0)
+        out = torch.where(vout.expand(out.shape[:-1] + (sv[-1],)) >= 0,
+                          vout.expand(out.shape[:-1] + (sv[-1],)),
+                          out.expand(out.shape[:-1] + (sv[-1],)))
+        return self.canon(out.contiguous())
+
+    # ---- after propagation --------------------------------------------------------------
+    def _roots(self, label: torch.Tensor) -> torch.Tensor:
+        flat = label.reshape(-1).tolist()
+        return torch.tensor([self.uf.find(i) if i >= 0 else -1 for i in flat]).reshape(label.shape)
+
+    def _apply_constraints(self) -> None:
+        for label, dim, where in self.constraints:
+            roots = self._roots(label)
+            if roots.shape[dim] > 1 and not bool((roots == roots.narrow(dim, 0, 1)).all()):
+                self.block(label, "a fixed-size op (slice, pad, split, constant) along the channels",
+                           where)
+
+    def _build_groups(self) -> list[ChannelGroup]:
+        find = self.uf.find
+        blocked_roots = {find(i) for i in self.blocked}
+        inexact_roots = {find(i) for i in self.inexact}
+        units: dict[int, dict] = {}
+        has_out: set[int] = set()
+        for (name, dim), pd in self.param_dims.items():
+            for i in range(pd.size):
+                r = find(pd.start + i)
+                units.setdefault(r, {}).setdefault((name, dim), []).append(i)
+                if pd.role in ("out", "param"):
+                    has_out.add(r)
+        head_roots = set()
+        for site in self.attention:
+            head_roots.update(find(i) for i in site.q_head_ids if i >= 0)
+        grouped_roots = set()
+        for name, (cin_g, cout_g) in self.convs.items():
+            if cin_g > 1 or cout_g > 1:
+                pd = self.param_dims.get((name, 0))
+                if pd is not None:
+                    grouped_roots.update(find(pd.start + i) for i in range(pd.size))
+        by_key: dict[tuple, list[int]] = {}
+        for r, pos in units.items():
+            if r in blocked_roots or r not in has_out:
+                continue
+            key = tuple(sorted(pos))
+            by_key.setdefault(key, []).append(r)
+        groups = []
+        for key, roots in by_key.items():
+            if len(roots) < 2:
+                continue
+            kind = "heads" if roots[0] in head_roots else (
+                "groups" if roots[0] in grouped_roots else "channels")
+            exact = not any(r in inexact_roots for r in roots)
+            groups.append(ChannelGroup(key, sorted(roots), {r: units[r] for r in roots}, kind, exact))
+        groups.sort(key=lambda g: min(self.param_dims[k].start for k in g.key))
+        return groups
+
+
+def _clean_path(path: str) -> str:
+    # nn_module_stack paths look like "L['self'].model.layers[0].mlp" or "model.layers.0.mlp"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    i = 0
+    while i < len(path):
+        c = path[i]
+        if c == "[":
+            j = path.index("]", i)
+            token = path[i + 1:j].strip("'\"")
+            out.append("." + token)
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    res = "".join(out)
+    if res.startswith("model."):
+        res = res[len("model."):]
+    elif res == "model":
+        res = ""
+    return res

@@ -1,0 +1,169 @@
+"""Hugging Face specifics: keep ``model.config`` true to the pruned shapes, and load it back.
+
+Uniform changes (every layer pruned alike) are written to the usual config keys
+(``hidden_size``, ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
+``head_dim``). Per-layer widths cannot be expressed there, so the exact pruned shapes and module
+attributes are also stored in ``config.fastarch_pruned``; :func:`load_pruned` rebuilds the model
+from its config, applies them, and loads the weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+KV_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
+
+
+def _int_attrs(mod: nn.Module) -> dict:
+    out = {}
+    for k, v in mod.__dict__.items():
+        if k.startswith("_") and k != "_fastarch_heads":
+            continue
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int) or (isinstance(v, tuple) and v and all(isinstance(x, int) for x in v)):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def update_config(model: nn.Module, graph, shapes: dict) -> None:
+    cfg = model.config
+    touched = {n.rpartition(".")[0] for n in shapes}
+    touched.update(site.module for site in graph.attention)
+    record = {"shapes": {n: list(new) for n, (_, new) in shapes.items()}, "attrs": {}}
+    for path in sorted(touched):
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        record["attrs"][path] = _int_attrs(mod)
+    prev = getattr(cfg, "fastarch_pruned", None)
+    if isinstance(prev, dict):  # pruned twice: merge
+        prev["shapes"].update(record["shapes"])
+        for k, v in record["attrs"].items():
+            prev["attrs"].setdefault(k, {}).update(v)
+        record = prev
+    cfg.fastarch_pruned = record
+
+    # uniform changes into the ordinary keys
+    old_hidden = None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if p is emb.weight and n in shapes:
+                old_hidden, new_hidden = shapes[n][0][1], shapes[n][1][1]
+                for key in HIDDEN_KEYS:
+                    if getattr(cfg, key, None) == old_hidden:
+                        setattr(cfg, key, new_hidden)
+                break
+    heads = [getattr(model.get_submodule(s.module), "_fastarch_heads", (s.q_heads, s.kv_heads))
+             for s in graph.attention if _has(model, s.module)]
+    if graph.attention:
+        head_dim = graph.attention[0].head_dim
+        if len({h[0] for h in heads}) == 1 and heads:
+            q0 = graph.attention[0].q_heads
+            for key in HEAD_KEYS:
+                if getattr(cfg, key, None) == q0:
+                    setattr(cfg, key, heads[0][0])
+            for key in KV_KEYS:  # units are whole K/V heads with their query heads
+                kv = getattr(cfg, key, None)
+                if isinstance(kv, int) and kv > 0 and q0 % kv == 0:
+                    setattr(cfg, key, heads[0][0] // (q0 // kv))
+        if hasattr(cfg, "head_dim") or old_hidden is not None or heads:
+            try:
+                cfg.head_dim = head_dim
+            except (AttributeError, TypeError):
+                pass
+    for key in FFN_KEYS:
+        old = getattr(cfg, key, None)
+        if key == "n_inner" and old is None and hasattr(cfg, "n_embd"):
+            old = 4 * (old_hidden or cfg.n_embd)
+        if not isinstance(old, int):
+            continue
+        new_vals = set()
+        for n, (o, nw) in shapes.items():
+            if len(o) == 2 and n.endswith("weight"):
+                for d in range(2):
+                    if o[d] == old and nw[d] != old and o[1 - d] != old:
+                        new_vals.add(nw[d])
+        if len(new_vals) == 1:
+            setattr(cfg, key, new_vals.pop())
+
+
+def _has(model, path):
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
+    """Give a freshly built model the pruned shapes and attributes stored in ``record``."""
+    for path, attrs in record.get("attrs", {}).items():
+        mod = model.get_submodule(path) if path else model
+        for k, v in attrs.items():
+            setattr(mod, k, tuple(v) if isinstance(v, list) else v)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    replaced: dict[int, torch.Tensor] = {}
+    for name, shape in record.get("shapes", {}).items():
+        if name not in tensors:
+            continue
+        old = tensors[name]
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        new = replaced.get(id(old))
+        if new is None:
+            data = torch.zeros(shape, dtype=old.dtype, device=old.device)
+            new = nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(
+                old, nn.Parameter) else data
+            replaced[id(old)] = new
+        if isinstance(old, nn.Parameter):
+            mod._parameters[attr] = new
+        else:
+            mod._buffers[attr] = new
+    return model
+
+
+def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
+    """Load a model saved with ``save_pretrained`` after :func:`fastarch.prune`.
+
+    Example:
+        >>> model = load_pruned("out/pruned-llama")  # doctest: +SKIP
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    record = getattr(config, "fastarch_pruned", None)
+    if model_class is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        model_class = getattr(transformers, arch) if arch else transformers.AutoModel
+    if hasattr(model_class, "from_config"):
+        model = model_class.from_config(config, **kwargs)
+    else:
+        model = model_class._from_config(config, **kwargs)
+    if record:
+        apply_pruned_shapes(model, record)
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        state.update(load_file(f))
+    if not state:
+        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [m for m in missing if m not in tied]
+    if unexpected:
+        raise ValueError(f"path: unexpected weights {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model

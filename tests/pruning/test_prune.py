@@ -1,0 +1,253 @@
+"""Structured pruning on hand-made and torchvision / timm models: physical removal equals the
+masked model, targets, importances, ignore, bad input, models that cannot be handled."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastarch
+from fastarch.pruning import DependencyGraph, masked_copy, prune
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+class Zoo(nn.Module):
+    """Residual add, concat, depthwise + grouped conv, squeeze-excite, flatten into a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.mix = nn.Conv2d(24, 32, 1)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.se_down = nn.Conv2d(32, 8, 1)
+        self.se_up = nn.Conv2d(8, 32, 1)
+        self.head = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = x + F.relu(self.a(x))  # residual: stem and a are coupled
+        x = torch.cat([x, self.b(x)], dim=1)  # concat: 16 + 8 channels
+        x = F.relu(self.mix(F.relu(self.dw(x))))
+        x = F.relu(self.grouped(x))
+        s = torch.sigmoid(self.se_up(F.relu(self.se_down(x.mean((2, 3), keepdim=True)))))
+        x = F.adaptive_avg_pool2d(x * s, 4)
+        return self.head(x.flatten(1))
+
+
+def _equal_masked(model, x, ratio=0.3, **kw):
+    model.eval()
+    original = copy.deepcopy(model)
+    report = prune(model, x, ratio=ratio, exact_only=True, **kw)
+    masked = masked_copy(original, report)
+    assert report.removed, "nothing was pruned"
+    torch.testing.assert_close(run(model, x), run(masked, x), atol=1e-4, rtol=1e-4)
+    assert report.params_after < report.params_before
+    return report
+
+
+def test_zoo_groups_and_equal_masked():
+    model = Zoo()
+    x = torch.randn(2, 3, 16, 16)
+    graph = DependencyGraph(model.eval(), (x,))
+    by_kind = {g.kind: g for g in graph.groups}
+    assert by_kind["groups"].size == 4  # the grouped conv goes whole groups at a time
+    modules = [{n.rsplit(".", 1)[0] for n, _ in g.key} for g in graph.groups]
+    assert {"stem", "a", "bn", "dw", "mix"} <= modules[0]  # residual couples stem and a
+    assert {"b", "dw", "mix"} <= modules[1] and "stem" not in modules[1]  # concat offsets
+    _equal_masked(model, x, ratio=0.5)
+    assert model.grouped.groups == 2 and model.grouped.out_channels == 16
+    assert model.dw.groups == model.dw.out_channels == 12
+    assert model.head.in_features == model.grouped.out_channels * 16
+
+
+def test_resnet18_equal_masked():
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    _equal_masked(model, torch.randn(1, 3, 32, 32))
+    assert model.fc.out_features == 1000  # the output layer keeps its classes
+
+
+def test_vit_heads_and_mlp_equal_masked():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    report = _equal_masked(model, torch.randn(1, 3, 32, 32), ratio=0.34)
+    kinds = {r["kind"] for r in report.removed}
+    assert kinds == {"heads", "channels"}
+    assert model.blocks[0].attn.num_heads == 2
+    assert model.blocks[0].attn.qkv.out_features == 3 * 2 * 64
+
+
+def test_vit_residual_width_runs():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    report = prune(model, x, ratio=0.5)
+    assert any(r["kind"] == "channels" and not r["exact"] for r in report.removed)
+    assert model.patch_embed.proj.out_channels == 96
+    assert run(model, x).shape == (1, 1000)
+
+
+def test_ratio_zero_changes_nothing():
+    model = Zoo().eval()
+    before = copy.deepcopy(model.state_dict())
+    report = prune(model, torch.randn(1, 3, 16, 16), ratio=0.0)
+    assert report.removed == [] and report.params_after == report.params_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("target", ["params", "flops"])
+def test_budget_targets(target):
+    model = Zoo().eval()
+    x = torch.randn(1, 3, 16, 16)
+    report = prune(model, x, ratio=0.4, target=target)
+    got = report.param_reduction if target == "params" else report.flop_reduction
+    assert 0.4 <= got <= 0.6, got
+    assert run(model, x).shape == (1, 10)
+
+
+def test_latency_target_reports_times():
+    model = Zoo().eval()
+    report = prune(model, torch.randn(4, 3, 16, 16), ratio=0.3, target="latency")
+    assert report.latency_before_ms is not None and report.latency_after_ms is not None
+    assert report.removed
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "taylor", "activation", "random"])
+def test_importance_keeps_strong_channels(importance):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:8] *= 1e-3  # neurons 0..7 are near zero everywhere
+        model[0].bias[:8] *= 1e-3
+        model[2].weight[:, :8] *= 1e-3
+    x = torch.randn(32, 8)
+    prune(model, x, ratio=0.5, importance=importance)
+    assert model[0].out_features == 8 and model[2].in_features == 8
+    if importance != "random":
+        # the surviving neurons are the strong ones: their weights are not tiny
+        assert model[0].weight.abs().mean() > 1e-2
+
+
+def test_bn_scale_importance():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, 0.01, 1.0, 0.01, 1.0, 0.01, 1.0, 0.01]))
+    prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, importance="bn_scale")
+    assert torch.all(model[1].weight == 1.0)
+
+
+def test_round_to_and_global_ranking():
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
+                          nn.Linear(48, 4)).eval()
+    x = torch.randn(4, 8)
+    prune(model, x, ratio=0.3, round_to=8)
+    assert model[0].out_features == 48 and model[2].out_features == 40  # ceil to 8s
+    model2 = copy.deepcopy(model)
+    with torch.no_grad():
+        model2[2].weight.mul_(1e-3)  # the second layer is globally the weakest
+    report = prune(model2, x, ratio=0.3, global_ranking=True)
+    assert report.removed and model2[2].out_features < model2[0].out_features
+    assert run(model2, x).shape == (4, 4)
+
+
+def test_ignore_keeps_module_shape():
+    model = Zoo().eval()
+    report = prune(model, torch.randn(1, 3, 16, 16), ratio=0.5, ignore=[model.a, "b"])
+    assert model.a.out_channels == 16 and model.b.out_channels == 8
+    assert any(reason.startswith("ignored") for _, reason in report.skipped)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_is_reported_and_unchanged():
+    model = DataDependent()
+    before = copy.deepcopy(model.state_dict())
+    report = prune(model, torch.ones(1, 4), ratio=0.5)
+    assert not report.ok and report.skipped and report.removed == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class UsesFFT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+        self.d = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.fft.rfft(self.a(x), dim=-1).abs()  # an op the graph does not know
+        return self.d(F.relu(self.c(F.relu(self.b(x))))).sum(-1, keepdim=True) + y.sum(-1, keepdim=True)
+
+
+def test_unknown_op_blocks_only_its_channels():
+    model = UsesFFT().eval()
+    x = torch.randn(2, 8)
+    report = prune(model, x, ratio=0.5)
+    assert model.a.out_features == 8  # a feeds the FFT: untouched and reported
+    assert any("fft" in reason for _, reason in report.skipped)
+    assert model.b.out_features == 4 and model.c.out_features == 4
+    assert run(model, x).shape == (2, 1)
+
+
+def test_timeout_reports_and_leaves_model():
+    model = Zoo()
+    report = prune(model, torch.randn(1, 3, 16, 16), ratio=0.5, timeout=1e-4)
+    assert not report.ok and "time limit" in report.skipped[0][1]
+    assert model.a.out_channels == 16
+
+
+def test_report_text():
+    report = prune(Zoo().eval(), torch.randn(1, 3, 16, 16), ratio=0.3)
+    text = str(report)
+    assert "params" in text and "removed" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 1.5}, "ratio"),
+        ({"ratio": float("nan")}, "ratio"),
+        ({"importance": "magic"}, "importance"),
+        ({"target": "energy"}, "target"),
+        ({"round_to": 0}, "round_to"),
+        ({"pattern": "3:4"}, "pattern"),
+    ],
+    ids=["ratio-1.5", "ratio-nan", "importance", "target", "round_to", "pattern"],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prune(Zoo(), torch.randn(1, 3, 16, 16), **kwargs)
+
+
+def test_bad_model_and_inputs():
+    with pytest.raises(TypeError, match="model"):
+        prune("resnet", torch.randn(1, 3))
+    with pytest.raises(TypeError, match="example_inputs"):
+        prune(Zoo(), "image")
+    with pytest.raises(ValueError, match="example_inputs"):
+        prune(Zoo(), torch.randn(1, 5, 16, 16))
+
+
+def test_exported_from_package():
+    assert fastarch.prune is prune
