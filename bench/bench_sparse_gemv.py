@@ -42,10 +42,23 @@ def _thresholds(xs, s):
     return [torch.quantile(x.float().abs().flatten(), s).item() for x in xs]
 
 
+_WEIGHTS: dict = {}
+
+
+def _gemv_weights(out_f, in_f, dtype):
+    """Weight copies (both layouts) for one shape and dtype, made once per process."""
+    key = (out_f, in_f, dtype)
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        n = copies_to_defeat_cache(out_f * in_f * torch.finfo(dtype).bits // 8)
+        ws = [(torch.randn(out_f, in_f) / in_f ** 0.5).to(dtype) for _ in range(n)]
+        _WEIGHTS[key] = (ws, [w.t().contiguous() for w in ws])
+    return _WEIGHTS[key]
+
+
 def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
-    n = copies_to_defeat_cache(out_f * in_f * torch.finfo(dtype).bits // 8)
-    ws = [torch.randn(out_f, in_f, dtype=dtype) / in_f ** 0.5 for _ in range(n)]
-    wts = [w.t().contiguous() for w in ws]
+    ws, wts = _gemv_weights(out_f, in_f, dtype)
+    n = len(ws)
     xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(n)]
     ts = _thresholds(xs, sparsity)
     i = {"d": 0, "s": 0}
@@ -66,13 +79,19 @@ def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
 
 def mlp_case(hidden, inter, dtype, batch, sparsity, rounds):
     """Dense SwiGLU MLP vs sparse_mlp over a fixed core-neuron set (CoreInfer decode)."""
-    per = 3 * hidden * inter * torch.finfo(dtype).bits // 8
-    n = copies_to_defeat_cache(per)
-    mk = lambda *s: (torch.randn(*s) / s[-1] ** 0.5).to(dtype)  # noqa: E731
-    layers = [dict(g=mk(inter, hidden), u=mk(inter, hidden), d=mk(hidden, inter)) for _ in range(n)]
+    key = ("mlp", hidden, inter, dtype)
+    if key not in _WEIGHTS:
+        _WEIGHTS.clear()
+        n = copies_to_defeat_cache(3 * hidden * inter * torch.finfo(dtype).bits // 8)
+        mk = lambda *s: (torch.randn(*s) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+        lays = [dict(g=mk(inter, hidden), u=mk(inter, hidden), d=mk(hidden, inter)) for _ in range(n)]
+        for lay in lays:
+            lay["dt"] = lay["d"].t().contiguous()
+        _WEIGHTS[key] = lays
+    layers = _WEIGHTS[key]
+    n = len(layers)
+    keep = max(1, int(round((1 - sparsity) * inter)))
     for lay in layers:
-        lay["dt"] = lay["d"].t().contiguous()
-        keep = max(1, int(round((1 - sparsity) * inter)))
         lay["core"] = torch.randperm(inter)[:keep].sort().values
     xs = [torch.randn(batch, hidden, dtype=dtype) for _ in range(n)]
     i = {"d": 0, "s": 0}

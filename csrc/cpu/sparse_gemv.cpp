@@ -267,19 +267,20 @@ at::Tensor check_index(const at::Tensor& index, int64_t limit, const at::Tensor&
   return idx;
 }
 
-// Dispatch to the dense product (at::mm on the input-major weight), measured with
-// bench/bench_sparse_gemv.py (interleaved timings) on a 2-core AVX-512 CPU:
-//  * batch 1: the kernel is at least as fast as F.linear even at full density (fp32 0.9-1.1x,
-//    bf16 ~1.5x, where oneDNN's bf16 GEMV is slow), so only a density above 0.97 (fp32) goes dense;
-//  * fp32 batches up to 16: the kernel reuses each 4-row weight block across the batch and beats
-//    MKL's small-M GEMM; larger batches go dense;
+// Dispatch to the dense product (at::mm on the input-major weight), from interleaved timings of
+// bench/bench_sparse_gemv.py against F.linear on a quiet 2-core AVX-512 CPU (bench/RESULTS.md):
+//  * fp32, batch <= 16: the kernel beats F.linear at every density, even 1.0 (1.2-1.5x at batch 1,
+//    1.4-3.5x at batch 8, where it reads each 4-row weight block once for the whole batch), so
+//    density never sends it to the dense product; larger fp32 batches go dense (MKL GEMM).
+//  * bf16/fp16, batch 1: the kernel beats oneDNN's GEMV at every density (1.2-1.5x at s=0).
 //  * bf16/fp16 batches: oneDNN's AVX512-BF16 dot products beat widening to fp32, so any batch > 1
 //    goes dense. (A paired-row layout for vdpbf16ps would bring these back; not done yet.)
-// FASTARCH_GEMV_DENSE_ABOVE / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes.
+// FASTARCH_GEMV_DENSE_ABOVE (density) / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes.
 double dense_above(at::ScalarType dt) {
   static const char* e = std::getenv("FASTARCH_GEMV_DENSE_ABOVE");
   if (e) return std::atof(e);
-  return dt == at::kFloat ? 0.97 : 1.01;
+  (void)dt;
+  return 1.01;  // never: see above
 }
 
 int64_t dense_batch_above(at::ScalarType dt) {
