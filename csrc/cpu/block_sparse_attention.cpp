@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "convert.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -41,9 +43,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_f32(c10::Half v) { return static_cast<float>(v); }
 
 template <typename T>
 inline void load_row_f32(const T* __restrict src, float* __restrict dst, int64_t n, float mul) {

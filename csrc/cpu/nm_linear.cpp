@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "convert.h"
+
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
@@ -17,15 +19,6 @@
 
 namespace fastarch {
 namespace {
-
-inline float nm_f32(float v) { return v; }
-inline float nm_f32(c10::BFloat16 v) {
-  uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline float nm_f32(c10::Half v) { return static_cast<float>(v); }
 
 // dot(kept values of one row, x gathered at their columns); vectorised with gathers.
 template <typename T, int N, int M>
@@ -57,10 +50,10 @@ void nm_rows(const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y,
              int64_t O, int64_t KC, int64_t K) {
   if (B == 1) {  // decode: one gathered dot product per output row
     std::vector<float> xf(static_cast<size_t>(K));
-    for (int64_t i = 0; i < K; ++i) xf[i] = nm_f32(x[i]);
+    for (int64_t i = 0; i < K; ++i) xf[i] = to_f32(x[i]);
     at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
-        const float bv = bias ? nm_f32(bias[o]) : 0.0f;
+        const float bv = bias ? to_f32(bias[o]) : 0.0f;
         y[o] = static_cast<T>(nm_dot<T, N, M>(vals + o * KC, idx + o * KC, xf.data(), KC) + bv);
       }
     });
@@ -73,19 +66,19 @@ void nm_rows(const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y,
     const int64_t nb = std::min(R, B - b0);
     std::vector<float> xt(static_cast<size_t>(K * R), 0.0f);
     for (int64_t r = 0; r < nb; ++r)
-      for (int64_t k = 0; k < K; ++k) xt[k * R + r] = nm_f32(x[(b0 + r) * K + k]);
+      for (int64_t k = 0; k < K; ++k) xt[k * R + r] = to_f32(x[(b0 + r) * K + k]);
     at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
         const T* v = vals + o * KC;
         const uint8_t* id = idx + o * KC;
         float acc[R] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int64_t k = 0; k < KC; ++k) {
-          const float w = nm_f32(v[k]);
+          const float w = to_f32(v[k]);
           const float* xc = xt.data() + ((k / N) * M + id[k]) * R;
 #pragma omp simd
           for (int64_t r = 0; r < R; ++r) acc[r] += w * xc[r];
         }
-        const float bv = bias ? nm_f32(bias[o]) : 0.0f;
+        const float bv = bias ? to_f32(bias[o]) : 0.0f;
         for (int64_t r = 0; r < nb; ++r) y[(b0 + r) * O + o] = static_cast<T>(acc[r] + bv);
       }
     });

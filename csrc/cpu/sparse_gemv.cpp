@@ -23,16 +23,6 @@
 namespace fastarch {
 namespace {
 
-// ---- element loads as fp32 ----------------------------------------------------------------------
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) {
-  uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline float to_f32(c10::Half v) { return static_cast<float>(v); }
-
 // acc[o] += a0*w0[o] + a1*w1[o] + a2*w2[o] + a3*w3[o]; written so that gcc vectorises it.
 template <typename T>
 inline void axpy4(float* __restrict acc, const T* __restrict w0, const T* __restrict w1,
