@@ -182,6 +182,28 @@ struct Params {
   int64_t rel_r;
 };
 
+// The K and V rows [c0, c0 + n) of one (batch, kv-head) as fp32 for the tile GEMMs: read in place
+// when the storage is fp32, else widened into kbuf / vbuf (n x D each).
+struct KVTile {
+  const float* k;
+  const float* v;
+  int64_t ldk, ldv;
+};
+
+template <typename T>
+inline KVTile stage_kv_tile(const Params& p, const T* kb, const T* vb, int64_t c0, int64_t n,
+                            int64_t D, float* kbuf, float* vbuf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {kb + c0 * p.ks[2], vb + c0 * p.vs[2], p.ks[2], p.vs[2]};
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      load_row_f32<T>(kb + (c0 + j) * p.ks[2], kbuf + j * D, D, 1.f);
+      load_row_f32<T>(vb + (c0 + j) * p.vs[2], vbuf + j * D, D, 1.f);
+    }
+    return {kbuf, vbuf, D, D};
+  }
+}
+
 // Softcap and ALiBi on one score row: query row qi, key columns c0 .. c0 + n - 1. tanh_out
 // (backward) receives tanh(s / cap).
 inline void score_mods_row(const Params& p, float* __restrict s, int64_t n, int64_t qi,
@@ -291,23 +313,10 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     const int64_t tfirst = t;
     t += g;
     const int64_t c0 = kt * bs, n = std::min(g * bs, p.Lk - c0);
-    const float* kp;
-    const float* vp;
-    int64_t ldk, ldv;
-    if constexpr (std::is_same_v<T, float>) {
-      kp = kb + c0 * p.ks[2];
-      vp = vb + c0 * p.vs[2];
-      ldk = p.ks[2];
-      ldv = p.vs[2];
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        load_row_f32<T>(kb + (c0 + j) * p.ks[2], kbuf + j * D, D, 1.f);
-        load_row_f32<T>(vb + (c0 + j) * p.vs[2], vbuf + j * D, D, 1.f);
-      }
-      kp = kbuf;
-      vp = vbuf;
-      ldk = ldv = D;
-    }
+    const KVTile kv = stage_kv_tile<T>(p, kb, vb, c0, n, D, kbuf, vbuf);
+    const float* kp = kv.k;
+    const float* vp = kv.v;
+    const int64_t ldk = kv.ldk, ldv = kv.ldv;
     gemm_abt(int(m), int(n), int(D), qbuf, int(D), kp, int(ldk), sbuf, int(ldS));
 
     for (int64_t i = 0; i < m; ++i) {
@@ -685,23 +694,10 @@ void backward_item(const Params& p, const T* q, const T* k, const T* v, const T*
     const int64_t slot = partial ? t - nfull : t;
     const int64_t kt = partial ? p.idx[row * p.W + slot] : p.fidx[row * p.Wf + slot];
     const int64_t c0 = kt * bs, n = std::min(bs, p.Lk - c0);
-    const float* kp;
-    const float* vp;
-    int64_t ldk, ldv;
-    if constexpr (std::is_same_v<T, float>) {
-      kp = kb + c0 * p.ks[2];
-      vp = vb + c0 * p.vs[2];
-      ldk = p.ks[2];
-      ldv = p.vs[2];
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        load_row_f32<T>(kb + (c0 + j) * p.ks[2], kbuf + j * D, D, 1.f);
-        load_row_f32<T>(vb + (c0 + j) * p.vs[2], vbuf + j * D, D, 1.f);
-      }
-      kp = kbuf;
-      vp = vbuf;
-      ldk = ldv = D;
-    }
+    const KVTile kv = stage_kv_tile<T>(p, kb, vb, c0, n, D, kbuf, vbuf);
+    const float* kp = kv.k;
+    const float* vp = kv.v;
+    const int64_t ldk = kv.ldk, ldv = kv.ldv;
     const uint8_t* bitmap = nullptr;
     if (partial && p.tile_mask_index != nullptr) {
       const int32_t ti = p.tile_mask_index[row * p.W + slot];
