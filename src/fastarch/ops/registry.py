@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-from fastarch import native
 
 _PY_LIB = None  # torch.library.Library("fastarch", "DEF") when the native schemas are missing
 

@@ -32,7 +32,6 @@ def load_sentences() -> list[str]:
 
 
 def _minilm(args) -> int:
-    import torch
 
     import fastarch
     from fastarch.models.minilm import embed, fresh_minilm

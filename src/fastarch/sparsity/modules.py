@@ -122,7 +122,6 @@ class CoreNeuronMLP(nn.Module):
         self.keep = max(1, int(round((1.0 - sparsity) * self.inter)))
         self.sparsity = sparsity
         self.register_buffer("core", torch.empty(0, dtype=torch.long), persistent=False)
-        self.last_prefill_tokens = 0
 
     # weights in kernel layout (all contiguous, no copies)
     def _w_in(self):
@@ -160,7 +159,6 @@ class CoreNeuronMLP(nn.Module):
             h = self.spec.hidden(self.original, x)
             if tokens > 1:
                 self._choose_core(h)
-                self.last_prefill_tokens = tokens
             return self.spec.output(self.original, h)
         y = ops.sparse_mlp(
             x, self._w_in(), self._w_out_t(), w_up=self._w_up(), b_in=self._bias(self.spec.w_in),
