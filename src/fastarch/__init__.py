@@ -35,4 +35,8 @@ def __getattr__(name):
         import fastarch.info as info_module
 
         return info_module
+    if name in ("compile_backend", "explain"):  # imports Dynamo: only when asked for
+        import fastarch.compile as compile_module
+
+        return getattr(compile_module, name)
     raise AttributeError(f"module 'fastarch' has no attribute {name!r}")
