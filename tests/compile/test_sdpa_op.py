@@ -97,9 +97,18 @@ def test_plans(force_block_sparse):
     assert plan_attention(q, k, v, rows).kind == "sdpa"  # fully masked rows in an additive mask
     assert plan_attention(q, k, v, ms["window40"], dropout_p=0.1).kind == "sdpa"
     assert plan_attention(q, k, v, None, is_causal=True).kind == "sdpa"
-    # defaults: a dense mask and a small problem stay with SDPA
+    # defaults: a dense mask and a small problem stay with SDPA; all-true needs no mask
     dense = ms["random"]
     assert plan_attention(q, k, v, dense, max_fraction=0.45, cache=False).kind == "sdpa"
+    assert plan_attention(q, k, v, torch.ones(130, 130, dtype=torch.bool), max_fraction=0.45,
+                          cache=False).kind == "nomask"
+    # a mask whose dense tiles hide in the middle rows of each tile: the quick lower bound does
+    # not see them, the full scan does
+    mid = torch.zeros(130, 130, dtype=torch.bool)
+    mid[torch.arange(130) % 64 == 30] = True
+    p = plan_attention(q, k, v, mid, max_fraction=0.45, cache=False)
+    assert p.kind == "sdpa" and p.fraction == pytest.approx(2 / 3)  # rows 128-129: no tile
+    assert not p.reason.startswith(">=")  # decided by the full scan
     assert plan_attention(q, k, v, ms["window40"], min_pairs=1 << 20, cache=False).kind == "sdpa"
     # grouped heads without enable_gqa: SDPA (which raises, as it should)
     q4 = torch.randn(2, 4, 130, 16)

@@ -110,6 +110,18 @@ def _block_mask_from_words(words: torch.Tensor, bs: int, lq: int, lk: int) -> Bl
                      tile_mask_index=tmi)
 
 
+def _fraction_lower_bound(keep: torch.Tensor, bs: int) -> float:
+    bm_, hm_, lq, lk = keep.shape
+    qt, kt = -(-lq // bs), -(-lk // bs)
+    first = torch.arange(qt, device=keep.device) * bs
+    rows = torch.stack([first, torch.clamp(first + bs - 1, max=lq - 1)], 1).flatten()
+    sampled = keep.index_select(2, rows)  # (Bm, Hm, 2 Qt, Lk)
+    if kt * bs != lk:
+        sampled = torch.nn.functional.pad(sampled, (0, kt * bs - lk))
+    visited = sampled.view(bm_, hm_, qt, 2, kt, bs).any(-1).any(3)
+    return float(visited.sum()) / max(visited.numel(), 1)
+
+
 def _collapse(words: torch.Tensor, dim: int) -> torch.Tensor:
     """Drop a batch / head dim of the mask whose slices are all equal."""
     if words.shape[dim] == 1:
@@ -186,6 +198,14 @@ def _plan_from_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int,
         return AttentionPlan("sdpa", f"mask dtype {mask.dtype}")
     # a dim the mask was expanded along is read once; other repeated slices collapse below
     keep = keep[tuple(slice(0, 1) if keep.stride(d) == 0 else slice(None) for d in (0, 1))]
+    # A lower bound of the visited tiles from the first and last row of each query tile (1/32 of
+    # the mask): a dense mask goes back to SDPA without the full scan.
+    lb = _fraction_lower_bound(keep, BLOCK_SIZE)
+    if lb >= 1.0 and bool(keep.all()):
+        return AttentionPlan("nomask", "mask allows every pair", fraction=1.0)
+    if lb > max_fraction:
+        return AttentionPlan("sdpa", f">= {lb:.0%} of tiles visited > {max_fraction:.0%}",
+                             fraction=lb)
     words = _collapse(_collapse(_padded_words(keep, BLOCK_SIZE), 1), 0)
     bm = _block_mask_from_words(words, BLOCK_SIZE, lq, lk)
     fraction = bm.computed_fraction()
@@ -224,13 +244,16 @@ def _check(q, k, v, attn_mask):
 
 
 def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The output's layout: (B, L, H, D) memory order for 4-D inputs, as CPU SDPA returns it
-    (so that the usual ``out.transpose(1, 2).reshape(B, L, H * D)`` is free), else
-    contiguous."""
-    if q.dim() == 4:
-        b, h, lq = q.shape[:3]
-        return q.new_empty(b, lq, h, v.shape[-1]).transpose(1, 2)
-    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+    """The output's layout: q's dim order with v's head dim, as CPU SDPA returns it (Hugging Face
+    passes q as a transposed (B, L, H, D) tensor, and its ``out.transpose(1, 2).reshape(...)``
+    then costs nothing)."""
+    shape = q.shape[:-1] + v.shape[-1:]
+    if q.dim() < 2:
+        return q.new_empty(shape)
+    # dims by decreasing stride, the last (head) dim kept last
+    order = sorted(range(q.dim() - 1), key=lambda i: -q.stride(i)) + [q.dim() - 1]
+    out = q.new_empty([shape[i] for i in order])
+    return out.permute([order.index(i) for i in range(q.dim())])
 
 
 @torch.library.custom_op("fastarch::sdpa", mutates_args=())
