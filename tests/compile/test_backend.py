@@ -174,6 +174,23 @@ def test_hf_models_compiled_match_eager(force_block_sparse, arch):
     assert A.STATS["block_sparse"] > before
 
 
+def test_sliding_window_model_takes_the_kernel_with_default_thresholds():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                        sliding_window=64)
+    m = MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 300))
+    A._PLANS.clear()
+    before = A.STATS["block_sparse"]
+    with torch.no_grad():
+        out = torch.compile(m, backend="fastarch", fullgraph=True)(input_ids=ids).logits
+        torch.testing.assert_close(out, m(input_ids=ids).logits, atol=2e-4, rtol=2e-4)
+    assert len(_rewritten()) == 2
+    assert A.STATS["block_sparse"] - before == 2  # both layers, default MIN_PAIRS / MAX_FRACTION
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18"])
 def test_timm_models_compiled_match_eager(name):
     timm = pytest.importorskip("timm")
