@@ -35,14 +35,15 @@ TORCH_LIBRARY(fastarch, m) {
       "Tensor? tile_masks, Tensor? tile_mask_index, Tensor? q_doc_ids, Tensor? kv_doc_ids, "
       "Tensor? alibi_slopes, Tensor? rel_bias, int block_size, int q_offset, int window_left, "
       "int window_right, int prefix_len, float scale, float softcap) -> (Tensor, Tensor)");
-  // Its backward: (dq, dk, dv) from grad_out (and grad_lse), recomputing P tile by tile.
+  // Its backward: (dq, dk, dv, drel_bias) from grad_out (and grad_lse), recomputing P tile by
+  // tile; drel_bias has rel_bias's shape (an empty tensor when rel_bias is None).
   m.def(
       "block_sparse_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
       "Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks, Tensor kv_indices, "
       "Tensor? full_kv_num_blocks, Tensor? full_kv_indices, Tensor? tile_masks, "
       "Tensor? tile_mask_index, Tensor? q_doc_ids, Tensor? kv_doc_ids, Tensor? alibi_slopes, "
       "Tensor? rel_bias, int block_size, int q_offset, int window_left, int window_right, "
-      "int prefix_len, float scale, float softcap) -> (Tensor, Tensor, Tensor)");
+      "int prefix_len, float scale, float softcap) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- structured pruning (N:M linear family) ---------------------------------------------
   // y = x @ W^T + bias with W N:M-sparse along the input: values (out, in*n/m) and their

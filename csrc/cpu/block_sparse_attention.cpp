@@ -656,15 +656,17 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
 // ---- backward ----------------------------------------------------------------------------------
 // Per (b, h, q tile): recompute P = exp(S - lse) tile by tile (no (Lq, Lk) matrix), then
 //   dV_j += P^T dO,  dP = dO V_j^T,  dS = P * (dP - Di) [* (1 - tanh^2) under softcap],
-//   dQ += scale * dS K_j,  dK_j += scale * dS^T Q,   Di = rowsum(dO * O) - dlse.
-// dQ rows belong to one item; dK / dV are shared by the items of a kv head, so each chunk of
-// items accumulates into its own fp32 buffers, summed at the end.
+//   dQ += scale * dS K_j,  dK_j += scale * dS^T Q,   Di = rowsum(dO * O) - dlse,
+//   drel[h, clip(kv - qpos, -R, R) + R] += P * (dP - Di)   (the bias enters the score after the
+//   softcap, so its gradient is dS before the softcap's chain factor).
+// dQ rows belong to one item; dK / dV (and drel) are shared by the items of a kv head (of a head),
+// so each chunk of items accumulates into its own fp32 buffers, summed at the end.
 template <typename T>
 void backward_item(const Params& p, const T* q, const T* k, const T* v, const T* go,
                    const T* o, const float* lse, const float* glse, int64_t b, int64_t h,
                    int64_t qt, float* qbuf, float* dobuf, float* kbuf, float* vbuf, float* pbuf,
                    float* dpbuf, float* tbuf, float* dq, float* di, float* dk_all,
-                   float* dv_all) {
+                   float* dv_all, float* drel_all) {
   const int64_t D = p.D, bs = p.bs;
   const int64_t r0 = qt * bs, m = std::min(bs, p.Lq - r0);
   const int64_t hk = h / (p.Hq / p.Hkv);
@@ -724,6 +726,20 @@ void backward_item(const Params& p, const T* q, const T* k, const T* v, const T*
       const float* pr = pbuf + i * bs;
       float* ds = dpbuf + i * bs;
       const float dii = di[i];
+      if (relh != nullptr) {
+        // Bins of kv - qpos over the row: clipped to 0 below jlo, to 2R above jhi, else
+        // consecutive.
+        float* dr = drel_all + h * (2 * p.rel_r + 1);
+        const int64_t R = p.rel_r, off = c0 - (r0 + i + p.q_offset);  // distance at j = 0
+        const int64_t jlo = std::clamp<int64_t>(-R - off, 0, n);
+        const int64_t jhi = std::clamp<int64_t>(R - off + 1, jlo, n);
+        float lo = 0.f, hi = 0.f;
+        for (int64_t j = 0; j < jlo; ++j) lo += pr[j] * (ds[j] - dii);
+        for (int64_t j = jhi; j < n; ++j) hi += pr[j] * (ds[j] - dii);
+        dr[0] += lo;
+        dr[2 * R] += hi;
+        for (int64_t j = jlo; j < jhi; ++j) dr[off + R + j] += pr[j] * (ds[j] - dii);
+      }
       if (p.softcap > 0) {
         const float* th = tbuf + i * bs;
 #pragma omp simd
@@ -738,7 +754,7 @@ void backward_item(const Params& p, const T* q, const T* k, const T* v, const T*
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
@@ -775,6 +791,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   const int64_t kv_elems = B * Hkv * Lk * D;
   at::Tensor dq32 = at::empty({B, Hq, Lq, D}, q_in.options().dtype(at::kFloat));
   at::Tensor dkv = at::zeros({nchunks, 2, kv_elems}, q_in.options().dtype(at::kFloat));
+  const int64_t rel_elems = p.rel ? Hq * (2 * p.rel_r + 1) : 0;
+  at::Tensor drel = at::zeros({nchunks, rel_elems}, q_in.options().dtype(at::kFloat));
   if (items > 0 && D > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_in.scalar_type(),
                                     "block_sparse_attention_backward", [&] {
@@ -787,6 +805,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
       const float* glp = gl.defined() ? gl.data_ptr<float>() : nullptr;
       float* dqp = dq32.data_ptr<float>();
       float* dkvp = dkv.data_ptr<float>();
+      float* drelp = drel.data_ptr<float>();
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
         std::vector<float> scratch(size_t(5 * bs * D + 3 * bs * bs + bs));
         float* qbuf = scratch.data();
@@ -801,11 +820,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
         for (int64_t c = c0; c < c1; ++c) {
           float* dk_all = dkvp + c * 2 * kv_elems;
           float* dv_all = dk_all + kv_elems;
+          float* drel_all = drelp + c * rel_elems;
           // Items are dealt round-robin so that long and short causal rows mix in each chunk.
           for (int64_t item = c; item < items; item += nchunks) {
             const int64_t qt = item % p.Qt, h = (item / p.Qt) % Hq, b = item / (p.Qt * Hq);
             backward_item<scalar_t>(p, qp, kp, vp, gop, op, lp, glp, b, h, qt, qbuf, dobuf,
-                                    kbuf, vbuf, pbuf, dpbuf, tbuf, dqb, di, dk_all, dv_all);
+                                    kbuf, vbuf, pbuf, dpbuf, tbuf, dqb, di, dk_all, dv_all,
+                                    drel_all);
             const int64_t r0 = qt * bs, m = std::min(bs, Lq - r0);
             float* dst = dqp + ((b * Hq + h) * Lq + r0) * D;
             const float sc = p.scale;
@@ -821,7 +842,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_backward_c
   // Copies: dk and dv must not share the storage of `sums` (the schema says fresh tensors).
   at::Tensor dk = sums[0].view({B, Hkv, Lk, D}).to(q_in.scalar_type(), false, true);
   at::Tensor dv = sums[1].view({B, Hkv, Lk, D}).to(q_in.scalar_type(), false, true);
-  return {dq32.to(q_in.scalar_type()), dk, dv};
+  // drel: the gradient of rel_bias, in its dtype; an empty tensor (dtype of q) without one.
+  at::Tensor drel_out = p.rel ? drel.sum(0).view(rel_bias->sizes()).to(rel_bias->scalar_type())
+                              : at::empty({0}, q_in.options());
+  return {dq32.to(q_in.scalar_type()), dk, dv, drel_out};
 }
 
 }  // namespace

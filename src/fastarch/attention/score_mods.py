@@ -4,7 +4,8 @@ table and tanh soft-capping.
 ``block_sparse_attention(..., alibi_slopes=alibi_slopes(H))`` adds ``slope_h * (kv - q)`` to each
 score (a linear penalty on distance for causal attention); ``rel_bias=table`` with ``table`` of
 shape ``(H, 2 R + 1)`` adds ``table[h, clip(kv - q, -R, R) + R]`` (T5 / Swin relative position
-bias, after mapping the buckets to distances); ``softcap=c`` replaces a scaled score ``s`` by
+bias, after mapping the buckets to distances; the table is differentiable, so it can be
+learned: the CPU backward accumulates its gradient per tile); ``softcap=c`` replaces a scaled score ``s`` by
 ``c * tanh(s / c)`` (Gemma 2, Grok).
 """
 from __future__ import annotations

@@ -20,13 +20,15 @@ checks and takes a :class:`BlockMask`)::
 * Scores: ``s = scale * q.k``; ``softcap * tanh(s / softcap)`` when ``softcap > 0``; plus
   ``alibi_slopes[h] * (kv - (q + q_offset))``; plus ``rel_bias[h, clip(kv - q_pos, -R, R) + R]``
   for a relative position bias table ``(Hq, 2 R + 1)`` (T5 / Swin style; fill it from your
-  buckets; no gradient flows to it). A query that may see nothing gets zeros and ``lse = -inf``.
+  buckets; it is differentiable: the backward returns its gradient). A query that may see nothing gets zeros and ``lse = -inf``.
 
 Backends: C++ on CPU (MKL sgemm per tile when libtorch exports it), Triton on CUDA
 (``fastarch.kernels.block_sparse_attention``); the reference below is the spec. Backward:
-``block_sparse_attention_backward`` (C++ on CPU, Triton on CUDA), tiled like the forward and
-recomputing P from the saved lse; its reference is the vector-Jacobian product of the forward
-reference (memory O(Lq * Lk) per head).
+``block_sparse_attention_backward`` -> ``(dq, dk, dv, drel_bias)`` (C++ on CPU, Triton on CUDA),
+tiled like the forward and recomputing P from the saved lse; its reference is the
+vector-Jacobian product of the forward reference (memory O(Lq * Lk) per head). ``drel_bias`` is
+accumulated per tile by the C++ kernel; on CUDA it comes from that reference VJP (the Triton
+kernel gives dq, dk, dv), so training a relative bias on GPU costs O(Lq * Lk) memory per head.
 """
 from __future__ import annotations
 
@@ -220,37 +222,55 @@ BACKWARD_SCHEMA = (
     "Tensor? full_kv_num_blocks, Tensor? full_kv_indices, Tensor? tile_masks, "
     "Tensor? tile_mask_index, Tensor? q_doc_ids, Tensor? kv_doc_ids, Tensor? alibi_slopes, "
     "Tensor? rel_bias, int block_size, int q_offset, int window_left, int window_right, "
-    "int prefix_len, float scale, float softcap) -> (Tensor, Tensor, Tensor)"
+    "int prefix_len, float scale, float softcap) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
+_REL = 9  # position of rel_bias in the arguments after (q, k, v)
+
+
 def block_sparse_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, *args):
-    """(dq, dk, dv): the vector-Jacobian product of the reference (O(Lq * Lk) memory)."""
+    """(dq, dk, dv, drel_bias): the vector-Jacobian product of the reference (O(Lq * Lk) memory).
+    ``drel_bias`` has rel_bias's shape and dtype; an empty tensor of q's dtype without one."""
+    rel = args[_REL]
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        ref_out, ref_lse = block_sparse_attention_reference(*leaves, *args)
+        if rel is not None:
+            leaves.append(rel.detach().requires_grad_(True))
+        rest = list(args)
+        if rel is not None:
+            rest[_REL] = leaves[3]
+        ref_out, ref_lse = block_sparse_attention_reference(*leaves[:3], *rest)
         outs, gs = [ref_out], [grad_out]
         if grad_lse is not None:
             finite = torch.isfinite(ref_lse)
             outs.append(torch.where(finite, ref_lse, 0.0))
             gs.append(torch.where(finite, grad_lse, 0.0))
         got = torch.autograd.grad(outs, leaves, gs, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype)
-                 for g, t in zip(got, (q, k, v)))
+    grads = tuple(torch.zeros_like(t) if g is None else g.to(t.dtype)
+                  for g, t in zip(got, leaves))
+    return grads if rel is not None else (*grads, q.new_empty(0))
 
 
-def _backward_fake(grad_out, grad_lse, q, k, v, *args):
+def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, *args):
+    rel = args[_REL]
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+        torch.empty_like(v, memory_format=torch.contiguous_format), \
+        (q.new_empty(0) if rel is None else rel.new_empty(rel.shape))
 
 
 def _block_sparse_attention_backward_cuda(*args):
     if native.triton_available():
         from fastarch.kernels import block_sparse_attention as kern
 
-        return kern.block_sparse_attention_backward(*args)
+        dq, dk, dv = kern.block_sparse_attention_backward(*args)
+        if args[7 + _REL] is None:
+            return dq, dk, dv, args[2].new_empty(0)
+        # The Triton kernel has no rel-bias gradient: take it from the reference VJP.
+        return dq, dk, dv, block_sparse_attention_backward_reference(*args)[3]
     return block_sparse_attention_backward_reference(*args)
+
 
 
 register_op(OpInfo(
@@ -273,14 +293,15 @@ def _backward(ctx, grad_out, grad_lse):
     *saved, out, lse = ctx.saved_tensors
     args = [s if isinstance(a, torch.Tensor) else a for a, s in zip(ctx.inputs, saved)]
     grads: list = [None] * len(args)
-    if not any(ctx.needs_input_grad[:3]):
+    rel_at = 3 + _REL
+    if not (any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[rel_at]):
         return tuple(grads)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     q, k, v, *rest = args
-    dq, dk, dv = torch.ops.fastarch.block_sparse_attention_backward(
+    dq, dk, dv, drel = torch.ops.fastarch.block_sparse_attention_backward(
         grad_out.contiguous(), grad_lse, q, k, v, out, lse, *rest)
-    for i, g in enumerate((dq, dk, dv)):
+    for i, g in ((0, dq), (1, dk), (2, dv), (rel_at, drel)):
         if ctx.needs_input_grad[i]:
             grads[i] = g
     return tuple(grads)
@@ -364,7 +385,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         softcap: ``> 0`` applies ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma 2).
         alibi_slopes: optional ``(Hq,)`` ALiBi slopes: adds ``slope * (kv - q_pos)``.
         rel_bias: optional ``(Hq, 2 R + 1)`` relative position bias: adds
-            ``rel_bias[h, clip(kv - q_pos, -R, R) + R]`` (treated as a constant: no gradient).
+            ``rel_bias[h, clip(kv - q_pos, -R, R) + R]``; differentiable (a learnable table).
         return_lse: also return the fp32 log-sum-exp ``(B, Hq, Lq)`` (``-inf`` for empty rows).
 
     Returns:
@@ -394,9 +415,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"rel_bias must be a tensor of shape ({q.shape[1]}, 2 R + 1)")
         if rel_bias.device != q.device:
             raise ValueError(f"rel_bias is on {rel_bias.device} but q is on {q.device}")
-        if rel_bias.requires_grad and torch.is_grad_enabled():
-            raise ValueError("rel_bias gets no gradient from this kernel: pass rel_bias.detach() "
-                             "(or train the bias with another attention implementation)")
+        if rel_bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"rel_bias must be float32, bfloat16 or float16, got {rel_bias.dtype}")
     bm = block_mask
     out, lse = torch.ops.fastarch.block_sparse_attention(
         q, k, v, *bm.op_args(), alibi_slopes, rel_bias, bm.block_size, bm.q_offset,
