@@ -33,18 +33,27 @@ def info(file=None) -> dict:
         "cuda_kernels_built": native.cuda_built(),
         "cpu_capability": native.cpu_capability(),
         "triton_usable_here": native.triton_usable(),
+        "compile_backend": _compile_backend(),
         "ops": {name: op_backends(name) for name in sorted(OPS)},
     }
     w = file.write
     w("fastarch info\n")
     for key in ("python", "torch", "torch_cuda", "cuda_available", "device", "triton",
                 "native_loaded", "native_error", "cuda_kernels_built", "cpu_capability",
-                "triton_usable_here"):
+                "triton_usable_here", "compile_backend"):
         w(f"  {key:20s} {report[key]}\n")
     w(f"  {'op':28s} {'schema':8s} {'cpu':10s} cuda\n")
     for name, b in report["ops"].items():
         w(f"  {name:28s} {b['schema']:8s} {b['cpu']:10s} {b['cuda']}\n")
     return report
+
+
+def _compile_backend() -> str:
+    """Whether torch.compile(backend="fastarch") resolves here (the installed entry point)."""
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="torch_dynamo_backends") if ep.name == "fastarch"]
+    return f"fastarch -> {eps[0].value}" if eps else "not registered (reinstall the package)"
 
 
 class _CallableModule(types.ModuleType):

@@ -57,6 +57,13 @@ def test_registered_as_dynamo_backend():
     assert fastarch.compile_backend is compile_backend
 
 
+def test_info_reports_the_backend():
+    import io
+
+    report = fastarch.info(file=io.StringIO())
+    assert report["compile_backend"] == "fastarch -> fastarch.compile.backend:compile_backend"
+
+
 def test_options():
     assert CompileOptions.parse(None).rewrites == ("attention", "sparsity")
     o = CompileOptions.parse({"rewrites": "attention", "sparsity": 0.25, "max_autotune": False})
