@@ -91,6 +91,20 @@ def test_masked_sdpa_is_rewritten_and_matches_eager(force_block_sparse, caplog):
     assert "fastarch.sdpa" in caplog.text  # what was rewritten is logged
 
 
+def test_mode_and_inductor_options_pass_through():
+    m = MaskedAttention().eval()
+    x, mask = torch.randn(1, 20, 32), _window(20, 5)
+    with torch.no_grad():
+        out = torch.compile(m, backend="fastarch", mode="max-autotune-no-cudagraphs")(x, mask)
+        torch.testing.assert_close(out, m(x, mask), atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()
+        out = torch.compile(m, backend="fastarch", options={"epilogue_fusion": False})(x, mask)
+        torch.testing.assert_close(out, m(x, mask), atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="not_an_inductor_option"):
+        with torch.no_grad():
+            torch.compile(m, backend="fastarch", options={"not_an_inductor_option": 1})(x, mask)
+
+
 def test_rewrites_can_be_switched_off():
     m = MaskedAttention().eval()
     x, mask = torch.randn(2, 20, 32), _window(20, 5)

@@ -293,14 +293,20 @@ def compile_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dic
         >>> compiled = torch.compile(model, backend=fastarch.compile_backend)
     """
     opts = CompileOptions.parse(options)
-    if kwargs.get("mode") not in (None, "default"):
-        log.debug("mode=%s is passed to Inductor", kwargs["mode"])
+    mode = kwargs.pop("mode", None)
+    if kwargs:
+        raise TypeError(f"compile_backend got unexpected arguments {sorted(kwargs)}")
     report = rewrite_graph(gm, example_inputs, opts)
     _emit(report)
+    import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
-    if opts.inductor:
-        return compile_fx(gm, example_inputs, config_patches=dict(opts.inductor))
+    patches = {}
+    if mode not in (None, "default"):  # as backend="inductor" does with mode=...
+        patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(opts.inductor)
+    if patches:
+        return compile_fx(gm, example_inputs, config_patches=patches)
     return compile_fx(gm, example_inputs)
 
 
