@@ -18,6 +18,7 @@ from torch import nn
 
 from fastarch.attention import masks as M
 from fastarch.attention.module import BlockSparseAttention, resolve_variant
+from fastarch.attention.topk import TopKAttention
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
 _REGISTERED = False
@@ -53,6 +54,13 @@ def _hf_attention_forward(module, query, key, value, attention_mask, dropout: fl
                           RuntimeWarning, stacklevel=2)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    if isinstance(attn, TopKAttention):
+        # Data-dependent selection; the module keeps its layer's key-block summary between
+        # decode steps. (A model's own sliding window is not combined with the selection.)
+        out = attn(query, key, value, scale=scaling, attn_mask=attention_mask,
+                   causal=bool(getattr(module, "is_causal", True)), softcap=softcap or None,
+                   state=module)
+        return out.transpose(1, 2).contiguous(), None
     if sliding_window is not None and attn.mask is _CAUSAL:
         # The model's own sliding window (Mistral, Qwen2 with use_sliding_window) on top of causal.
         attn = _sliding(attn, sliding_window)
@@ -94,7 +102,7 @@ def _is_hf(model) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _use_hf(model, spec, block_size, report) -> None:
+def _use_hf(model, attn, report) -> None:
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in HF_MODEL_TYPES:
         reason = (f"Hugging Face model type {model_type!r} is not supported "
@@ -106,7 +114,6 @@ def _use_hf(model, spec, block_size, report) -> None:
         report.skipped.append(("", "cross-attention models are not supported"))
         return
     _register_hf()
-    attn = BlockSparseAttention(spec, block_size=block_size)
     targets = [(n, m) for n, m in model.named_modules()
                if type(m).__name__.endswith(("Attention", "SelfAttention"))
                and any(isinstance(getattr(c, "weight", None), torch.Tensor)
@@ -130,7 +137,7 @@ def _use_hf(model, spec, block_size, report) -> None:
 class TimmAttention(nn.Module):
     """timm's ViT ``Attention`` with the same weights, attention on the fastarch kernel."""
 
-    def __init__(self, inner: nn.Module, attn: BlockSparseAttention):
+    def __init__(self, inner: nn.Module, attn: BlockSparseAttention | TopKAttention):
         super().__init__()
         self.inner = inner
         self.attn = attn
@@ -145,12 +152,19 @@ class TimmAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = a.q_norm(q), a.k_norm(k)
         attn = self.attn
+        if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask[None, None]
+        if isinstance(attn, TopKAttention):
+            x = attn(q, k, v, scale=a.scale, attn_mask=attn_mask, causal=bool(is_causal))
+            return self._finish(x, b, n, gate)
         if is_causal and attn.mask is not _CAUSAL:
             attn = BlockSparseAttention(M.and_masks(attn.mask, _CAUSAL),
                                         block_size=attn.block_size)
-        if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask[None, None]
         x = attn(q, k, v, scale=a.scale, attn_mask=attn_mask)
+        return self._finish(x, b, n, gate)
+
+    def _finish(self, x, b, n, gate):
+        a = self.inner
         x = x.transpose(1, 2).reshape(b, n, getattr(a, "attn_dim", a.num_heads * a.head_dim))
         x = getattr(a, "norm", nn.Identity())(x)
         if gate is not None:
@@ -159,13 +173,12 @@ class TimmAttention(nn.Module):
         return a.proj_drop(x)
 
 
-def _use_timm(model, spec, block_size, report) -> None:
+def _use_timm(model, attn, report) -> None:
     try:
         from timm.models.vision_transformer import Attention as TimmViTAttention
     except ImportError:
         report.skipped.append(("", "timm is not installed"))
         return
-    attn = BlockSparseAttention(spec, block_size=block_size)
     for name, m in list(model.named_modules()):
         if type(m) is not TimmViTAttention:
             if type(m).__name__ == "Attention" and "timm" in type(m).__module__:
@@ -190,7 +203,12 @@ def use_attention(model: nn.Module, variant="causal", *,
     Args:
         model: the model, modified in place.
         variant: ``"causal"``, ``"full"``, ``"sliding_window:W"``, ``"local:W"``,
-            ``"prefix_lm:P"``, ``"strided:S"``, ``"fixed:S"`` or a :class:`MaskSpec`.
+            ``"prefix_lm:P"``, ``"strided:S"``, ``"fixed:S"``, a :class:`MaskSpec`, or
+            ``"topk:K"`` / a :class:`TopKAttention`: data-dependent selection of the K best key
+            blocks per query tile (Quest-style, shared by a GQA group; causal in decoders,
+            bidirectional in BERT / ViT); in decoding each layer extends its key-block summary
+            with the new keys only. ``"topk:K"`` with K at least the number of key blocks equals
+            ``"causal"`` / ``"full"``.
         block_size: the kernel's tile size.
 
     Example:
@@ -200,14 +218,29 @@ def use_attention(model: nn.Module, variant="causal", *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    spec = resolve_variant(variant)
-    report = AttentionSwapReport(variant=spec.name)
+    attn = _make_attention(variant, block_size)
+    report = AttentionSwapReport(variant=attn.name if isinstance(attn, TopKAttention)
+                                 else attn.mask.name)
     if _is_hf(model):
-        _use_hf(model, spec, block_size, report)
+        _use_hf(model, attn, report)
     elif "timm" in type(model).__module__:
-        _use_timm(model, spec, block_size, report)
+        _use_timm(model, attn, report)
     else:
         reason = (f"{type(model).__name__} is neither a supported Hugging Face nor a timm ViT "
                   "model")
         report.skipped.append(("", reason))
     return report
+
+
+def _make_attention(variant, block_size: int):
+    """The attention object a variant stands for: a TopKAttention for ``"topk:K"`` (or one
+    given), else a BlockSparseAttention over the resolved mask."""
+    if isinstance(variant, TopKAttention):
+        return variant
+    if isinstance(variant, str) and variant.partition(":")[0] == "topk":
+        arg = variant.partition(":")[2]
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"unknown attention variant {variant!r}: 'topk:K' needs K >= 1 "
+                             "key blocks per query tile")
+        return TopKAttention(int(arg), block_size=block_size)
+    return BlockSparseAttention(resolve_variant(variant), block_size=block_size)

@@ -155,3 +155,94 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor | None = None, *, topk: int
     fnum, fidx = _compress(full)
     return BlockMask(num, idx, fnum, fidx, bs, lq, lk, q_offset=q_offset,
                      window_right=0 if causal else -1)
+
+
+class TopKAttention(torch.nn.Module):
+    """Attention over the ``topk`` best key blocks per query tile (a ``use_attention`` variant,
+    ``"topk:K"``): the block mask is rebuilt from the data on every call.
+
+    Queries sit at the end of the keys (``q_offset = Lk - Lq``), so the same module serves a
+    prefill and each decode step over a KV cache. Pass ``state`` (any object that lives as long
+    as one layer's cache, e.g. the model's attention module) to keep that layer's
+    :class:`KeyBlockSummary` between calls: when the keys are the previous ones plus the new
+    queries' keys (a growing cache), the summary is extended in O(new keys) instead of being
+    rebuilt from the whole cache. An extra boolean ``attn_mask`` (padding) is combined with the
+    selection through a dense ``(Lq, Lk)`` mask (exact, but O(Lq * Lk) to build).
+
+    Example:
+        >>> attn = TopKAttention(topk=8)
+        >>> out = attn(q, k, v)
+    """
+
+    def __init__(self, topk: int, *, block_size: int = 64, sink_blocks: int = 1,
+                 causal: bool = True, softcap: float = 0.0):
+        super().__init__()
+        if not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+        self.topk = topk
+        self.block_size = block_size
+        self.sink_blocks = sink_blocks
+        self.causal = causal
+        self.softcap = softcap
+        self.stats = {"summary_built": 0, "summary_extended": 0}
+
+    @property
+    def name(self) -> str:
+        return f"topk:{self.topk}"
+
+    def _summary(self, k: torch.Tensor, lq: int, state) -> KeyBlockSummary:
+        lk = k.shape[2]
+        prev = getattr(state, "_fastarch_topk_summary", None) if state is not None else None
+        if prev is not None:
+            summary, first, shape = prev
+            # Extend when the cache grew by exactly the new queries and starts with the same key
+            # (a new prompt, a cropped or reordered cache rebuilds).
+            if (summary.block_size == self.block_size and summary.length == lk - lq
+                    and shape == (k.shape[0], k.shape[1], k.shape[3])
+                    and torch.equal(first, k[:, :, :1])):
+                summary.update(k[:, :, summary.length:])
+                self.stats["summary_extended"] += 1
+                return summary
+        summary = KeyBlockSummary.of(k, self.block_size)
+        self.stats["summary_built"] += 1
+        if state is not None and not torch.compiler.is_compiling():
+            object.__setattr__(state, "_fastarch_topk_summary",
+                               (summary, k[:, :, :1].detach().clone(),
+                                (k.shape[0], k.shape[1], k.shape[3])))
+        return summary
+
+    def block_mask(self, q, k, attn_mask: torch.Tensor | None = None, *, causal=None,
+                   state=None) -> BlockMask:
+        lq, lk = q.shape[2], k.shape[2]
+        causal = self.causal if causal is None else causal
+        summary = self._summary(k, lq, state)
+        bm = topk_block_mask(q, topk=self.topk, block_size=self.block_size, causal=causal,
+                             sink_blocks=self.sink_blocks, q_offset=lk - lq, summary=summary)
+        if attn_mask is None:
+            return bm
+        from fastarch.attention import masks as M
+        from fastarch.attention.block_mask import create_block_mask
+        from fastarch.ops.block_sparse_attention import dense_mask
+
+        if attn_mask.dtype != torch.bool:  # additive float mask: -inf / min = masked
+            attn_mask = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        allowed = dense_mask(lq, lk, *bm.op_args(), bm.block_size, bm.q_offset, bm.window_left,
+                             bm.window_right, bm.prefix_len)
+        allowed = allowed & attn_mask[..., :lk]
+        b, hq = q.shape[:2]
+        return create_block_mask(M.from_dense(allowed, q_offset=lk - lq, name=self.name),
+                                 q_len=lq, kv_len=lk, batch=b, heads=hq,
+                                 block_size=self.block_size, q_offset=lk - lq, device=q.device,
+                                 cache=False)
+
+    def forward(self, q, k, v, *, scale: float | None = None,
+                attn_mask: torch.Tensor | None = None, causal: bool | None = None,
+                softcap: float | None = None, state=None) -> torch.Tensor:
+        from fastarch.ops.block_sparse_attention import block_sparse_attention
+
+        bm = self.block_mask(q, k, attn_mask, causal=causal, state=state)
+        cap = self.softcap if softcap is None else softcap
+        return block_sparse_attention(q, k, v, bm, scale=scale, softcap=cap or 0.0)
+
+    def extra_repr(self) -> str:
+        return f"topk={self.topk}, block_size={self.block_size}, causal={self.causal}"
