@@ -5,8 +5,12 @@ kernel evaluates the element mask) or empty (skipped).
 
 * Descriptor masks (window, prefix, documents) are classified analytically from each tile's range
   of ``kv - q`` and of document ids: O(Qt * Kt) tensor ops, no per-element work.
-* Masks with a predicate are evaluated on the (Lq, Lk) grid in chunks of query tiles (vectorised,
-  one predicate call per chunk); partial tiles keep a (bs, bs) bitmap, the others keep nothing.
+* Masks with a predicate that is unchanged by a joint shift of q and kv (relative patterns such as
+  strided: period 1; fixed: period = stride) evaluate one (bs, bs) bitmap per class of tiles
+  that must share it (diagonal x phase), not per tile.
+* Other predicates are evaluated on the (Lq, Lk) grid in chunks of query tiles (vectorised, one
+  predicate call per chunk), only over the key tiles the window part of the mask leaves
+  possible; partial tiles keep a (bs, bs) bitmap, the others keep nothing.
 
 Built masks are cached (keyed on the mask object and the sizes), so a model calls the builder per
 layer at no cost after the first.
@@ -14,6 +18,7 @@ layer at no cost after the first.
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 
@@ -75,65 +80,100 @@ def _classify_descriptor(spec: MaskSpec, q_len, kv_len, bs, q_offset, q_doc, kv_
     return full, partial
 
 
+def _key_tile_range(spec: MaskSpec, q_first, q_last, bs, kt):
+    """The key tiles [lo, hi) that queries at positions q_first .. q_last may see at all, from the
+    window and prefix parts of the mask (the predicate includes them)."""
+    lo, hi = 0, kt
+    if spec.window_right >= 0:
+        hi = min(kt, (q_last + spec.window_right) // bs + 1)
+    if spec.window_left >= 0:
+        lo = max(0, (q_first - spec.window_left) // bs)
+    if spec.prefix_len > 0:
+        lo, hi = 0, max(hi, min(kt, -(-spec.prefix_len // bs)))
+    return lo, max(lo, hi)
+
+
 def _classify_predicate(spec: MaskSpec, bm, hm, q_len, kv_len, bs, q_offset, device):
     qt, kt = -(-q_len // bs), -(-kv_len // bs)
     full = torch.zeros(bm, hm, qt, kt, dtype=torch.bool, device=device)
     partial = torch.zeros_like(full)
-    bitmaps = []
+    bitmaps, where = [], []
     b = torch.arange(bm, device=device).view(-1, 1, 1, 1)
     h = torch.arange(hm, device=device).view(1, -1, 1, 1)
-    kv = torch.arange(kt * bs, device=device).view(1, 1, 1, -1)
-    kv_valid = kv < kv_len
-    kv_c = torch.clamp(kv, max=max(kv_len - 1, 0))
     per_chunk = max(1, _CHUNK_ELEMENTS // max(1, bm * hm * bs * kt * bs))
     for t0 in range(0, qt, per_chunk):
         t1 = min(qt, t0 + per_chunk)
+        k0, k1 = _key_tile_range(spec, t0 * bs + q_offset, min(t1 * bs, q_len) - 1 + q_offset,
+                                 bs, kt)
+        if k1 <= k0:
+            continue
+        nk = k1 - k0
+        kv = torch.arange(k0 * bs, k1 * bs, device=device).view(1, 1, 1, -1)
+        kv_c = torch.clamp(kv, max=max(kv_len - 1, 0))
         q = torch.arange(t0 * bs, t1 * bs, device=device).view(1, 1, -1, 1)
-        valid = (q < q_len) & kv_valid
+        valid = (q < q_len) & (kv < kv_len)
         q_c = torch.clamp(q, max=max(q_len - 1, 0)) + q_offset
         ok = spec.predicate(b, h, q_c, kv_c).expand(bm, hm, -1, -1)
-        tiles = ok.reshape(bm, hm, t1 - t0, bs, kt, bs).transpose(3, 4)
-        vt = valid.expand(1, 1, -1, -1).reshape(1, 1, t1 - t0, bs, kt, bs).transpose(3, 4)
+        tiles = ok.reshape(bm, hm, t1 - t0, bs, nk, bs).transpose(3, 4)
+        vt = valid.expand(1, 1, -1, -1).reshape(1, 1, t1 - t0, bs, nk, bs).transpose(3, 4)
         f = (tiles | ~vt).all(-1).all(-1)
         a = (tiles & vt).any(-1).any(-1)
-        full[:, :, t0:t1] = f
+        full[:, :, t0:t1, k0:k1] = f
         p = a & ~f
-        partial[:, :, t0:t1] = p
+        partial[:, :, t0:t1, k0:k1] = p
+        nz = p.nonzero()  # row-major, the order of tiles[p]
+        where.append(((nz[:, 0] * hm + nz[:, 1]) * qt + nz[:, 2] + t0) * kt + nz[:, 3] + k0)
         bitmaps.append(tiles[p])
-    return full, partial, torch.cat(bitmaps) if bitmaps else None
+    if not bitmaps:
+        return full, partial, None
+    # Row-major order over (b, h, qt, kt), the order of the per-row tile lists.
+    order = torch.argsort(torch.cat(where))
+    return full, partial, torch.cat(bitmaps)[order]
 
 
-def _classify_relative(spec: MaskSpec, q_len, kv_len, bs, q_offset, device):
-    """Tiles of a predicate that depends on q - kv only: tile (qt, kt) sees the bitmap of its
-    diagonal qt - kt, so one (bs, bs) bitmap per diagonal is evaluated (Qt + Kt - 1 of them)."""
+def _classify_periodic(spec: MaskSpec, q_len, kv_len, bs, q_offset, period, device):
+    """Tiles of a predicate unchanged when q and kv both move by a multiple of ``period``
+    (``period = 1``: it depends on q - kv only). Tiles (qt, kt) and (qt', kt') on one diagonal
+    (qt - kt = qt' - kt') with (qt - qt') * bs a multiple of the period hold the same bitmap, so
+    one (bs, bs) bitmap is evaluated per class present (at most (Qt + Kt - 1) * r of them with
+    r = lcm(period, bs) / bs), at the positions of one tile of the class.
+
+    Returns (full, partial) (1, 1, Qt, Kt), the class bitmaps (C, bs, bs) and the class of each
+    tile (Qt, Kt)."""
     qt, kt = -(-q_len // bs), -(-kv_len // bs)
-    ndiag = qt + kt - 1
-    delta = torch.arange(ndiag, device=device) - (kt - 1)  # qt - kt
-    shift = (kt - 1) * bs  # keeps the evaluated positions >= 0
+    r = math.lcm(period, bs) // bs
+    tq = torch.arange(qt, device=device).view(-1, 1)
+    tk = torch.arange(kt, device=device).view(1, -1)
+    key = (tq - tk + (kt - 1)) * r + tq % r  # (Qt, Kt): diagonal and phase
+    classes, cls_of = torch.unique(key, return_inverse=True)
+    # One tile of each class: the first in row-major order (scatter_reduce amin of flat index).
+    flat = torch.arange(qt * kt, device=device)
+    rep = torch.full((classes.numel(),), qt * kt, dtype=torch.long, device=device)
+    rep = rep.scatter_reduce(0, cls_of.flatten(), flat, reduce="amin")
+    rq, rk = rep // kt, rep % kt
     i = torch.arange(bs, device=device)
-    q = (delta * bs + q_offset + shift).view(-1, 1, 1) + i.view(1, -1, 1)
-    kv = (i + shift).view(1, 1, -1)
+    q = (rq * bs + q_offset).view(-1, 1, 1) + i.view(1, -1, 1)
+    kv = (rk * bs).view(-1, 1, 1) + i.view(1, 1, -1)
     zero = torch.zeros(1, dtype=torch.long, device=device)
-    bitmaps = spec.predicate(zero, zero, q, kv).expand(ndiag, bs, bs)  # (ndiag, bs, bs)
-    d_of = (torch.arange(qt, device=device).view(-1, 1)
-            - torch.arange(kt, device=device).view(1, -1) + (kt - 1))  # (Qt, Kt) diagonal index
-    full = bitmaps.all(-1).all(-1)[d_of]
-    anyt = bitmaps.any(-1).any(-1)[d_of]
+    bitmaps = spec.predicate(zero, zero, q, kv).expand(classes.numel(), bs, bs)
+    full = bitmaps.all(-1).all(-1)[cls_of]
+    anyt = bitmaps.any(-1).any(-1)[cls_of]
     # Tiles cut by the ends of the sequences: classify over their valid part only.
     m_last, n_last = q_len - (qt - 1) * bs, kv_len - (kt - 1) * bs
-    edge_q = torch.stack([torch.full((kt,), qt - 1, device=device),
-                          torch.arange(kt, device=device)], -1)  # the last query tile's row
-    edge_k = torch.stack([torch.arange(qt, device=device),
-                          torch.full((qt,), kt - 1, device=device)], -1)  # the last key column
-    edges = torch.cat([edge_q, edge_k])
-    eq, ek = edges[:, 0], edges[:, 1]
-    rows_ok = torch.where(eq == qt - 1, m_last, bs).view(-1, 1, 1) > i.view(1, -1, 1)
-    cols_ok = torch.where(ek == kt - 1, n_last, bs).view(-1, 1, 1) > i.view(1, 1, -1)
-    valid = rows_ok & cols_ok
-    b_e = bitmaps[d_of[eq, ek]]
-    full[eq, ek] = (b_e | ~valid).all(-1).all(-1)
-    anyt[eq, ek] = (b_e & valid).any(-1).any(-1)
-    return full[None, None], (anyt & ~full)[None, None], bitmaps, d_of
+    if m_last < bs or n_last < bs:
+        edge_q = torch.stack([torch.full((kt,), qt - 1, device=device),
+                              torch.arange(kt, device=device)], -1)  # the last query tile's row
+        edge_k = torch.stack([torch.arange(qt, device=device),
+                              torch.full((qt,), kt - 1, device=device)], -1)  # the last column
+        edges = torch.cat([edge_q, edge_k])
+        eq, ek = edges[:, 0], edges[:, 1]
+        rows_ok = torch.where(eq == qt - 1, m_last, bs).view(-1, 1, 1) > i.view(1, -1, 1)
+        cols_ok = torch.where(ek == kt - 1, n_last, bs).view(-1, 1, 1) > i.view(1, 1, -1)
+        valid = rows_ok & cols_ok
+        b_e = bitmaps[cls_of[eq, ek]]
+        full[eq, ek] = (b_e | ~valid).all(-1).all(-1)
+        anyt[eq, ek] = (b_e & valid).any(-1).any(-1)
+    return full[None, None], (anyt & ~full)[None, None], bitmaps, cls_of
 
 
 def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, batch: int = 1,
@@ -213,15 +253,14 @@ def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, 
         bm = BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
                        window_left=mask.window_left, window_right=mask.window_right,
                        prefix_len=mask.prefix_len, q_doc_ids=q_doc, kv_doc_ids=kv_doc)
-    elif (mask.relative and mask.mask_mod is not None and mask.prefix_len == 0
-          and mask.doc_ids is None and not mask.per_batch and not mask.per_head
-          and q_offset % bs == 0 and q_len > 0 and kv_len > 0):
-        full, partial, bitmaps, d_of = _classify_relative(mask, q_len, kv_len, bs, q_offset,
-                                                          device)
+    elif (mask.mask_mod is not None and mask.shift_period > 0 and not mask.per_batch
+          and not mask.per_head and q_len > 0 and kv_len > 0):
+        full, partial, bitmaps, cls_of = _classify_periodic(mask, q_len, kv_len, bs, q_offset,
+                                                            mask.shift_period, device)
         num, idx = _compress(partial)
         fnum, fidx = _compress(full)
         slot_used = torch.arange(idx.shape[-1], device=device) < num.unsqueeze(-1).long()
-        diag = torch.gather(d_of[None, None].expand_as(idx), -1, idx.long())
+        diag = torch.gather(cls_of[None, None].expand_as(idx), -1, idx.long())
         tmi = torch.where(slot_used, diag, -1).to(torch.int32)
         bm = BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
                        tile_masks=bitmaps.contiguous(), tile_mask_index=tmi)

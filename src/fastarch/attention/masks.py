@@ -14,6 +14,7 @@ the tiles it cuts. Build masks with the factories below and combine them with
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,24 @@ class MaskSpec:
     # mask_mod depends on q_idx - kv_idx only (Sparse Transformer strided, local patterns): the
     # builder evaluates one (bs x bs) bitmap per tile diagonal and shares it between tiles.
     relative: bool = False
+    # mask_mod is unchanged when q_idx and kv_idx both move by a multiple of ``period`` (0: not
+    # known; relative masks have period 1): tiles on one diagonal whose positions differ by a
+    # multiple of the period share a bitmap, so the builder evaluates one per class of tiles.
+    period: int = 0
+
+    @property
+    def shift_period(self) -> int:
+        """The joint-shift period of the whole predicate (descriptor included), or 0."""
+        if self.prefix_len > 0 or self.doc_ids is not None:
+            return 0  # a prefix and documents sit at absolute positions
+        if self.mask_mod is None or self.relative:
+            return 1
+        return self.period
+
+    @property
+    def mask_mod_period(self) -> int:
+        """The joint-shift period of mask_mod alone (1 when relative), or 0."""
+        return 1 if self.relative else self.period
 
     @property
     def has_descriptor_only(self) -> bool:
@@ -142,7 +161,7 @@ def fixed(stride: int, summary: int = 1) -> MaskSpec:
     def mod(b, h, q, kv):
         return (q // stride == kv // stride) | (kv % stride >= stride - summary)
 
-    return MaskSpec(f"fixed({stride},{summary})", window_right=0, mask_mod=mod)
+    return MaskSpec(f"fixed({stride},{summary})", window_right=0, mask_mod=mod, period=stride)
 
 
 def global_local_random(*, block: int = 64, global_blocks: int = 1, window_blocks: int = 1,
@@ -172,15 +191,19 @@ def global_local_random(*, block: int = 64, global_blocks: int = 1, window_block
 
 
 def from_function(fn: MaskMod, *, per_batch: bool = False, per_head: bool = False,
-                  relative: bool = False, block: int = 0, name: str = "user") -> MaskSpec:
+                  relative: bool = False, block: int = 0, period: int = 0,
+                  name: str = "user") -> MaskSpec:
     """A user mask ``fn(b, h, q_idx, kv_idx) -> bool`` written with tensor ops (vectorised,
     broadcasting). Say ``per_batch`` / ``per_head`` if it depends on b / h, ``relative`` if it
-    depends on ``q_idx - kv_idx`` only, ``block=n`` if it is constant on aligned n x n squares:
-    both make the block mask much cheaper to build."""
+    depends on ``q_idx - kv_idx`` only, ``period=p`` if it is unchanged when both positions move
+    by p (e.g. patterns built from ``q // p`` and ``kv % p``), ``block=n`` if it is constant on
+    aligned n x n squares: each makes the block mask much cheaper to build."""
     if not callable(fn):
         raise TypeError("fn must be callable")
+    if int(period) < 0:
+        raise ValueError(f"period must be >= 0, got {period}")
     return MaskSpec(name, mask_mod=fn, per_batch=per_batch, per_head=per_head,
-                    relative=relative, mod_block=int(block))
+                    relative=relative, mod_block=int(block), period=int(period))
 
 
 def from_dense(mask: torch.Tensor, q_offset: int = 0, name: str = "dense") -> MaskSpec:
@@ -218,6 +241,7 @@ def and_masks(*specs: MaskSpec) -> MaskSpec:
                   and (out.doc_ids is None or s.doc_ids is None))
         if simple:
             mods = [m for m in (out.mask_mod, s.mask_mod) if m is not None]
+            with_mod = [x for x in (out, s) if x.mask_mod is not None]
             mod = None
             if len(mods) == 1:
                 mod = mods[0]
@@ -229,14 +253,28 @@ def and_masks(*specs: MaskSpec) -> MaskSpec:
                            window_right=_meet(out.window_right, s.window_right),
                            doc_ids=out.doc_ids if out.doc_ids is not None else s.doc_ids,
                            mask_mod=mod, per_batch=out.per_batch or s.per_batch,
-                           per_head=out.per_head or s.per_head)
+                           per_head=out.per_head or s.per_head,
+                           relative=bool(with_mod) and all(x.relative for x in with_mod),
+                           period=_joint_period(x.mask_mod_period for x in with_mod),
+                           mod_block=_joint_period(x.mod_block for x in with_mod))
         else:
             a, c = out, s
             out = MaskSpec(f"{a.name}&{c.name}",
                            mask_mod=lambda b, h, q, kv, a=a, c=c: a.predicate(b, h, q, kv)
                            & c.predicate(b, h, q, kv),
                            per_batch=a.per_batch or c.per_batch or _docs_per_batch(a, c),
-                           per_head=a.per_head or c.per_head)
+                           per_head=a.per_head or c.per_head,
+                           period=_joint_period((a.shift_period, c.shift_period)))
+    return out
+
+
+def _joint_period(periods) -> int:
+    """The least common multiple of the periods, 0 when one of them is 0 (unknown)."""
+    out = 1
+    for p in periods:
+        if p <= 0:
+            return 0
+        out = math.lcm(out, p)
     return out
 
 
@@ -255,7 +293,8 @@ def or_masks(*specs: MaskSpec) -> MaskSpec:
 
     return MaskSpec("|".join(s.name for s in specs), mask_mod=mod,
                     per_batch=any(s.per_batch for s in specs) or _docs_per_batch(*specs),
-                    per_head=any(s.per_head for s in specs))
+                    per_head=any(s.per_head for s in specs),
+                    period=_joint_period(s.shift_period for s in specs))
 
 
 def _docs_per_batch(*specs: MaskSpec) -> bool:
