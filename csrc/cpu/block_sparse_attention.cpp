@@ -514,7 +514,9 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
     fnum = full_kv_num_blocks->contiguous();
     fidx = full_kv_indices->contiguous();
   }
-  p.group = std::max<int64_t>(1, 256 / bs);
+  // Consecutive tiles fused into one product: up to 256 keys, fewer for wide heads so that the
+  // K and V rows of a run (2 * 256 * D floats) stay within L2.
+  p.group = std::max<int64_t>(1, std::min<int64_t>(256, 16384 / std::max<int64_t>(D, 1)) / bs);
   p.Bm = Bm; p.Hm = Hm; p.W = idx.size(3); p.Wf = fidx.defined() ? fidx.size(3) : 0;
   p.num = num.data_ptr<int32_t>();
   p.idx = idx.data_ptr<int32_t>();

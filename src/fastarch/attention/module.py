@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastarch.attention import masks as M
@@ -12,6 +13,13 @@ from fastarch.ops.block_sparse_attention import block_sparse_attention
 _NAMED = {"causal": M.causal(), "full": M.full()}
 # The last dense (padding) mask seen per variant and the block mask built for it.
 _LAST_DENSE: dict = {}
+# Dense causal / full attention on CPU goes to SDPA where SDPA was measured faster than the
+# kernel (bench/bench_attention.py, AMD EPYC AVX2, 2 threads): fp32 with head dim >= 128 from
+# 4096 tokens on (1.0-1.26x of SDPA's time there; the kernel ties or wins elsewhere).
+SDPA_DENSE_MIN_LEN = 4096
+SDPA_DENSE_MIN_HEAD_DIM = 128
+SDPA_DENSE_DTYPES = (torch.float32,)
+STATS = {"kernel": 0, "sdpa": 0}
 
 
 def resolve_variant(variant) -> M.MaskSpec:
@@ -45,7 +53,8 @@ class BlockSparseAttention(nn.Module):
 
     Queries sit at the end of the keys (``q_offset = Lk - Lq``), as in decoding over a KV cache.
     An extra boolean ``attn_mask`` (e.g. padding, shape broadcastable to (B, H, Lq, Lk)) is
-    combined with the variant.
+    combined with the variant. Plain causal / full attention runs on SDPA where SDPA is faster
+    on CPU (``SDPA_DENSE_*`` above: the module is never slower than dense attention).
 
     Example:
         >>> attn = BlockSparseAttention("sliding_window:256")
@@ -90,8 +99,29 @@ class BlockSparseAttention(nn.Module):
                                  block_size=self.block_size, q_offset=lk - lq, device=q.device,
                                  cache=False)
 
+    def _dense_is_causal(self, q, k, attn_mask) -> bool | None:
+        """True / False when this call is plain causal / full attention that SDPA runs faster
+        (see SDPA_DENSE_*), else None (the kernel)."""
+        spec = self.mask
+        lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
+        if (attn_mask is not None or self.softcap or self.alibi_slopes is not None
+                or q.device.type != "cpu" or q.dtype not in SDPA_DENSE_DTYPES
+                or d < SDPA_DENSE_MIN_HEAD_DIM or lq < SDPA_DENSE_MIN_LEN
+                or spec.mask_mod is not None or spec.doc_ids is not None or spec.prefix_len
+                or spec.window_left >= 0 or spec.window_right not in (-1, 0)):
+            return None
+        if spec.window_right == 0:
+            return True if lq == lk else None  # SDPA's causal is aligned top-left
+        return False
+
     def forward(self, q, k, v, *, scale: float | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        is_causal = self._dense_is_causal(q, k, attn_mask)
+        if is_causal is not None:
+            STATS["sdpa"] += 1
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        STATS["kernel"] += 1
         bm = self.block_mask(q, k, attn_mask)
         slopes = self.alibi_slopes
         if slopes is not None:

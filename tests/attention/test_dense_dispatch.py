@@ -1,0 +1,45 @@
+"""BlockSparseAttention sends plain causal / full attention to SDPA where SDPA is the faster
+dense path (thresholds lowered here so that small inputs take it); results equal the kernel."""
+import pytest
+import torch
+
+from fastarch.attention import BlockSparseAttention, create_block_mask
+from fastarch.attention import module as module_mod
+from fastarch.ops.block_sparse_attention import block_sparse_attention
+
+
+@pytest.fixture
+def small_thresholds(monkeypatch):
+    monkeypatch.setattr(module_mod, "SDPA_DENSE_MIN_LEN", 64)
+    monkeypatch.setattr(module_mod, "SDPA_DENSE_MIN_HEAD_DIM", 64)
+
+
+@pytest.mark.parametrize("variant,lq,lk,dispatched", [
+    ("causal", 100, 100, True),
+    ("full", 100, 130, True),
+    ("causal", 70, 130, False),  # bottom-right causal: SDPA aligns top-left, stays on the kernel
+    ("sliding_window:32", 100, 100, False),
+])
+def test_dense_dispatch(small_thresholds, variant, lq, lk, dispatched):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, lq, 64)
+    k = torch.randn(2, 2, lk, 64)
+    v = torch.randn(2, 2, lk, 64)
+    attn = BlockSparseAttention(variant, block_size=32)
+    before = dict(module_mod.STATS)
+    out = attn(q, k, v, scale=0.2)
+    assert (module_mod.STATS["sdpa"] - before["sdpa"] == 1) == dispatched
+    bm = create_block_mask(attn.mask, q_len=lq, kv_len=lk, q_offset=lk - lq, block_size=32)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm, scale=0.2), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds):
+    q = torch.randn(1, 2, 100, 64)
+    before = dict(module_mod.STATS)
+    BlockSparseAttention("causal", softcap=5.0)(q, q, q)
+    BlockSparseAttention("causal")(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    BlockSparseAttention("causal")(q[..., :32].contiguous(), q[..., :32].contiguous(),
+                                   q[..., :32].contiguous())
+    assert module_mod.STATS["sdpa"] == before["sdpa"]
+    assert module_mod.STATS["kernel"] == before["kernel"] + 3
