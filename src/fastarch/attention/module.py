@@ -117,11 +117,14 @@ class BlockSparseAttention(nn.Module):
     def forward(self, q, k, v, *, scale: float | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         is_causal = self._dense_is_causal(q, k, attn_mask)
+        counting = not torch.compiler.is_compiling()  # (a traced counter would be a guard)
         if is_causal is not None:
-            STATS["sdpa"] += 1
+            if counting:
+                STATS["sdpa"] += 1
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
-        STATS["kernel"] += 1
+        if counting:
+            STATS["kernel"] += 1
         bm = self.block_mask(q, k, attn_mask)
         slopes = self.alibi_slopes
         if slopes is not None:
