@@ -11,8 +11,11 @@
 // The two lists are walked merged in key order so that a run of consecutive tiles (full or
 // partial) is one wider product.
 //
-// The two products of a tile, S = Q K^T and O += P V, go to MKL's sgemm when libtorch exports it
-// (a weak symbol: the extension still loads without MKL and then uses the plain loops below).
+// The two products of a tile, S = Q K^T and O += P V: in the prefill forward with AVX2 and head
+// dims up to FASTARCH_ATTN_NN_MAX_D (default 96; measured: at D = 128 MKL is as fast), an
+// in-place register-blocked kernel (gemm_nn) over a K^T the call transposes once; elsewhere
+// MKL's sgemm when libtorch exports it (a weak symbol: the extension still loads without MKL
+// and then uses the plain loops below).
 // bf16/fp16 tiles are converted to fp32 scratch first (cost ~ 1/(4*block) of the flops).
 //
 // Decode (few query rows, few (b, h) items) splits the key tiles of an item over threads and merges
@@ -30,6 +33,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -171,6 +175,92 @@ inline float exp_sub_row(float* __restrict s, int64_t n, float sub) {
   return sum;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// C(m x n, ldc) (+)= A(m x k, lda) * B(k x n, ldb), all row-major, B read in place (no packing):
+// R rows x 16 columns of C in 2R registers, A broadcast, B rows loaded 16 at a time. Used for
+// S = Q K^T against a K^T the forward transposes once per call (B = K^T columns c0..), and for
+// O += P V (B = V rows). MKL's sgemm packs both operands on every call, which at tile sizes
+// (64 x 256 x 64) is a fifth of its time.
+template <int R>
+inline void nn_block(int n, int k, const float* __restrict a, int lda, const float* __restrict b,
+                     int ldb, float* __restrict c, int ldc, bool accumulate) {
+  for (int j0 = 0; j0 < n; j0 += 16) {
+    const int rest = n - j0;
+    __m256i m0, m1;
+    const bool full = rest >= 16;
+    if (!full) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), lane);
+      m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest - 8), lane);
+    }
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      if (accumulate) {
+        const float* cr = c + int64_t(r) * ldc + j0;
+        acc[r][0] = full ? _mm256_loadu_ps(cr) : _mm256_maskload_ps(cr, m0);
+        acc[r][1] = full ? _mm256_loadu_ps(cr + 8) : _mm256_maskload_ps(cr + 8, m1);
+      } else {
+        acc[r][0] = _mm256_setzero_ps();
+        acc[r][1] = _mm256_setzero_ps();
+      }
+    }
+    const float* bj = b + j0;
+    if (full) {
+      for (int kk = 0; kk < k; ++kk) {
+        const __m256 b0 = _mm256_loadu_ps(bj + int64_t(kk) * ldb);
+        const __m256 b1 = _mm256_loadu_ps(bj + int64_t(kk) * ldb + 8);
+        for (int r = 0; r < R; ++r) {
+          const __m256 av = _mm256_broadcast_ss(a + int64_t(r) * lda + kk);
+          acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+      }
+    } else {
+      for (int kk = 0; kk < k; ++kk) {
+        const __m256 b0 = _mm256_maskload_ps(bj + int64_t(kk) * ldb, m0);
+        const __m256 b1 = _mm256_maskload_ps(bj + int64_t(kk) * ldb + 8, m1);
+        for (int r = 0; r < R; ++r) {
+          const __m256 av = _mm256_broadcast_ss(a + int64_t(r) * lda + kk);
+          acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* cr = c + int64_t(r) * ldc + j0;
+      if (full) {
+        _mm256_storeu_ps(cr, acc[r][0]);
+        _mm256_storeu_ps(cr + 8, acc[r][1]);
+      } else {
+        _mm256_maskstore_ps(cr, m0, acc[r][0]);
+        _mm256_maskstore_ps(cr + 8, m1, acc[r][1]);
+      }
+    }
+  }
+}
+
+inline void gemm_nn(int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                    float* c, int ldc, bool accumulate) {
+  int i = 0;
+  for (; i + 6 <= m; i += 6)
+    nn_block<6>(n, k, a + int64_t(i) * lda, lda, b, ldb, c + int64_t(i) * ldc, ldc, accumulate);
+  const float* ai = a + int64_t(i) * lda;
+  float* ci = c + int64_t(i) * ldc;
+  switch (m - i) {
+    case 5: nn_block<5>(n, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 4: nn_block<4>(n, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 3: nn_block<3>(n, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 2: nn_block<2>(n, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    case 1: nn_block<1>(n, k, ai, lda, b, ldb, ci, ldc, accumulate); break;
+    default: break;
+  }
+}
+constexpr bool kHaveNN = true;
+#else
+inline void gemm_nn(int, int, int, const float*, int, const float*, int, float*, int, bool) {}
+constexpr bool kHaveNN = false;
+#endif
+
 // C(m x n, row-major, ldc) = A(m x k, lda) * B(n x k, ldb)^T      (S = Q K^T)
 inline void gemm_abt(int m, int n, int k, const float* a, int lda, const float* b, int ldb,
                      float* c, int ldc) {
@@ -259,6 +349,11 @@ struct Params {
   const float* alibi;  // (Hq) or null
   const float* rel;  // relative position bias (Hq, 2 R + 1) or null
   int64_t rel_r;
+  // Forward only, when set: K^T as fp32 tiles (B, Hkv, Kt, D, bs) (tile-major: rows of one
+  // tile's K^T are bs floats apart, not Lk, which would alias in L1) and V as fp32
+  // (B, Hkv, Lk, D) (V null when v is fp32 already: read in place), for gemm_nn.
+  const float* kt_all = nullptr;
+  const float* v32_all = nullptr;
 };
 
 // The K and V rows [c0, c0 + n) of one (batch, kv-head) as fp32 for the tile GEMMs: read in place
@@ -392,11 +487,29 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     const int64_t tfirst = t;
     t += g;
     const int64_t c0 = kt * bs, n = std::min(g * bs, p.Lk - c0);
-    const KVTile kv = stage_kv_tile<T>(p, kb, vb, c0, n, D, kbuf, vbuf);
-    const float* kp = kv.k;
-    const float* vp = kv.v;
-    const int64_t ldk = kv.ldk, ldv = kv.ldv;
-    gemm_abt(int(m), int(n), int(D), qbuf, int(D), kp, int(ldk), sbuf, int(ldS));
+    const float* vp;
+    int64_t ldv;
+    if (p.kt_all != nullptr) {
+      const int64_t bh = b * p.Hkv + hk;
+      for (int64_t u = 0; u < g; ++u) {
+        const int64_t nu = std::min(bs, p.Lk - c0 - u * bs);
+        gemm_nn(int(m), int(nu), int(D), qbuf, int(D),
+                p.kt_all + ((bh * p.Kt + kt + u) * D) * bs, int(bs), sbuf + u * bs, int(ldS),
+                false);
+      }
+      if (p.v32_all != nullptr) {
+        vp = p.v32_all + (bh * p.Lk + c0) * D;
+        ldv = D;
+      } else {
+        vp = reinterpret_cast<const float*>(vb) + c0 * p.vs[2];
+        ldv = p.vs[2];
+      }
+    } else {
+      const KVTile kv = stage_kv_tile<T>(p, kb, vb, c0, n, D, kbuf, vbuf);
+      vp = kv.v;
+      ldv = kv.ldv;
+      gemm_abt(int(m), int(n), int(D), qbuf, int(D), kv.k, int(kv.ldk), sbuf, int(ldS));
+    }
 
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
@@ -424,7 +537,10 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
       }
     }
-    gemm_ab_acc(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D));
+    if (p.kt_all != nullptr)
+      gemm_nn(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D), true);
+    else
+      gemm_ab_acc(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D));
   }
 }
 
@@ -645,6 +761,24 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   if (items < 2 * threads && max_tiles >= 8) {
     nsplit = std::min<int64_t>((2 * threads + items - 1) / items, max_tiles / 4);
     nsplit = std::max<int64_t>(nsplit, 1);
+  }
+  // Prefill: K^T (and V for bf16 / fp16) as fp32 once per call, for the in-place products
+  // (each K / V row is then read by ~Qt query tiles without being packed or widened again).
+  at::Tensor kt32, v32;
+  Params& pw = pr.p;
+  static const int64_t nn_max_d = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_NN_MAX_D");
+    return e ? std::atoll(e) : int64_t(96);
+  }();
+  if (kHaveNN && Qt >= 2 && nsplit == 1 && D <= nn_max_d) {
+    kt32 = at::zeros({B, p.Hkv, p.Kt * bs, D}, q.options().dtype(at::kFloat));
+    kt32.narrow(2, 0, p.Lk).copy_(k);
+    kt32 = kt32.view({B, p.Hkv, p.Kt, bs, D}).transpose(3, 4).contiguous();
+    pw.kt_all = kt32.data_ptr<float>();
+    if (v.scalar_type() != at::kFloat) {
+      v32 = v.to(at::kFloat).contiguous();
+      pw.v32_all = v32.data_ptr<float>();
+    }
   }
   // Partial results of the splits: acc (items*nsplit, bs, D), m and l (items*nsplit, bs).
   std::vector<float> pacc, pm, pl;
