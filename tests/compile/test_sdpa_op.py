@@ -128,6 +128,19 @@ def test_plan_cache_follows_mask_identity_and_version(force_block_sparse):
     torch.testing.assert_close(sdpa(q, k, v, mask), F.scaled_dot_product_attention(q, k, v))
 
 
+def test_replan_ignores_a_plan_of_a_reused_buffer(force_block_sparse):
+    # Inductor can hand a freed buffer (same tensor object) to a later tensor without bumping its
+    # version: the compiled graph passes replan=True on the first call of each mask.
+    q, k, v = _qkv(1, 2, 2, 130, 130, 16, torch.float32)
+    ms = _masks(1, 130, 130)
+    buf = ms["window40"].clone()
+    sdpa(q, k, v, buf)  # plan cached for this tensor object
+    buf.data.copy_(ms["documents"].expand_as(buf))  # new content, same object, same version
+    out = torch.ops.fastarch.sdpa(q, k, v, buf, 0.0, False, None, False, True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, ms["documents"]),
+                               atol=2e-5, rtol=2e-5)
+
+
 def test_gradients_match_sdpa(force_block_sparse):
     q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 2, 70, 70, 16, torch.float32))
     mask = _masks(2, 70, 70)["causal+pad"]

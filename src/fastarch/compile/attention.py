@@ -15,7 +15,9 @@ into this op. It has SDPA's schema and SDPA's semantics exactly (the reference *
 Why at run time: inside a compiled graph the mask is an intermediate tensor (Hugging Face builds
 it from the attention mask and positions), so which tiles it empties is only known once it has
 values. One plan is kept per mask tensor (the layers of a model share one mask tensor), checked
-against the tensor's identity and version.
+against the tensor's identity and version. In a compiled graph the first call on each mask node
+passes ``replan=True``: Inductor may hand a freed buffer, the same tensor object, to a later
+tensor without bumping its version, so a plan is never carried from one graph run to the next.
 
 Where the block-sparse kernel starts to pay off was measured on this project's CPU machine
 (``bench/bench_compile.py``); the thresholds below come from there. On CUDA the op runs SDPA:
@@ -217,7 +219,9 @@ def _plan_from_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int,
     return AttentionPlan("block_sparse", f"{fraction:.0%} of tiles visited", bm, fraction)
 
 
-def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan=False):
+    if replan and attn_mask is not None:
+        _PLANS.pop(attn_mask, None)
     plan = plan_attention(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
     STATS[plan.kind] += 1
     if plan.kind == "nomask":
@@ -259,8 +263,8 @@ def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastarch::sdpa", mutates_args=())
 def _sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
              dropout_p: float, is_causal: bool, scale: float | None,
-             enable_gqa: bool) -> torch.Tensor:
-    out = _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+             enable_gqa: bool, replan: bool = False) -> torch.Tensor:
+    out = _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan)
     want = _out_like(q, v)
     if out.stride() != want.stride():  # the fake kernel promises this layout
         want.copy_(out)
@@ -269,12 +273,12 @@ def _sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
 
 
 @_sdpa_op.register_fake
-def _sdpa_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _sdpa_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan=False):
     return _out_like(q, v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, _ = inputs
     if dropout_p != 0.0:
         raise NotImplementedError("fastarch.sdpa: backward with dropout is not supported (the "
                                   "compile backend leaves dropout attention to SDPA)")
@@ -294,7 +298,7 @@ def _backward(ctx, grad_out):
         wrt = [t for t, n in zip(leaves, needs) if t is not None and n]
         grads = iter(torch.autograd.grad(out, wrt, grad_out) if wrt else ())
     return tuple(next(grads) if (t is not None and n) else None
-                 for t, n in zip(leaves, needs)) + (None, None, None, None)
+                 for t, n in zip(leaves, needs)) + (None, None, None, None, None)
 
 
 _sdpa_op.register_autograd(_backward, setup_context=_setup_context)

@@ -192,6 +192,7 @@ def _sdpa_args(node: torch.fx.Node) -> dict:
 
 # ---- passes --------------------------------------------------------------------------------------
 def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: CompileOptions) -> None:
+    planned: set[torch.fx.Node] = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
             continue
@@ -224,12 +225,14 @@ def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: Compi
             entry.reason = "the mask needs a gradient"
             continue
         scale = a["scale"]
+        first_use = mask not in planned  # the first call on a mask plans it afresh each run
+        planned.add(mask)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 torch.ops.fastarch.sdpa.default,
                 (a["query"], a["key"], a["value"], mask, 0.0, False,
                  scale if scale is None or isinstance(scale, torch.fx.Node) else float(scale),
-                 bool(a["enable_gqa"])))
+                 bool(a["enable_gqa"]), first_use))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
