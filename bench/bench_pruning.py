@@ -49,18 +49,48 @@ def _decoder(hidden=512, layers=4, inter=1376, heads=8, kv=4, vocab=4096, dtype=
     return (model.to(dtype) if dtype is not None else model).eval()
 
 
-def latency(args):
+def latency_models(size):
+    """The models of the latency table (builders), images of ``size`` x ``size``."""
     import timm
     import torchvision
 
-    size = args.image
-    models = {
+    return {
         "resnet50": lambda: torchvision.models.resnet50(weights=None),
         "convnext_tiny": lambda: timm.create_model("convnext_tiny", pretrained=False),
         "vit_small_patch16_224": lambda: timm.create_model(
             "vit_small_patch16_224", pretrained=False, img_size=size),
         "llama-shaped (512 x 4 layers)": _decoder,
     }
+
+
+def latency_case(name, make, batch, size, seq, rounds, round_to, ratios=(0.3, 0.5)):
+    """Dense vs pruned copies of one model: MACs and interleaved median ms of each
+    (keys "dense" and each ratio)."""
+    torch.manual_seed(0)
+    model = make().eval()
+    if name.startswith("llama"):
+        x = (torch.randint(0, 4096, (batch, seq)),)
+        small = (torch.randint(0, 4096, (1, 8)),)
+    else:
+        x = (torch.randn(batch, 3, size, size),)
+        small = (torch.randn(1, 3, size, size),)
+    base_macs = count_flops(model, small) / 2
+    variants = {"dense": model}
+    macs = {"dense": base_macs}
+    for ratio in ratios:
+        pruned = copy.deepcopy(model)
+        prune(pruned, small, ratio=ratio, round_to=round_to)
+        variants[ratio] = pruned
+        macs[ratio] = count_flops(pruned, small) / 2
+    calls = {k: (lambda mod=m, x=x: mod(*x)) for k, m in variants.items()}
+    with torch.no_grad():
+        ms = {k: 1000 * v for k, v in interleaved(calls, rounds=rounds, warmup=1).items()}
+    return {"macs": macs, "ms": ms}
+
+
+def latency(args):
+    size = args.image
+    models = latency_models(size)
     print(f"\n### Latency vs MACs ({platform.machine()}, {torch.get_num_threads()} threads, "
           f"images {size}x{size}, decoder seq {args.seq})\n")
     print(f"round_to={args.round_to}; interleaved timing rounds={args.rounds}\n")
@@ -69,25 +99,9 @@ def latency(args):
     print("|---|---|---|---|---|---|---|---|")
     for name, make in models.items():
         for batch in (1, 32):
-            torch.manual_seed(0)
-            model = make().eval()
-            if name.startswith("llama"):
-                x = (torch.randint(0, 4096, (batch, args.seq)),)
-                small = (torch.randint(0, 4096, (1, 8)),)
-            else:
-                x = (torch.randn(batch, 3, size, size),)
-                small = (torch.randn(1, 3, size, size),)
-            base_macs = count_flops(model, small) / 2
-            variants = {"dense": model}
-            macs = {"dense": base_macs}
-            for ratio in (0.3, 0.5):
-                pruned = copy.deepcopy(model)
-                prune(pruned, small, ratio=ratio, round_to=args.round_to)
-                variants[ratio] = pruned
-                macs[ratio] = count_flops(pruned, small) / 2
-            calls = {k: (lambda mod=m, x=x: mod(*x)) for k, m in variants.items()}
-            with torch.no_grad():
-                ms = {k: 1000 * v for k, v in interleaved(calls, rounds=args.rounds, warmup=1).items()}
+            r = latency_case(name, make, batch, size, args.seq, args.rounds, args.round_to)
+            macs, ms = r["macs"], r["ms"]
+            base_macs = macs["dense"]
             for ratio in (0.3, 0.5):
                 mac_red = 1 - macs[ratio] / base_macs
                 lat_red = 1 - ms[ratio] / ms["dense"]

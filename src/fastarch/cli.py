@@ -17,6 +17,7 @@ COMMANDS = {
     "index": "fastarch.retrieval.cli:add_index_parser",
     "retrieve": "fastarch.retrieval.cli:add_retrieve_parser",
     "compress": "fastarch.retrieval.cli:add_compress_parser",
+    "bench": "fastarch.benchmark.cli:add_parser",
 }
 
 
