@@ -137,3 +137,12 @@ def test_goal_rules():
     r.rewrites = ["attention: sdpa"]
     r.ms["fastarch"] = 0.9
     assert r.goal().startswith("met")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_bad_device_fails_naming_the_argument(device, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here: cuda is a valid device")
+    rc = cli.main(["bench", "--models", "llama", "--device", device, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "argument --device" in err and repr(device) in err

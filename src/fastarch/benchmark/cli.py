@@ -55,6 +55,8 @@ def add_parser(subparsers):
                    help="timing rounds (default: each benchmark's own)")
     p.add_argument("--seq", type=int, default=None, help="end to end: tokens per text input")
     p.add_argument("--image", type=int, default=None, help="end to end: image side")
+    p.add_argument("--device", default="cpu",
+                   help="end to end: cpu (default) or cuda (when a GPU is available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -87,6 +89,12 @@ def run(args, argv: list[str] | None = None) -> int:
     if args.rounds is not None and args.rounds < 1:
         print("fastarch bench: error: argument --rounds: must be >= 1", file=sys.stderr)
         return 2
+    if models:
+        try:
+            e2e.check_device(args.device)
+        except ValueError as exc:
+            print(f"fastarch bench: error: argument --device: {exc}", file=sys.stderr)
+            return 2
     if ops:
         try:
             suite.require_bench_dir()
@@ -112,14 +120,15 @@ def run(args, argv: list[str] | None = None) -> int:
                                                   f"`{type(exc).__name__}: {exc}`"]))
     if models:
         results = e2e.run(models, args.backends, quick=args.quick, rounds=args.rounds,
-                          seq=args.seq, image=args.image, progress=progress)
+                          seq=args.seq, image=args.image, progress=progress,
+                          device=args.device)
         bars = {f"{b} vs eager": [r.speedup("eager", b) for r in results]
                 for b in args.backends if b != "eager"}
         png = report.bar_plot(os.path.join(out_dir, "e2e_speedup.png"),
                               [r.name for r in results], bars, "speed-up over eager (x)",
-                              "torch.compile backends vs eager, CPU", hline=1.0)
+                              f"torch.compile backends vs eager, {args.device}", hline=1.0)
         sections.append(report.Section("e2e", e2e.markdown(results, args.backends,
-                                                           args.rounds), [png]))
+                                                           args.rounds, args.device), [png]))
         failed += [f"{r.name}/{b}" for r in results for b in r.errors
                    if "not registered" not in r.errors[b]]
     command = report.command_line(argv if argv is not None else _argv(args))
@@ -146,6 +155,8 @@ def _argv(args) -> list[str]:
     if args.backends != list(BACKEND_NAMES):
         out += ["--backends", ",".join(args.backends)]
     out += ["--quick"] if args.quick else []
+    if args.device != "cpu":
+        out += ["--device", args.device]
     for key in ("out", "rounds", "seq", "image", "threads"):
         if getattr(args, key) is not None:
             out += [f"--{key}", str(getattr(args, key))]

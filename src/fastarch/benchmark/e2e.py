@@ -88,7 +88,7 @@ def model_cases(quick: bool = False, seq: int | None = None, image: int | None =
 
         return _hf_case("gpt2", lambda: GPT2Config(
             n_embd=256, n_layer=4, n_head=4, vocab_size=8192, n_positions=4096,
-            use_cache=False), GPT2Model, seq, True, "HF GPT2Model, hidden 256, 4 layers, 4 heads")
+            bos_token_id=0, eos_token_id=0, use_cache=False), GPT2Model, seq, True, "HF GPT2Model, hidden 256, 4 layers, 4 heads")
 
     def bert():
         from transformers import BertConfig, BertModel
@@ -218,19 +218,41 @@ class ModelResult:
         return ("met" if r >= NOT_WORSE_THAN else "not met") + " (no rewrite: >= 0.97x)"
 
 
+def check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available here")
+    return dev
+
+
+def _to(obj, dev):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, dev) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    return obj
+
+
 def run_model(case: ModelCase, backends=BACKENDS, rounds: int = 10, warmup: int = 2,
-              progress: Callable = lambda it, **kw: it) -> ModelResult:
+              progress: Callable = lambda it, **kw: it, device: str = "cpu") -> ModelResult:
     """Compare ``backends`` on one model: compile each (timed), check its output against eager,
-    then time every backend in interleaved rounds (median ms)."""
+    then time every backend in interleaved rounds (median ms). On ``device="cuda"`` every call
+    is followed by a synchronisation so that the time covers the kernels."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"backends: unknown {unknown}; choose from {list(BACKENDS)}")
+    dev = check_device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     res = ModelResult(case.name, case.describe)
     usable = available_backends()
     torch.manual_seed(0)
-    base = case.build()
-    args, kwargs = case.inputs()
-    valid = case.valid() if case.valid is not None else None
+    base = case.build().to(dev)
+    args, kwargs = _to(case.inputs(), dev)
+    valid = _to(case.valid(), dev) if case.valid is not None else None
     fns = {}
     with torch.no_grad():
         ref = base(*args, **kwargs)
@@ -251,6 +273,7 @@ def run_model(case: ModelCase, backends=BACKENDS, rounds: int = 10, warmup: int 
             try:
                 t0 = time.perf_counter()
                 out = compiled(*args, **kwargs)
+                sync()
                 res.compile_s[b] = time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001  (reported in the table, others still run)
                 res.errors[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -263,11 +286,13 @@ def run_model(case: ModelCase, backends=BACKENDS, rounds: int = 10, warmup: int 
         for _ in range(warmup):
             for f in fns.values():
                 f(*args, **kwargs)
+        sync()
         times = {b: [] for b in fns}
         for _ in progress(range(rounds), desc=f"{case.name} rounds", leave=False):
             for b, f in fns.items():
                 t0 = time.perf_counter()
                 f(*args, **kwargs)
+                sync()
                 times[b].append(time.perf_counter() - t0)
     res.ms = {b: statistics.median(t) * 1e3 for b, t in times.items() if t}
     return res
@@ -277,13 +302,15 @@ def _fmt(x, spec=".2f", suffix=""):
     return "n/a" if x is None or x != x else f"{x:{spec}}{suffix}"
 
 
-def markdown(results: list[ModelResult], backends=BACKENDS, rounds: int | None = None
-             ) -> list[str]:
-    lines = ["## End to end: eager vs torch.compile (inductor) vs torch.compile (fastarch), CPU",
-             "",
+def markdown(results: list[ModelResult], backends=BACKENDS, rounds: int | None = None,
+             device: str = "cpu") -> list[str]:
+    lines = ["## End to end: eager vs torch.compile (inductor) vs torch.compile (fastarch), "
+             + ("CPU" if device == "cpu" else device), "",
              "Speed-up columns: time of the baseline / time of the candidate (> 1 = candidate "
              "faster); all backends timed in the same process, in interleaved rounds"
-             + (f" ({rounds})" if rounds else "") + ", median ms; compile = first call. "
+             + (f" ({rounds})" if rounds else "") + ", median ms; compile = first call "
+             "(Inductor's caches are shared: a backend compiled after another may reuse its "
+             "kernels). "
              "max |diff| vs eager over non-padding positions; match = within 1e-3 x max(1, "
              "max |eager output|).", ""]
     head = ["model"] + [f"{b} ms" for b in backends]
@@ -327,8 +354,9 @@ def markdown(results: list[ModelResult], backends=BACKENDS, rounds: int | None =
 
 def run(models, backends=BACKENDS, quick: bool = False, rounds: int | None = None,
         seq: int | None = None, image: int | None = None,
-        progress: Callable = lambda it, **kw: it) -> list[ModelResult]:
+        progress: Callable = lambda it, **kw: it, device: str = "cpu") -> list[ModelResult]:
     """Run the comparison on ``models`` (names of :data:`MODEL_NAMES` or :class:`ModelCase`)."""
+    check_device(device)
     cases = model_cases(quick, seq, image)
     rounds = rounds or (3 if quick else 10)
     out = []
@@ -337,7 +365,7 @@ def run(models, backends=BACKENDS, quick: bool = False, rounds: int | None = Non
             if m not in cases:
                 raise ValueError(f"models: unknown model {m!r}; choose from {list(MODEL_NAMES)}")
             m = cases[m].get()
-        out.append(run_model(m, backends, rounds=rounds, progress=progress))
+        out.append(run_model(m, backends, rounds=rounds, progress=progress, device=device))
     return out
 
 
