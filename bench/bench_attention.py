@@ -11,6 +11,7 @@ efficiency (time ratio against the ideal ratio of computed tiles, window vs caus
     python bench/bench_attention.py                  # a few configs (minutes on 2 cores)
     python bench/bench_attention.py --full           # the whole S x H x D x dtype grid
     python bench/bench_attention.py --out bench/results/attention.md
+    python bench/bench_attention.py --mask-builds --configs "4096,8,64,float32"   # build cost
 """
 from __future__ import annotations
 
@@ -24,7 +25,17 @@ import torch
 import torch.nn.functional as F
 
 import fastarch
-from fastarch.attention import causal, create_block_mask, sliding_window
+from fastarch.attention import (
+    and_masks,
+    causal,
+    create_block_mask,
+    document,
+    fixed,
+    from_function,
+    global_local_random,
+    sliding_window,
+    strided,
+)
 from fastarch.ops.block_sparse_attention import dense_mask
 
 
@@ -103,6 +114,39 @@ def run_config(s, h, d, dtype, window, block_size, reps, with_flex):
     }
 
 
+def build_specs(s):
+    """The masks whose uncached build is measured against one attention call with them."""
+    def user(b, h, q, kv):  # the fixed pattern as a user function
+        return (q // 128 == kv // 128) | (kv % 128 >= 120)
+
+    return {
+        "causal & document (3 docs)": and_masks(causal(), document(lengths=[s // 2, s // 4,
+                                                                            s - s // 2 - s // 4])),
+        "global_local_random(64, r=2) (BigBird)": global_local_random(block=64, random_blocks=2),
+        "strided(64)": strided(64),
+        "strided(128, local=32)": strided(128, 32),
+        "fixed(128, 8)": fixed(128, 8),
+        "causal & user fn, period=128 given": and_masks(causal(), from_function(user,
+                                                                                period=128)),
+        "causal & user fn, no hint": and_masks(causal(), from_function(user)),
+    }
+
+
+def run_mask_builds(s, h, d, dtype, block_size, reps):
+    """Uncached block-mask build vs one attention call with that mask, interleaved."""
+    q, k, v = (torch.randn(1, h, s, d, dtype=dtype) for _ in range(3))
+    rows = []
+    for name, spec in build_specs(s).items():
+        bm = create_block_mask(spec, q_len=s, block_size=block_size, cache=False)
+        t = interleaved_median_ms({
+            "build": lambda spec=spec: create_block_mask(spec, q_len=s, block_size=block_size,
+                                                         cache=False),
+            "attention": lambda bm=bm: fastarch.block_sparse_attention(q, k, v, bm),
+        }, reps)
+        rows.append((name, t["build"], t["attention"], bm.computed_fraction()))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--full", action="store_true")
@@ -115,6 +159,9 @@ def main(argv=None):
                     help="semicolon-separated S,H,D,dtype list, e.g. '8192,8,64,float32'")
     ap.add_argument("--out", default=None)
     ap.add_argument("--append", action="store_true", help="append the table rows to --out")
+    ap.add_argument("--mask-builds", action="store_true",
+                    help="measure the uncached block-mask build of several masks against one "
+                         "attention call with each (goal: build <= 10%% of the call)")
     args = ap.parse_args(argv)
     shown_argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
@@ -129,6 +176,8 @@ def main(argv=None):
     else:
         grid = [(1024, 8, 64, torch.float32), (4096, 8, 64, torch.float32),
                 (4096, 8, 64, torch.bfloat16), (4096, 8, 128, torch.float32)]
+    if args.mask_builds:
+        return _mask_build_table(args, grid, shown_argv)
     lines = [
         "# Block-sparse attention, CPU",
         "",
@@ -171,6 +220,30 @@ def main(argv=None):
             fh.write("\n".join(lines[-len(grid):]) + "\n")
     elif args.out:
         with open(args.out, "w") as fh:
+            fh.write(text)
+    return text
+
+
+def _mask_build_table(args, grid, shown_argv):
+    lines = [
+        "",
+        (f"Block-mask build (uncached) vs one attention call with the mask: "
+         f"{platform.processor() or platform.machine()}, {args.threads} threads, block "
+         f"{args.block_size}, median of {args.reps} interleaved runs, ms. "
+         f"Command: `python bench/bench_attention.py {' '.join(shown_argv)}`"),
+        "",
+        "| S | H | D | dtype | mask | build (ms) | attention (ms) | build / attention | tiles |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, h, d, dt in grid:
+        for name, tb, ta, frac in run_mask_builds(s, h, d, dt, args.block_size, args.reps):
+            row = (f"| {s} | {h} | {d} | {str(dt).replace('torch.', '')} | {name} | {tb:.1f} | "
+                   f"{ta:.1f} | {tb / ta:.1%} | {frac:.3f} |")
+            print(row, flush=True)
+            lines.append(row)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "a" if args.append else "w") as fh:
             fh.write(text)
     return text
 
