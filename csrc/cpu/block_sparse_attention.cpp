@@ -795,7 +795,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const scalar_t* vp = v.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     float* lp = lse.data_ptr<float>();
-    at::parallel_for(0, items * nsplit, 1, [&](int64_t w0, int64_t w1) {
+    // Without splits, the items are dealt round-robin to one chunk per thread, so that cheap and
+    // expensive query tiles (causal: the first tiles see few keys) mix in every chunk even when
+    // B * Hq is small or odd; with splits (decode), one work unit per chunk.
+    const int64_t total = items * nsplit;
+    const int64_t nch = nsplit == 1 ? std::max<int64_t>(1, std::min(threads, total)) : total;
+    const int64_t stride = nsplit == 1 ? nch : total;
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       const int64_t gb = p.group * bs;
       std::vector<float> scratch(size_t(2 * bs * D + 2 * gb * D + bs * gb + 2 * bs));
       float* qbuf = scratch.data();
@@ -805,7 +811,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       float* accb = sbuf + bs * gb;
       float* mb = accb + bs * D;
       float* lb = mb + bs;
-      for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t c = c0; c < c1; ++c)
+      for (int64_t w = c; w < total; w += stride) {
         const int64_t item = w / nsplit, split = w % nsplit;
         const int64_t qt = item % Qt, h = (item / Qt) % Hq, b = item / (Qt * Hq);
         const int64_t bm = Bm == 1 ? 0 : b, hm = Hm == 1 ? 0 : h;
