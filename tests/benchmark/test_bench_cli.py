@@ -60,6 +60,8 @@ def test_header_says_machine_versions_and_command():
     assert f"torch {torch.__version__}" in lines and "triton" in lines and "fastarch" in lines
     assert re.search(r"Date: \d{4}-\d\d-\d\d", lines)
     assert "Command: `fastarch bench --quick`" in lines
+    assert "load average" in lines and "at start" in lines and "at end" in lines
+    assert "shared" in "\n".join(report.header("c", load_start=(999.0, 999.0, 999.0)))
     flags = report.cpu_info()["isa"]
     with open("/proc/cpuinfo") as f:
         text = f.read()

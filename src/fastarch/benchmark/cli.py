@@ -37,8 +37,9 @@ def _names(kind: str, choices: tuple[str, ...]):
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "bench", help="run the benchmark suite and write a markdown report with plots",
-        description=__doc__.split("\n\n")[0] + " Without --ops or --models every op and every "
-        "model runs.")
+        description="Run the microbenchmarks (CPU) and the end-to-end comparison eager vs "
+        "torch.compile with Inductor vs with the fastarch backend, and write a markdown report "
+        "(REPORT.md) with PNG plots. Without --ops or --models every op and every model runs.")
     p.add_argument("--ops", type=_names("op", OP_NAMES), default=None,
                    help=f"microbenchmarks to run: {', '.join(OP_NAMES)} or all (they need a "
                         "source checkout's bench/ folder)")
@@ -57,7 +58,9 @@ def add_parser(subparsers):
     p.add_argument("--image", type=int, default=None, help="end to end: image side")
     p.add_argument("--device", default="cpu",
                    help="end to end: cpu (default) or cuda (when a GPU is available)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (on a shared machine, 1 avoids the large swings of "
+                        "oversubscribed OpenMP threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -83,6 +86,7 @@ def _progress(disabled: bool):
 def run(args, argv: list[str] | None = None) -> int:
     from fastarch.benchmark import e2e, report, suite
 
+    load_start = report.load_average()
     ops, models = args.ops, args.models
     if ops is None and models is None:
         ops, models = list(OP_NAMES), list(MODEL_NAMES)
@@ -132,7 +136,7 @@ def run(args, argv: list[str] | None = None) -> int:
         failed += [f"{r.name}/{b}" for r in results for b in r.errors
                    if "not registered" not in r.errors[b]]
     command = report.command_line(argv if argv is not None else _argv(args))
-    path = report.write(out_dir, command, sections)
+    path = report.write(out_dir, command, sections, load_start=load_start)
     print(f"report: {path}")
     for s in sections:
         for p in s.plots:

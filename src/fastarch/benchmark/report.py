@@ -55,16 +55,32 @@ def versions() -> dict:
     return out
 
 
-def header(command: str, title: str = "fastarch benchmark report") -> list[str]:
-    """Markdown header lines: machine, versions, date, load and the exact command."""
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def header(command: str, title: str = "fastarch benchmark report",
+           load_start: tuple[float, float, float] | None = None) -> list[str]:
+    """Markdown header lines: machine, versions, date, load (at ``load_start`` and now) and the
+    exact command."""
     cpu, ver = cpu_info(), versions()
     isa = ", ".join(cpu["isa"]) or "none of " + "/".join(ISA_FLAGS[:2])
     if "avx512f" not in cpu["isa"] and platform.machine() in ("x86_64", "AMD64"):
         isa += " (no AVX-512)"
-    try:
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "unknown"
+    end = load_average()
+    loads = [x for x in (load_start, end) if x is not None]
+    fmt = lambda la: "unknown" if la is None else "/".join(f"{x:.2f}" for x in la)  # noqa: E731
+    if not loads:
+        load = "load unknown"
+    else:
+        busy = max(x[0] for x in loads) > cpu["cores"]
+        load = (f"load average (1/5/15 min) at start {fmt(load_start)}, at end {fmt(end)}: "
+                + ("**the machine was shared** (load above its core count): absolute times are "
+                   "inflated and can swing, ratios are same-run" if busy else
+                   "the machine was not overloaded"))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return [
         f"# {title}", "",
@@ -72,9 +88,7 @@ def header(command: str, title: str = "fastarch benchmark report") -> list[str]:
         f"ISA: {isa}; GPU: {gpu_info()}",
         f"- Versions: torch {ver['torch']}, triton {ver['triton']}, fastarch {ver['fastarch']}, "
         f"Python {ver['python']}",
-        f"- Date: {now}; load average at start (1/5/15 min): {load} "
-        "(a load above the core count means the machine was shared: absolute times are "
-        "inflated, ratios are same-run)",
+        f"- Date: {now}; {load}",
         f"- Command: `{command}`",
         "",
         "Every ratio compares candidates measured in the same process, in interleaved rounds "
@@ -138,10 +152,10 @@ def line_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylab
 
 
 def write(out_dir: str, command: str, sections: list[Section],
-          filename: str = "REPORT.md") -> str:
+          filename: str = "REPORT.md", load_start=None) -> str:
     """Write the header and every section to ``out_dir/filename``; returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    lines = header(command)
+    lines = header(command, load_start=load_start)
     for s in sections:
         lines += s.lines + ([""] if s.plots else [])
         lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})"
