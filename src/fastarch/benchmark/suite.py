@@ -204,8 +204,8 @@ def run_pruning(o: RunOptions) -> Section:
 
 # ---- N:M linear ---------------------------------------------------------------------------------
 def run_nm_linear(o: RunOptions) -> Section:
+    # the grid of bench/bench_nm_linear.py (its default --shapes), timed interleaved
     timing = bench_module("timing")
-    bench_module("bench_nm_linear")  # the checkout's script must be there (its cases)
     import torch.nn.functional as F
 
     from fastarch.ops.nm_linear import nm_compress, nm_linear
