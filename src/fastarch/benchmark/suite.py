@@ -87,7 +87,9 @@ def run_sparse_gemv(o: RunOptions) -> Section:
         mlp_shapes = {"MLP (256, 1024)": (256, 1024)}
         batches, rounds = (1,), o.rounds or 5
     else:
-        shapes, mlp_shapes, batches, rounds = m.GEMV_SHAPES, m.MLP_SHAPES, (1, 8), o.rounds or 15
+        shapes, mlp_shapes, rounds = m.GEMV_SHAPES, m.MLP_SHAPES, o.rounds or 15
+        batches = getattr(m, "GEMV_BATCHES", (1, 8))
+    mlp_batches = batches if o.quick else getattr(m, "MLP_BATCHES", (1, 8))
     sparsities = m.SPARSITIES
     dtypes = (torch.float32, torch.bfloat16)
     cases = [(n, s, dt, b) for n, s in shapes.items() for dt in dtypes for b in batches]
@@ -104,7 +106,7 @@ def run_sparse_gemv(o: RunOptions) -> Section:
     limit = [s for s in sparsities if s < 1]
     series["limit 1/(1-s), batch 1"] = (limit, [1 / (1 - s) for s in limit])
     mlp_rows = []
-    mcases = [(n, s, dt, b) for n, s in mlp_shapes.items() for dt in dtypes for b in batches]
+    mcases = [(n, s, dt, b) for n, s in mlp_shapes.items() for dt in dtypes for b in mlp_batches]
     for name, (h, inter), dtype, batch in o.progress(mcases, desc="sparse_mlp"):
         cells, dense_ms = [], None
         for s in sparsities:
