@@ -162,13 +162,17 @@ class FeatureSpace:
     block weights. Stored in the index file so that queries land in the same space."""
 
     def __init__(self, idf=None, stat_mean=None, stat_std=None, weights=None,
-                 wl_iteration_weights=None):
+                 wl_iteration_weights=None, text_weight: float = 0.0):
         self.idf = None if idf is None else np.asarray(idf, np.float32)
         self.stat_mean = None if stat_mean is None else np.asarray(stat_mean, np.float32)
         self.stat_std = None if stat_std is None else np.asarray(stat_std, np.float32)
         self.weights = {"wl": 1.0, "motif": 0.6, "stats": 0.5, "shape": 0.5}
         self.weights.update(weights or {})
         self.wl_iteration_weights = list(wl_iteration_weights or [1.0, 1.0, 1.0, 1.0])
+        # share (of squared norm) of the description's MiniLM embedding in the search vector
+        self.text_weight = float(text_weight)
+        if not 0.0 <= self.text_weight < 1.0:
+            raise ValueError(f"text_weight must be in [0, 1), got {text_weight!r}")
 
     @property
     def dim(self) -> int:
@@ -199,8 +203,41 @@ class FeatureSpace:
         return _l2(np.concatenate(parts, axis=1)).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"weights": self.weights, "wl_iteration_weights": self.wl_iteration_weights}
+        return {"weights": self.weights, "wl_iteration_weights": self.wl_iteration_weights,
+                "text_weight": self.text_weight}
 
     @classmethod
     def from_arrays(cls, idf, stat_mean, stat_std, cfg: dict) -> FeatureSpace:
-        return cls(idf, stat_mean, stat_std, cfg.get("weights"), cfg.get("wl_iteration_weights"))
+        return cls(idf, stat_mean, stat_std, cfg.get("weights"), cfg.get("wl_iteration_weights"),
+                   cfg.get("text_weight", 0.0))
+
+    def blocks(self, emb: np.ndarray) -> list[np.ndarray]:
+        """The L2-normalised blocks (WL, motif, stats, shape) of embeddings made by
+        :meth:`transform` (a block of weight 0, or empty, comes back as zeros)."""
+        cuts = np.cumsum([0, WL_DIM, MOTIF_DIM, N_STATS, SHAPE_DIM])
+        return [_l2(np.asarray(emb[:, a:b], np.float32)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def reweight(self, emb: np.ndarray, weights: dict) -> np.ndarray:
+        """Embeddings made with this space's block weights, re-made with ``weights`` (no
+        re-extraction: each block is recovered from ``emb``; a block whose weight was 0 stays
+        0). Updates ``self.weights``."""
+        for k, v in weights.items():
+            if k not in self.weights:
+                raise ValueError(f"weights: unknown block {k!r} (blocks: {list(self.weights)})")
+            if self.weights[k] == 0 and v != 0:
+                raise ValueError(f"weights: block {k!r} had weight 0 and cannot be recovered")
+        self.weights = dict(self.weights, **weights)
+        names = ("wl", "motif", "stats", "shape")
+        parts = [self.weights[n] * b for n, b in zip(names, self.blocks(emb))]
+        return _l2(np.concatenate(parts, axis=1)).astype(np.float32)
+
+    def fuse(self, emb: np.ndarray, text: np.ndarray | None) -> np.ndarray:
+        """The search vectors: graph embeddings, with the description's text embedding
+        appended at ``text_weight`` (graph embeddings alone when it is 0 or there is none)."""
+        emb = np.asarray(emb, np.float32)
+        if text is None or self.text_weight <= 0:
+            return emb
+        a = self.text_weight
+        return np.concatenate([math.sqrt(1 - a) * _l2(emb),
+                               math.sqrt(a) * _l2(np.asarray(text, np.float32))],
+                              axis=-1).astype(np.float32)

@@ -72,6 +72,9 @@ class ArchitectureIndex:
         self.text = None if text is None else np.ascontiguousarray(text, dtype=np.float32)
         self.space = space
         self.meta = meta
+        # what name and module queries scan: graph embeddings fused with the description's
+        # text embedding (space.text_weight), one unit vector per row
+        self.search = space.fuse(self.emb, self.text)
         self.row_of: dict[str, int] = {}
         for i, e in enumerate(entries):
             self.row_of[e["name"]] = i
@@ -85,7 +88,8 @@ class ArchitectureIndex:
     @classmethod
     def from_records(cls, records: dict[str, dict] | list[dict], text: bool = True,
                      weights: dict | None = None, wl_iteration_weights=None,
-                     raw: dict | None = None, progress: bool = False) -> ArchitectureIndex:
+                     raw: dict | None = None, progress: bool = False,
+                     text_weight: float = 0.0) -> ArchitectureIndex:
         """Index of the graphs in ``records`` (failed ones are listed in ``meta['failed']``).
         ``raw`` may hold precomputed ``raw_features`` by name (for tuning)."""
         recs = list(records.values()) if isinstance(records, dict) else list(records)
@@ -130,7 +134,8 @@ class ArchitectureIndex:
         motif = np.stack([motif[i] for i in order])
         stats = np.stack([stats[i] for i in order])
         shape = np.stack([shape[i] for i in order])
-        space = FeatureSpace(weights=weights, wl_iteration_weights=wl_iteration_weights)
+        space = FeatureSpace(weights=weights, wl_iteration_weights=wl_iteration_weights,
+                             text_weight=text_weight if text else 0.0)
         space.fit(wl, stats)
         emb = space.transform(wl, motif, stats, shape)
         text_emb = None
@@ -202,6 +207,18 @@ class ArchitectureIndex:
     def embed_graph(self, g: OpGraph) -> np.ndarray:
         wl, motif, stats, _, shape = raw_features(g)
         return self.space.transform(wl[None], motif[None], stats[None], shape[None])[0]
+
+    def query_vector(self, g: OpGraph) -> np.ndarray:
+        """The search vector of a graph outside the index, made as the rows' are: its graph
+        embedding, fused (when the index fuses text) with the MiniLM embedding of its
+        automatically written description."""
+        emb = self.embed_graph(g)[None]
+        text = None
+        if self.text is not None and self.space.text_weight > 0:
+            from fastarch.retrieval.describe import describe, embed_texts
+
+            text = embed_texts([describe(g)])
+        return self.space.fuse(emb, text)[0]
 
     def hits(self, scores: np.ndarray, k: int, exclude: set[int] = frozenset()) -> list[Hit]:
         k = min(k, len(self.entries) - len(exclude))

@@ -124,7 +124,7 @@ def retrieve(query, k: int = 10, *, kind: str = "auto", index: ArchitectureIndex
         if kind not in ("auto", "module"):
             raise ValueError(f"kind={kind!r} does not fit a module query")
         g = graph_of_module(query, example_inputs)
-        return idx.hits(idx.embed_graph(g) @ idx.emb.T, k)
+        return idx.hits(idx.search @ idx.query_vector(g), k)
     if not isinstance(query, str):
         raise TypeError("query must be an nn.Module, a zoo name or a text, got "
                         f"{type(query).__name__}")
@@ -146,7 +146,7 @@ def _name_query(idx: ArchitectureIndex, name: str, k: int) -> list[Hit]:
         full = zoo.resolve(name)  # ZooError (a KeyError) with close names when unknown
     row = idx.row_of.get(full)
     if row is not None:
-        return idx.hits(idx.emb @ idx.emb[row], k, exclude={row})
+        return idx.hits(idx.search @ idx.search[row], k, exclude={row})
     # in the zoo but not in this index (not covered, or its build failed): read it now
     model = zoo.create(full, device="meta")
     args, kwargs = zoo.example_inputs(full, model, device="meta")
@@ -156,7 +156,7 @@ def _name_query(idx: ArchitectureIndex, name: str, k: int) -> list[Hit]:
     if g.method != "trace":
         warnings.warn(f"{full} could be traced only in part ({g.error}); the result comes "
                       "from what could be read", RetrievalWarning, stacklevel=3)
-    return idx.hits(idx.emb @ idx.embed_graph(g), k)
+    return idx.hits(idx.search @ idx.query_vector(g), k)
 
 
 def _text_query(idx: ArchitectureIndex, text: str, k: int) -> list[Hit]:
@@ -170,5 +170,6 @@ def _text_query(idx: ArchitectureIndex, text: str, k: int) -> list[Hit]:
 
 
 def scores_matrix(idx: ArchitectureIndex) -> np.ndarray:
-    """All-pairs graph similarities (rows x rows), for leave-one-out evaluation."""
-    return idx.emb @ idx.emb.T
+    """All-pairs similarities of the search vectors (rows x rows), for leave-one-out
+    evaluation."""
+    return idx.search @ idx.search.T
