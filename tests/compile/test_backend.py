@@ -105,7 +105,15 @@ def test_mode_and_inductor_options_pass_through():
             torch.compile(m, backend="fastarch", options={"not_an_inductor_option": 1})(x, mask)
 
 
-def test_rewrites_can_be_switched_off():
+def test_small_static_attention_is_left_to_sdpa():
+    m = MaskedAttention().eval()
+    res = explain(m, torch.randn(1, 16, 32), _window(16, 4))
+    assert res.rewritten() == []
+    (entry,) = [e for r in res.reports for e in r.entries if e.pass_name == "attention"]
+    assert "below the size where the kernel pays" in entry.reason
+
+
+def test_rewrites_can_be_switched_off(force_block_sparse):
     m = MaskedAttention().eval()
     x, mask = torch.randn(2, 20, 32), _window(20, 5)
     with torch.no_grad():
@@ -124,7 +132,7 @@ def test_training_graphs_are_left_alone():
     torch.testing.assert_close(out, m(x, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_explain_reports_rewrites_without_compiling():
+def test_explain_reports_rewrites_without_compiling(force_block_sparse):
     m = MaskedAttention().eval()
     res = explain(m, torch.randn(1, 16, 32), _window(16, 4))
     assert res.graph_count == 1 and res.graph_break_count == 0
@@ -202,7 +210,7 @@ def test_sliding_window_model_takes_the_kernel_with_default_thresholds():
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
                         sliding_window=64)
     m = MistralForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (1, 300))
+    ids = torch.randint(0, 128, (1, 600))
     A._PLANS.clear()
     before = A.STATS["block_sparse"]
     with torch.no_grad():

@@ -40,7 +40,7 @@ BLOCK_SIZE = 64
 # The look at the mask and the block-sparse kernel pay off only past this many query x key pairs
 # per (batch, head) slice and when at most this fraction of tiles is visited (measured with
 # bench/bench_compile.py --attention; see bench/RESULTS.md). Environment overrides for tuning.
-MIN_PAIRS = int(os.environ.get("FASTARCH_SDPA_MIN_PAIRS", 256 * 256))
+MIN_PAIRS = int(os.environ.get("FASTARCH_SDPA_MIN_PAIRS", 512 * 512))
 MAX_FRACTION = float(os.environ.get("FASTARCH_SDPA_MAX_FRACTION", 0.45))
 # additive mask values at or below this are "masked": exp(s + m - max) is exactly 0 in fp32 when
 # the row has an allowed entry (checked), so the bool view of the mask gives the same softmax
@@ -112,12 +112,16 @@ def _block_mask_from_words(words: torch.Tensor, bs: int, lq: int, lk: int) -> Bl
                      tile_mask_index=tmi)
 
 
-def _fraction_lower_bound(keep: torch.Tensor, bs: int) -> float:
-    bm_, hm_, lq, lk = keep.shape
+def _fraction_lower_bound(mask: torch.Tensor, bs: int) -> float:
+    """Tiles visited, counted on the first and last row of each query tile only (a bool mask,
+    or an additive one where 0 = allowed)."""
+    bm_, hm_, lq, lk = mask.shape
     qt, kt = -(-lq // bs), -(-lk // bs)
-    first = torch.arange(qt, device=keep.device) * bs
+    first = torch.arange(qt, device=mask.device) * bs
     rows = torch.stack([first, torch.clamp(first + bs - 1, max=lq - 1)], 1).flatten()
-    sampled = keep.index_select(2, rows)  # (Bm, Hm, 2 Qt, Lk)
+    sampled = mask.index_select(2, rows)  # (Bm, Hm, 2 Qt, Lk)
+    if sampled.dtype != torch.bool:
+        sampled = sampled == 0
     if kt * bs != lk:
         sampled = torch.nn.functional.pad(sampled, (0, kt * bs - lk))
     visited = sampled.view(bm_, hm_, qt, 2, kt, bs).any(-1).any(3)
@@ -185,29 +189,29 @@ def _fits(plan: AttentionPlan, q: torch.Tensor) -> bool:
 @torch.no_grad()
 def _plan_from_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int,
                     max_fraction: float) -> AttentionPlan:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        return AttentionPlan("sdpa", f"mask dtype {mask.dtype}")
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     m4 = m4.expand(m4.shape[0], m4.shape[1], lq, lk)  # e.g. a key-padding mask (B, 1, 1, Lk)
-    if mask.dtype == torch.bool:
+    # a dim the mask was expanded along is read once; other repeated slices collapse below
+    m4 = m4[tuple(slice(0, 1) if m4.stride(d) == 0 else slice(None) for d in (0, 1))]
+    # A lower bound of the visited tiles from the first and last row of each query tile (1/32 of
+    # the mask): a dense mask goes back to SDPA before the mask is read in full.
+    lb = _fraction_lower_bound(m4, BLOCK_SIZE)
+    if lb >= 1.0 and bool((m4 if m4.dtype == torch.bool else m4 == 0).all()):
+        return AttentionPlan("nomask", "mask allows every pair", fraction=1.0)
+    if lb > max_fraction:
+        return AttentionPlan("sdpa", f">= {lb:.0%} of tiles visited > {max_fraction:.0%}",
+                             fraction=lb)
+    if m4.dtype == torch.bool:
         keep = m4
-    elif mask.is_floating_point():
+    else:
         keep = m4 == 0
         if not bool((keep | (m4 <= _MASKED)).all()):
             return AttentionPlan("sdpa", "additive mask with values other than 0 and -inf")
         if not bool(keep.any(-1).all()):
             # SDPA spreads a fully masked row uniformly over the keys; the kernel gives zeros
             return AttentionPlan("sdpa", "additive mask with fully masked rows")
-    else:
-        return AttentionPlan("sdpa", f"mask dtype {mask.dtype}")
-    # a dim the mask was expanded along is read once; other repeated slices collapse below
-    keep = keep[tuple(slice(0, 1) if keep.stride(d) == 0 else slice(None) for d in (0, 1))]
-    # A lower bound of the visited tiles from the first and last row of each query tile (1/32 of
-    # the mask): a dense mask goes back to SDPA without the full scan.
-    lb = _fraction_lower_bound(keep, BLOCK_SIZE)
-    if lb >= 1.0 and bool(keep.all()):
-        return AttentionPlan("nomask", "mask allows every pair", fraction=1.0)
-    if lb > max_fraction:
-        return AttentionPlan("sdpa", f">= {lb:.0%} of tiles visited > {max_fraction:.0%}",
-                             fraction=lb)
     words = _collapse(_collapse(_padded_words(keep, BLOCK_SIZE), 1), 0)
     bm = _block_mask_from_words(words, BLOCK_SIZE, lq, lk)
     fraction = bm.computed_fraction()

@@ -224,6 +224,12 @@ def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: Compi
         if isinstance(mval, torch.Tensor) and mval.requires_grad:
             entry.reason = "the mask needs a gradient"
             continue
+        kv = _val(a["key"])
+        lq, lk = q.shape[-2], kv.shape[-2] if isinstance(kv, torch.Tensor) else None
+        if isinstance(lq, int) and isinstance(lk, int) and lq * lk < _attention.MIN_PAIRS:
+            # static and too small for the block-sparse kernel to pay (bench/bench_compile.py)
+            entry.reason = f"{lq} x {lk} keys: below the size where the kernel pays"
+            continue
         scale = a["scale"]
         first_use = mask not in planned  # the first call on a mask plans it afresh each run
         planned.add(mask)
