@@ -25,13 +25,15 @@ import fastarch  # noqa: E402
 from timing import copies_to_defeat_cache, interleaved, machine  # noqa: E402
 
 GEMV_SHAPES = {  # name: (out, in)
-    "8B-up (14336x4096)": (14336, 4096),
-    "8B-down (4096x14336)": (4096, 14336),
-    "1B-up (8192x2048)": (8192, 2048),
-    "1B-down (2048x8192)": (2048, 8192),
+    "4096x4096 (attn proj)": (4096, 4096),
+    "11008x4096 (7B up)": (11008, 4096),
+    "4096x11008 (7B down)": (4096, 11008),
 }
-MLP_SHAPES = {"Llama-3-8B MLP (4096, 14336)": (4096, 14336), "Llama-3.2-1B MLP (2048, 8192)": (2048, 8192)}
-SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
+MLP_SHAPES = {"Llama-2-7B MLP (4096, 11008)": (4096, 11008), "Llama-3.2-1B MLP (2048, 8192)": (2048, 8192)}
+SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GEMV_BATCHES = (1, 2, 4, 8, 16)
+MLP_BATCHES = (1, 8)
 
 
 def _thresholds(xs, s):
@@ -119,11 +121,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sparse_gemv.md"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of " + ",".join(DTYPES))
+    ap.add_argument("--batches", default=",".join(map(str, GEMV_BATCHES)))
+    ap.add_argument("--no-mlp", action="store_true", help="skip the sparse_mlp table")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
     args = ap.parse_args(argv)
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rounds = 7 if args.quick else 15
+    rounds = args.rounds or (7 if args.quick else 15)
     gemv_shapes = dict(list(GEMV_SHAPES.items())[:2]) if args.quick else GEMV_SHAPES
     lines = [f"Machine: {machine()}", "",
              "### sparse_gemv vs F.linear (speed-up = dense time / fastarch time; limit 1/(1-s) at batch 1)", "",
@@ -132,8 +140,8 @@ def main(argv=None) -> int:
              _fmt_row(["---"] * (5 + len(SPARSITIES)))]
     print("\n".join(lines), flush=True)
     for name, (o, i) in gemv_shapes.items():
-        for dtype in (torch.float32, torch.bfloat16):
-            for batch in (1, 8):
+        for dtype in dtypes:
+            for batch in batches:
                 cells, dense_ms, half = [], None, None
                 for s in SPARSITIES:
                     res, union = gemv_case(o, i, dtype, batch, s, rounds)
@@ -153,9 +161,11 @@ def main(argv=None) -> int:
               _fmt_row(["---"] * (4 + len(SPARSITIES)))]
     print("\n".join(lines[-4:]), flush=True)
     mlp_shapes = dict(list(MLP_SHAPES.items())[:1]) if args.quick else MLP_SHAPES
+    if args.no_mlp:
+        mlp_shapes = {}
     for name, (h, inter) in mlp_shapes.items():
-        for dtype in (torch.float32, torch.bfloat16):
-            for batch in (1, 8):
+        for dtype in dtypes:
+            for batch in MLP_BATCHES:
                 cells, dense_ms = [], None
                 for s in SPARSITIES:
                     res = mlp_case(h, inter, dtype, batch, s, max(5, rounds // 2))
@@ -166,8 +176,8 @@ def main(argv=None) -> int:
                 print(row, flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n\nCommand: `python bench/bench_sparse_gemv.py"
-                + (" --quick" if args.quick else "") + "`\n")
+        f.write("\n".join(lines) + "\n\nCommand: `python bench/bench_sparse_gemv.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n")
     return 0
 
 
@@ -176,7 +186,7 @@ def main(argv=None) -> int:
 @pytest.mark.parametrize("provider", ["torch", "fastarch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gemv_1b_up(benchmark, provider, dtype, sparsity):
-    o, i = GEMV_SHAPES["1B-up (8192x2048)"]
+    o, i = GEMV_SHAPES["4096x4096 (attn proj)"]
     w = torch.randn(o, i, dtype=dtype)
     w_t = w.t().contiguous()
     x = torch.randn(1, i, dtype=dtype)

@@ -13,11 +13,12 @@
 
 #include <cmath>
 #include <cstdint>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace fastarch {
@@ -116,6 +117,12 @@ inline void widen(float* __restrict dst, const T* __restrict src, int64_t n) {
       __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
       _mm512_storeu_ps(dst + o, _mm512_castsi512_ps(w));
     }
+#elif defined(__AVX2__)
+    for (; o + 8 <= n; o += 8) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + o));
+      __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+      _mm256_storeu_ps(dst + o, _mm256_castsi256_ps(w));
+    }
 #endif
     for (; o < n; ++o) {
       uint32_t b = uint32_t(u[o]) << 16;
@@ -123,10 +130,79 @@ inline void widen(float* __restrict dst, const T* __restrict src, int64_t n) {
     }
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     const _Float16* h = reinterpret_cast<const _Float16*>(src);
-#pragma omp simd
-    for (int64_t o = 0; o < n; ++o) dst[o] = float(h[o]);
+    int64_t o = 0;
+#if defined(__F16C__)
+    for (; o + 8 <= n; o += 8) {
+      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + o));
+      _mm256_storeu_ps(dst + o, _mm256_cvtph_ps(v));
+    }
+#endif
+    for (; o < n; ++o) dst[o] = float(h[o]);
   } else {
     std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// Small batches (2..4 rows): acc[b][o] += sum_i a[b][i] * w_i[o] for every b, with the 4 weight
+// values of column o widened to fp32 once, in registers, and used for all NB batch rows. This
+// avoids the fp32 staging buffer of the larger-batch path, whose extra store and reload cost more
+// than they save when the batch is this small (bench/results/sparse_gemv.md, AVX2 box).
+template <typename T>
+inline float load_f(const T* __restrict p, int64_t o) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t b = uint32_t(reinterpret_cast<const uint16_t*>(p)[o]) << 16;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return float(reinterpret_cast<const _Float16*>(p)[o]);
+  } else {
+    return p[o];
+  }
+}
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+template <typename T>
+inline __m256 load8_f(const T* __restrict p) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+#endif
+
+template <typename T, int NB>
+inline void axpy4_nb(float* __restrict acc, int64_t ld, const T* __restrict w0,
+                     const T* __restrict w1, const T* __restrict w2, const T* __restrict w3,
+                     const float (&a)[4][4], int64_t n) {
+  int64_t o0 = 0;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  __m256 c[NB][4];
+  for (int b = 0; b < NB; ++b)
+    for (int i = 0; i < 4; ++i) c[b][i] = _mm256_set1_ps(a[b][i]);
+  for (; o0 + 8 <= n; o0 += 8) {
+    const __m256 f0 = load8_f<T>(w0 + o0), f1 = load8_f<T>(w1 + o0);
+    const __m256 f2 = load8_f<T>(w2 + o0), f3 = load8_f<T>(w3 + o0);
+    for (int b = 0; b < NB; ++b) {
+      float* p = acc + b * ld + o0;
+      __m256 s = _mm256_loadu_ps(p);
+      s = _mm256_fmadd_ps(c[b][0], f0, s);
+      s = _mm256_fmadd_ps(c[b][1], f1, s);
+      s = _mm256_fmadd_ps(c[b][2], f2, s);
+      s = _mm256_fmadd_ps(c[b][3], f3, s);
+      _mm256_storeu_ps(p, s);
+    }
+  }
+#endif
+  for (int64_t o = o0; o < n; ++o) {
+    const float f0 = load_f<T>(w0, o), f1 = load_f<T>(w1, o);
+    const float f2 = load_f<T>(w2, o), f3 = load_f<T>(w3, o);
+    for (int b = 0; b < NB; ++b)
+      acc[b * ld + o] += a[b][0] * f0 + a[b][1] * f1 + a[b][2] * f2 + a[b][3] * f3;
   }
 }
 
@@ -160,6 +236,28 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
           const int64_t nk = std::min<int64_t>(4, k1 - kb);
           const T* wr[4];
           for (int i = 0; i < 4; ++i) wr[i] = w + rows[kb + std::min<int64_t>(i, nk - 1)] * out;
+          if (nk == 4 && B <= 4) {
+            float a[4][4] = {};
+            bool any = false;
+            for (int64_t b = 0; b < B; ++b)
+              for (int i = 0; i < 4; ++i) {
+                a[b][i] = xa[b * K + kb + i];
+                any = any || a[b][i] != 0.f;
+              }
+            if (!any) continue;
+            for (int64_t o0 = 0; o0 < out; o0 += kTile) {
+              const int64_t n = std::min(kTile, out - o0);
+              float* ac = acc + o0;
+              if (B == 2) {
+                axpy4_nb<T, 2>(ac, out, wr[0] + o0, wr[1] + o0, wr[2] + o0, wr[3] + o0, a, n);
+              } else if (B == 3) {
+                axpy4_nb<T, 3>(ac, out, wr[0] + o0, wr[1] + o0, wr[2] + o0, wr[3] + o0, a, n);
+              } else {
+                axpy4_nb<T, 4>(ac, out, wr[0] + o0, wr[1] + o0, wr[2] + o0, wr[3] + o0, a, n);
+              }
+            }
+            continue;
+          }
           for (int64_t o0 = 0; o0 < out; o0 += kTile) {
             const int64_t n = std::min(kTile, out - o0);
             // bf16/fp16: widen the 4 row slices to fp32 once (32 KiB, stays in L1) instead of
@@ -257,15 +355,21 @@ at::Tensor check_index(const at::Tensor& index, int64_t limit, const at::Tensor&
   return idx;
 }
 
-// Dispatch to the dense product (at::mm on the input-major weight), from interleaved timings of
-// bench/bench_sparse_gemv.py against F.linear on a quiet 2-core AVX-512 CPU (bench/RESULTS.md):
-//  * fp32, batch <= 16: the kernel beats F.linear at every density, even 1.0 (1.2-1.5x at batch 1,
-//    1.4-3.5x at batch 8, where it reads each 4-row weight block once for the whole batch), so
-//    density never sends it to the dense product; larger fp32 batches go dense (MKL GEMM).
-//  * bf16/fp16, batch 1: the kernel beats oneDNN's GEMV at every density (1.2-1.5x at s=0).
-//  * bf16/fp16 batches: oneDNN's AVX512-BF16 dot products beat widening to fp32, so any batch > 1
-//    goes dense. (A paired-row layout for vdpbf16ps would bring these back; not done yet.)
-// FASTARCH_GEMV_DENSE_ABOVE (density) / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes.
+// Dispatch to the dense product (at::mm on the input-major weight, no second copy). Figures:
+// interleaved same-process timings of bench/bench_sparse_gemv.py and bench/results/sparse_gemv.md,
+// AMD EPYC (Zen 3), AVX2 + F16C only (no AVX-512, no AVX512-BF16), 2 cores, shared with other jobs:
+//  * fp32, batch <= 16: the kernel beats F.linear at every density, even 1.0 (4096x4096 s=0:
+//    batch 2 ~3.0x, batch 8 ~2.9x, batch 16 ~1.3x), so density never sends it to the dense
+//    product; larger fp32 batches go to at::mm (MKL GEMM on the (in, out) layout is within a few
+//    % of F.linear there: batch 16, mm 1.19x vs kernel 1.27x of F.linear).
+//  * bf16/fp16, any batch: at::mm on the (in, out) layout is 0.02-0.07x of F.linear on this CPU
+//    (no native bf16/fp16 GEMM for the transposed operand: 4096x4096 bf16 batch 2 takes ~0.4 s
+//    against 12 ms), and widening the weight to fp32 for MKL is 0.09x, so these dtypes never go
+//    dense; the kernel (widened once per 4-row block, small batches in registers) is used for
+//    every batch size. (The earlier AVX-512 box dispatched bf16 batches to the dense product at
+//    0.6x; that choice is 0.03x here.)
+// FASTARCH_GEMV_DENSE_ABOVE (density) / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes (the
+// tests use them to drive each branch).
 double dense_above(at::ScalarType dt) {
   static const char* e = std::getenv("FASTARCH_GEMV_DENSE_ABOVE");
   if (e) return std::atof(e);
@@ -276,7 +380,7 @@ double dense_above(at::ScalarType dt) {
 int64_t dense_batch_above(at::ScalarType dt) {
   static const char* e = std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE");
   if (e) return std::atoll(e);
-  return dt == at::kFloat ? 16 : 1;
+  return dt == at::kFloat ? 16 : std::numeric_limits<int64_t>::max();
 }
 
 // ---- sparse_gemv ---------------------------------------------------------------------------------
@@ -476,18 +580,35 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     const float* bu = bup.defined() ? bup.data_ptr<float>() : nullptr;
     const int64_t grain =
         std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, 2 * hidden * B));
+    // bf16/fp16 batches: widen each gate / up row to fp32 once (it stays in L1) and take the B
+    // dot products from the fp32 copy, instead of widening the row again for every batch row.
+    constexpr bool kWiden = !std::is_same_v<scalar_t, float>;
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+      std::vector<float> gbuf(kWiden && B > 1 ? hidden : 0), ubuf(gbuf.size());
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j = rows[k];
+        const bool staged = kWiden && B > 1;
+        if (staged) widen<scalar_t>(gbuf.data(), wi + j * hidden, hidden);
+        bool up_staged = false;
         for (int64_t b = 0; b < B; ++b) {
-          float g = dot<scalar_t>(wi + j * hidden, xp + b * hidden, hidden);
+          float g = staged ? dot<float>(gbuf.data(), xp + b * hidden, hidden)
+                           : dot<scalar_t>(wi + j * hidden, xp + b * hidden, hidden);
           if (bi) g += bi[j];
           g = apply_act(act, g);
           float v = 0.f;
           if (std::fabs(g) > t) {  // the up row is read only for kept neurons
             v = g;
             if (wu) {
-              float u = dot<scalar_t>(wu + j * hidden, xp + b * hidden, hidden);
+              float u;
+              if (staged) {
+                if (!up_staged) {
+                  widen<scalar_t>(ubuf.data(), wu + j * hidden, hidden);
+                  up_staged = true;
+                }
+                u = dot<float>(ubuf.data(), xp + b * hidden, hidden);
+              } else {
+                u = dot<scalar_t>(wu + j * hidden, xp + b * hidden, hidden);
+              }
               if (bu) u += bu[j];
               v *= u;
             }

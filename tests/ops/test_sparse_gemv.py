@@ -66,6 +66,57 @@ def test_sparse_gemv_dispatch_paths_agree(density):
            torch.float32)
 
 
+# Kernel branches inside rows_axpy: batch 1 (packed rows), batch 2..4 (weights widened in
+# registers, one template per batch size), batch > 4 (fp32 staging buffer), the < 4-row tail of
+# each, blocks skipped because no batch row is active, and an output wider than one 2048 tile.
+BRANCH_BATCHES = [1, 2, 3, 4, 5, 8, 17]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", BRANCH_BATCHES, ids=lambda b: f"B{b}")
+def test_sparse_gemv_kernel_branches(batch, dtype):
+    x, w, bias = _make(batch, 39, 2053, dtype, seed=batch)
+    x[:, 4:12] = 0  # two whole 4-row blocks inactive for every batch row
+    x[0, 20:24] = 0  # a block active in some rows only (batch > 1)
+    w_t = fastarch.prepare_input_major(w)
+    for t in (0.0, 0.3):
+        got = fastarch.sparse_gemv(x, w_t, bias, t)
+        _close(got, sg.sparse_gemv_reference(x, w_t, bias, t), dtype)
+        idx = torch.tensor([38, 0, 5, 7, 21, 22, 23, 30, 31], dtype=torch.long)
+        _close(fastarch.sparse_gemv_index(x, w_t, idx, bias),
+               sg.sparse_gemv_index_reference(x, w_t, bias, idx), dtype)
+
+
+_FORCED_DENSE = """
+import torch, fastarch
+from fastarch.ops import sparse_gemv as sg
+for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)):
+    for b in (1, 2, 8, 17):
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, 70, generator=g).to(dt)
+        w_t = (torch.randn(70, 33, generator=g) / 8).to(dt)
+        bias = torch.randn(33, generator=g).to(dt)
+        got = fastarch.sparse_gemv(x, w_t, bias, 0.4).float()
+        want = sg.sparse_gemv_reference(x, w_t, bias, 0.4).float()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+print("ok")
+"""
+
+
+@needs_cpp
+@pytest.mark.parametrize("env", [{"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "0"},
+                                 {"FASTARCH_GEMV_DENSE_ABOVE": "-1"},
+                                 {"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "100000"}],
+                         ids=["dense-by-batch", "dense-by-density", "kernel-always"])
+def test_sparse_gemv_dispatch_branches_forced(env):
+    # the thresholds are read once per process, so each forced branch runs in its own process
+    out = subprocess.run([sys.executable, "-c", _FORCED_DENSE], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
 @needs_cpp
 def test_sparse_gemv_leading_dims():
     x = torch.randn(2, 3, 40)
