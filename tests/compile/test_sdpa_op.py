@@ -93,8 +93,13 @@ def test_plans(force_block_sparse):
     assert plan_attention(q, k, v, ms["window40"]).kind == "block_sparse"
     bias = torch.randn(130, 130)  # a real additive bias: only SDPA computes it
     assert plan_attention(q, k, v, bias).kind == "sdpa"
+    # fully masked rows: -inf ones give zeros in SDPA as in the kernel; finite ones do not
     rows = torch.zeros(130, 130).masked_fill(~ms["causal+pad"][1, 0], float("-inf"))
-    assert plan_attention(q, k, v, rows).kind == "sdpa"  # fully masked rows in an additive mask
+    assert plan_attention(q, k, v, rows).kind == "block_sparse"
+    torch.testing.assert_close(sdpa(q, k, v, rows), F.scaled_dot_product_attention(q, k, v, rows),
+                               atol=2e-5, rtol=2e-5)
+    rows_min = torch.zeros(130, 130).masked_fill(~ms["causal+pad"][1, 0], -1e30)
+    assert plan_attention(q, k, v, rows_min).kind == "sdpa"
     assert plan_attention(q, k, v, ms["window40"], dropout_p=0.1).kind == "sdpa"
     assert plan_attention(q, k, v, None, is_causal=True).kind == "sdpa"
     # defaults: a dense mask and a small problem stay with SDPA; all-true needs no mask

@@ -13,7 +13,7 @@ import sys
 
 OP_NAMES = ("sparse_gemv", "sparsify", "attention", "pruning", "nm_linear", "retrieval",
             "compile")
-MODEL_NAMES = ("resnet50", "vit_tiny", "bert", "gpt2", "llama")
+MODEL_NAMES = ("resnet50", "vit_tiny", "bert", "gpt2", "llama", "mistral")
 BACKEND_NAMES = ("eager", "inductor", "fastarch")
 
 

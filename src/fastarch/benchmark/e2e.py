@@ -90,6 +90,15 @@ def model_cases(quick: bool = False, seq: int | None = None, image: int | None =
             n_embd=256, n_layer=4, n_head=4, vocab_size=8192, n_positions=4096,
             bos_token_id=0, eos_token_id=0, use_cache=False), GPT2Model, seq, True, "HF GPT2Model, hidden 256, 4 layers, 4 heads")
 
+    def mistral():
+        from transformers import MistralConfig, MistralModel
+
+        return _hf_case("mistral", lambda: MistralConfig(
+            hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=8192, max_position_embeddings=8192,
+            sliding_window=256, use_cache=False), MistralModel, seq, True,
+            "HF MistralModel, hidden 256, 4 layers, 4 heads (2 KV), sliding window 256")
+
     def bert():
         from transformers import BertConfig, BertModel
 
@@ -116,7 +125,7 @@ def model_cases(quick: bool = False, seq: int | None = None, image: int | None =
                           "torchvision resnet50 (random weights)")
 
     makers = {"resnet50": resnet50, "vit_tiny": vit_tiny, "bert": bert, "gpt2": gpt2,
-              "llama": llama}
+              "llama": llama, "mistral": mistral}
     return {k: _Lazy(f) for k, f in makers.items()}
 
 
@@ -132,7 +141,7 @@ class _Lazy:
         return self._case
 
 
-MODEL_NAMES = ("resnet50", "vit_tiny", "bert", "gpt2", "llama")
+MODEL_NAMES = ("resnet50", "vit_tiny", "bert", "gpt2", "llama", "mistral")
 
 
 def available_backends() -> dict[str, str]:

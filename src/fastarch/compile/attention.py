@@ -209,9 +209,11 @@ def _plan_from_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int,
         keep = m4 == 0
         if not bool((keep | (m4 <= _MASKED)).all()):
             return AttentionPlan("sdpa", "additive mask with values other than 0 and -inf")
-        if not bool(keep.any(-1).all()):
-            # SDPA spreads a fully masked row uniformly over the keys; the kernel gives zeros
-            return AttentionPlan("sdpa", "additive mask with fully masked rows")
+        empty = ~keep.any(-1, keepdim=True)
+        if bool(empty.any()) and not bool(((m4 == float("-inf")) | ~empty).all()):
+            # SDPA gives zeros for a row of -inf (as the kernel does) but spreads a row of finite
+            # large negatives uniformly over the keys
+            return AttentionPlan("sdpa", "additive mask with rows masked by finite values")
     words = _collapse(_collapse(_padded_words(keep, BLOCK_SIZE), 1), 0)
     bm = _block_mask_from_words(words, BLOCK_SIZE, lq, lk)
     fraction = bm.computed_fraction()
@@ -221,6 +223,14 @@ def _plan_from_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int,
         return AttentionPlan("sdpa", f"{fraction:.0%} of tiles visited > {max_fraction:.0%}",
                              fraction=fraction)
     return AttentionPlan("block_sparse", f"{fraction:.0%} of tiles visited", bm, fraction)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's own reading of a bool mask: 0 where allowed, -inf elsewhere, in the query's dtype
+    (the compile backend inserts this in the graph so that Inductor fuses it with the mask's
+    construction, once per mask, as it does for SDPA)."""
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                       torch.full((), float("-inf"), dtype=dtype, device=mask.device))
 
 
 def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan=False):

@@ -192,7 +192,7 @@ def _sdpa_args(node: torch.fx.Node) -> dict:
 
 # ---- passes --------------------------------------------------------------------------------------
 def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: CompileOptions) -> None:
-    planned: set[torch.fx.Node] = set()
+    planned: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
             continue
@@ -232,11 +232,18 @@ def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: Compi
             continue
         scale = a["scale"]
         first_use = mask not in planned  # the first call on a mask plans it afresh each run
-        planned.add(mask)
+        if first_use and isinstance(mval, torch.Tensor) and mval.dtype == torch.bool:
+            # the additive form SDPA would make of it, made once in the graph (fused there)
+            with gm.graph.inserting_after(mask):
+                planned[mask] = gm.graph.call_function(_attention.additive_mask,
+                                                       (mask, q.dtype))
+        elif first_use:
+            planned[mask] = mask
+        mask_arg = planned[mask]
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 torch.ops.fastarch.sdpa.default,
-                (a["query"], a["key"], a["value"], mask, 0.0, False,
+                (a["query"], a["key"], a["value"], mask_arg, 0.0, False,
                  scale if scale is None or isinstance(scale, torch.fx.Node) else float(scale),
                  bool(a["enable_gqa"]), first_use))
         new.meta.update(node.meta)
