@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of " + ",".join(DTYPES))
     ap.add_argument("--batches", default=",".join(map(str, GEMV_BATCHES)))
     ap.add_argument("--no-mlp", action="store_true", help="skip the sparse_mlp table")
+    ap.add_argument("--no-gemv", action="store_true", help="skip the sparse_gemv table")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
     args = ap.parse_args(argv)
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rounds = args.rounds or (7 if args.quick else 15)
     gemv_shapes = dict(list(GEMV_SHAPES.items())[:2]) if args.quick else GEMV_SHAPES
+    if args.no_gemv:
+        gemv_shapes = {}
     lines = [f"Machine: {machine()}", "",
              "### sparse_gemv vs F.linear (speed-up = dense time / fastarch time; limit 1/(1-s) at batch 1)", "",
              _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in SPARSITIES]

@@ -304,8 +304,16 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
           buf_k[nb] = rows[k];
           buf_a[nb] = a;
           if (++nb == 4) {
-            axpy4<T>(ab, w + buf_k[0] * out, w + buf_k[1] * out, w + buf_k[2] * out,
-                     w + buf_k[3] * out, buf_a[0], buf_a[1], buf_a[2], buf_a[3], out);
+            if constexpr (std::is_same_v<T, c10::Half>) {
+              // fp16: the explicit F16C loop (the auto-vectorised one was 0.6-0.9x of F.linear at
+              // batch 1 on the AVX2 box, bench/results/sparse_gemv.md)
+              const float a4[4][4] = {{buf_a[0], buf_a[1], buf_a[2], buf_a[3]}};
+              axpy4_nb<T, 1>(ab, out, w + buf_k[0] * out, w + buf_k[1] * out, w + buf_k[2] * out,
+                             w + buf_k[3] * out, a4, out);
+            } else {
+              axpy4<T>(ab, w + buf_k[0] * out, w + buf_k[1] * out, w + buf_k[2] * out,
+                       w + buf_k[3] * out, buf_a[0], buf_a[1], buf_a[2], buf_a[3], out);
+            }
             nb = 0;
           }
         }
@@ -358,15 +366,16 @@ at::Tensor check_index(const at::Tensor& index, int64_t limit, const at::Tensor&
 // Dispatch to the dense product (at::mm on the input-major weight, no second copy). Figures:
 // interleaved same-process timings of bench/bench_sparse_gemv.py and bench/results/sparse_gemv.md,
 // AMD EPYC (Zen 3), AVX2 + F16C only (no AVX-512, no AVX512-BF16), 2 cores, shared with other jobs:
-//  * fp32, batch <= 16: the kernel beats F.linear at every density, even 1.0 (4096x4096 s=0:
-//    batch 2 ~3.0x, batch 8 ~2.9x, batch 16 ~1.3x), so density never sends it to the dense
+//  * fp32, batch <= 16: the kernel beats F.linear at every density, even 1.0 (s=0 over 4096x4096,
+//    11008x4096, 4096x11008: batch 1 1.26-1.38x, batches 2-16 1.33-5.26x), so density never
+//    sends it to the dense
 //    product; larger fp32 batches go to at::mm (MKL GEMM on the (in, out) layout is within a few
 //    % of F.linear there: batch 16, mm 1.19x vs kernel 1.27x of F.linear).
 //  * bf16/fp16, any batch: at::mm on the (in, out) layout is 0.02-0.07x of F.linear on this CPU
 //    (no native bf16/fp16 GEMM for the transposed operand: 4096x4096 bf16 batch 2 takes ~0.4 s
 //    against 12 ms), and widening the weight to fp32 for MKL is 0.09x, so these dtypes never go
 //    dense; the kernel (widened once per 4-row block, small batches in registers) is used for
-//    every batch size. (The earlier AVX-512 box dispatched bf16 batches to the dense product at
+//    every batch size: s=0, batch 1: 1.10-1.32x; batches 2-16: 1.64-2.94x of F.linear. (The earlier AVX-512 box dispatched bf16 batches to the dense product at
 //    0.6x; that choice is 0.03x here.)
 // FASTARCH_GEMV_DENSE_ABOVE (density) / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes (the
 // tests use them to drive each branch).
@@ -584,10 +593,12 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
     // dot products from the fp32 copy, instead of widening the row again for every batch row.
     constexpr bool kWiden = !std::is_same_v<scalar_t, float>;
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
-      std::vector<float> gbuf(kWiden && B > 1 ? hidden : 0), ubuf(gbuf.size());
+      std::vector<float> gbuf(kWiden ? hidden : 0), ubuf(gbuf.size());
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j = rows[k];
-        const bool staged = kWiden && B > 1;
+        // fp16 at batch 1 too: the auto-vectorised fp16 dot was 0.3-0.98x of the dense MLP on the
+        // AVX2 box (bench/results/sparse_gemv.md); the F16C widen + fp32 dot is not.
+        const bool staged = kWiden && (B > 1 || std::is_same_v<scalar_t, c10::Half>);
         if (staged) widen<scalar_t>(gbuf.data(), wi + j * hidden, hidden);
         bool up_staged = false;
         for (int64_t b = 0; b < B; ++b) {
