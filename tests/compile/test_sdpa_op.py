@@ -17,8 +17,10 @@ def force_block_sparse(monkeypatch):
     monkeypatch.setattr(A, "MIN_PAIRS", 0)
     monkeypatch.setattr(A, "MAX_FRACTION", 1.0)
     A._PLANS.clear()
+    A._GRAPH_PLANS.clear()
     yield
     A._PLANS.clear()
+    A._GRAPH_PLANS.clear()
 
 
 def _qkv(b, hq, hk, lq, lk, d, dtype):
@@ -133,16 +135,23 @@ def test_plan_cache_follows_mask_identity_and_version(force_block_sparse):
     torch.testing.assert_close(sdpa(q, k, v, mask), F.scaled_dot_product_attention(q, k, v))
 
 
-def test_replan_ignores_a_plan_of_a_reused_buffer(force_block_sparse):
+def test_graph_plans_follow_program_order_not_identity(force_block_sparse):
     # Inductor can hand a freed buffer (same tensor object) to a later tensor without bumping its
-    # version: the compiled graph passes replan=True on the first call of each mask.
+    # version, and passes a new view of a buffer to every call: the compiled graph plans on the
+    # first call of each mask (plan_mode=1) and reuses by buffer on the later ones (2).
     q, k, v = _qkv(1, 2, 2, 130, 130, 16, torch.float32)
     ms = _masks(1, 130, 130)
     buf = ms["window40"].clone()
-    sdpa(q, k, v, buf)  # plan cached for this tensor object
+    op = torch.ops.fastarch.sdpa
+    op(q, k, v, buf, 0.0, False, None, False, 1)
+    # a later call on another view object of the same buffer reuses the plan
+    assert A.plan_attention(q, k, v, buf.view(buf.shape), plan_mode=2) is \
+        A._GRAPH_PLANS[A._buffer_key(buf)]
     buf.data.copy_(ms["documents"].expand_as(buf))  # new content, same object, same version
-    out = torch.ops.fastarch.sdpa(q, k, v, buf, 0.0, False, None, False, True)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, ms["documents"]),
+    out = op(q, k, v, buf, 0.0, False, None, False, 1)  # first call of the next run: replanned
+    ref = F.scaled_dot_product_attention(q, k, v, ms["documents"])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(op(q, k, v, buf.view(buf.shape), 0.0, False, None, False, 2), ref,
                                atol=2e-5, rtol=2e-5)
 
 

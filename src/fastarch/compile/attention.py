@@ -14,10 +14,15 @@ into this op. It has SDPA's schema and SDPA's semantics exactly (the reference *
 
 Why at run time: inside a compiled graph the mask is an intermediate tensor (Hugging Face builds
 it from the attention mask and positions), so which tiles it empties is only known once it has
-values. One plan is kept per mask tensor (the layers of a model share one mask tensor), checked
-against the tensor's identity and version. In a compiled graph the first call on each mask node
-passes ``replan=True``: Inductor may hand a freed buffer, the same tensor object, to a later
-tensor without bumping its version, so a plan is never carried from one graph run to the next.
+values. The layers of a model share one mask, so its plan is made once per forward:
+
+* called eagerly (``plan_mode=0``), the plan is kept per mask tensor, checked against the
+  tensor's identity and version;
+* in a compiled graph the rewrite passes ``plan_mode=1`` on the first call on each mask (plan
+  afresh, keep it under the buffer's address, shape and strides) and ``2`` on the later ones
+  (reuse it). Inductor passes a new view object of the same buffer to every call, and may hand a
+  freed buffer to a later tensor without bumping any version, so neither identity nor version
+  can be trusted there; program order can.
 
 Where the block-sparse kernel starts to pay off was measured on this project's CPU machine
 (``bench/bench_compile.py``); the thresholds below come from there. On CUDA the op runs SDPA:
@@ -63,7 +68,13 @@ class AttentionPlan:
         return f"AttentionPlan({self.kind!r}, {self.reason!r}, fraction={self.fraction:.3f})"
 
 
-_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: per mask tensor
+_GRAPH_PLANS: dict = {}  # compiled graphs: per buffer (address, shape, strides, dtype)
+_GRAPH_PLANS_MAX = 64
+
+
+def _buffer_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 STATS = {"sdpa": 0, "nomask": 0, "block_sparse": 0}
 
 
@@ -140,8 +151,8 @@ def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attn_mask: torch.Tensor | None, dropout_p: float = 0.0,
                    is_causal: bool = False, enable_gqa: bool = False,
                    min_pairs: int | None = None, max_fraction: float | None = None,
-                   cache: bool = True) -> AttentionPlan:
-    """How :func:`sdpa` runs for these inputs (see the module docstring)."""
+                   cache: bool = True, plan_mode: int = 0) -> AttentionPlan:
+    """How :func:`sdpa` runs for these inputs (see the module docstring for ``plan_mode``)."""
     min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
     max_fraction = MAX_FRACTION if max_fraction is None else max_fraction
     if attn_mask is None or is_causal or dropout_p != 0.0:
@@ -162,14 +173,22 @@ def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return AttentionPlan("sdpa", "mask does not broadcast to (B, H, Lq, Lk)")
     if lq * lk < min_pairs:
         return AttentionPlan("sdpa", f"small problem ({lq} x {lk} < {min_pairs} pairs)")
-    if cache:
+    if plan_mode == 2 and cache:
+        hit = _GRAPH_PLANS.get(_buffer_key(attn_mask))
+        if hit is not None and _fits(hit, q):
+            return hit
+    elif plan_mode == 0 and cache:
         hit = _PLANS.get(attn_mask)
         if hit is not None and hit.version == attn_mask._version and _fits(hit, q):
             return hit
     plan = _plan_from_mask(attn_mask, b, hq, lq, lk, max_fraction)
     plan.version = attn_mask._version
-    if cache:
+    if cache and plan_mode == 0:
         _PLANS[attn_mask] = plan
+    elif cache:
+        _GRAPH_PLANS[_buffer_key(attn_mask)] = plan
+        while len(_GRAPH_PLANS) > _GRAPH_PLANS_MAX:
+            del _GRAPH_PLANS[next(iter(_GRAPH_PLANS))]
     return plan
 
 
@@ -207,10 +226,10 @@ def _plan_from_mask(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int,
         keep = m4
     else:
         keep = m4 == 0
-        if not bool((keep | (m4 <= _MASKED)).all()):
+        if bool(((m4 > _MASKED) & ~keep).any()):
             return AttentionPlan("sdpa", "additive mask with values other than 0 and -inf")
-        empty = ~keep.any(-1, keepdim=True)
-        if bool(empty.any()) and not bool(((m4 == float("-inf")) | ~empty).all()):
+        empty = ~keep.any(-1)
+        if bool(empty.any()) and not bool((m4[empty.nonzero(as_tuple=True)] == float("-inf")).all()):
             # SDPA gives zeros for a row of -inf (as the kernel does) but spreads a row of finite
             # large negatives uniformly over the keys
             return AttentionPlan("sdpa", "additive mask with rows masked by finite values")
@@ -233,10 +252,9 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                        torch.full((), float("-inf"), dtype=dtype, device=mask.device))
 
 
-def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan=False):
-    if replan and attn_mask is not None:
-        _PLANS.pop(attn_mask, None)
-    plan = plan_attention(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
+def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode=0):
+    plan = plan_attention(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa,
+                          plan_mode=plan_mode)
     STATS[plan.kind] += 1
     if plan.kind == "nomask":
         return F.scaled_dot_product_attention(q, k, v, None, dropout_p, False, scale=scale,
@@ -277,8 +295,8 @@ def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastarch::sdpa", mutates_args=())
 def _sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
              dropout_p: float, is_causal: bool, scale: float | None,
-             enable_gqa: bool, replan: bool = False) -> torch.Tensor:
-    out = _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan)
+             enable_gqa: bool, plan_mode: int = 0) -> torch.Tensor:
+    out = _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode)
     want = _out_like(q, v)
     if out.stride() != want.stride():  # the fake kernel promises this layout
         want.copy_(out)
@@ -287,7 +305,7 @@ def _sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
 
 
 @_sdpa_op.register_fake
-def _sdpa_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, replan=False):
+def _sdpa_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode=0):
     return _out_like(q, v)
 
 

@@ -245,7 +245,7 @@ def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: Compi
                 torch.ops.fastarch.sdpa.default,
                 (a["query"], a["key"], a["value"], mask_arg, 0.0, False,
                  scale if scale is None or isinstance(scale, torch.fx.Node) else float(scale),
-                 bool(a["enable_gqa"]), first_use))
+                 bool(a["enable_gqa"]), 1 if first_use else 2))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
