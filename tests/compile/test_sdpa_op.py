@@ -17,10 +17,10 @@ def force_block_sparse(monkeypatch):
     monkeypatch.setattr(A, "MIN_PAIRS", 0)
     monkeypatch.setattr(A, "MAX_FRACTION", 1.0)
     A._PLANS.clear()
-    A._GRAPH_PLANS.clear()
+    A._graph_plans().clear()
     yield
     A._PLANS.clear()
-    A._GRAPH_PLANS.clear()
+    A._graph_plans().clear()
 
 
 def _qkv(b, hq, hk, lq, lk, d, dtype):
@@ -136,23 +136,28 @@ def test_plan_cache_follows_mask_identity_and_version(force_block_sparse):
 
 
 def test_graph_plans_follow_program_order_not_identity(force_block_sparse):
-    # Inductor can hand a freed buffer (same tensor object) to a later tensor without bumping its
-    # version, and passes a new view of a buffer to every call: the compiled graph plans on the
-    # first call of each mask (plan_mode=1) and reuses by buffer on the later ones (2).
+    # Inside Inductor's code the calls on one mask node may get different buffers, and a freed
+    # buffer may be handed on without a version bump: the compiled graph plans on the first call
+    # of each mask node (plan_mode=1) into its slot and reuses the slot on the later calls (2).
     q, k, v = _qkv(1, 2, 2, 130, 130, 16, torch.float32)
     ms = _masks(1, 130, 130)
     buf = ms["window40"].clone()
-    op = torch.ops.fastarch.sdpa
-    op(q, k, v, buf, 0.0, False, None, False, 1)
-    # a later call on another view object of the same buffer reuses the plan
-    assert A.plan_attention(q, k, v, buf.view(buf.shape), plan_mode=2) is \
-        A._GRAPH_PLANS[A._buffer_key(buf)]
+    op, slot = torch.ops.fastarch.sdpa, A.new_plan_slot()
+    op(q, k, v, buf, 0.0, False, None, False, 1, slot)
+    assert A.plan_attention(q, k, v, buf.clone(), plan_mode=2, plan_slot=slot) is \
+        A._graph_plans()[slot]  # another buffer, same slot: reused
     buf.data.copy_(ms["documents"].expand_as(buf))  # new content, same object, same version
-    out = op(q, k, v, buf, 0.0, False, None, False, 1)  # first call of the next run: replanned
+    out = op(q, k, v, buf, 0.0, False, None, False, 1, slot)  # first call of the next run
     ref = F.scaled_dot_product_attention(q, k, v, ms["documents"])
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(op(q, k, v, buf.view(buf.shape), 0.0, False, None, False, 2), ref,
+    torch.testing.assert_close(op(q, k, v, buf.clone(), 0.0, False, None, False, 2, slot), ref,
                                atol=2e-5, rtol=2e-5)
+    # a later call whose shapes do not match the slot's plan plans again
+    q2, k2, v2 = _qkv(1, 2, 2, 100, 100, 16, torch.float32)
+    m2 = ms["documents"][:100, :100]
+    torch.testing.assert_close(op(q2, k2, v2, m2, 0.0, False, None, False, 2, slot),
+                               F.scaled_dot_product_attention(q2, k2, v2, m2), atol=2e-5,
+                               rtol=2e-5)
 
 
 def test_gradients_match_sdpa(force_block_sparse):

@@ -18,11 +18,12 @@ values. The layers of a model share one mask, so its plan is made once per forwa
 
 * called eagerly (``plan_mode=0``), the plan is kept per mask tensor, checked against the
   tensor's identity and version;
-* in a compiled graph the rewrite passes ``plan_mode=1`` on the first call on each mask (plan
-  afresh, keep it under the buffer's address, shape and strides) and ``2`` on the later ones
-  (reuse it). Inductor passes a new view object of the same buffer to every call, and may hand a
-  freed buffer to a later tensor without bumping any version, so neither identity nor version
-  can be trusted there; program order can.
+* in a compiled graph the rewrite gives each mask node a slot (``plan_slot``) and passes
+  ``plan_mode=1`` on its first call (plan afresh, keep the plan in the slot, per thread) and
+  ``2`` on the later ones (reuse it). Inside Inductor's code the calls on one mask node may get
+  different buffers or view objects with the same content, and a freed buffer may be handed to a
+  later tensor without bumping any version, so neither identity nor version can be trusted
+  there; program order can.
 
 Where the block-sparse kernel starts to pay off was measured on this project's CPU machine
 (``bench/bench_compile.py``); the thresholds below come from there. On CUDA the op runs SDPA:
@@ -30,8 +31,10 @@ the Triton path of the block-sparse kernel has not been measured on a GPU yet.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -57,24 +60,33 @@ class AttentionPlan:
     """What one mask turns into: ``kind`` is ``"sdpa"`` (mask kept), ``"nomask"`` or
     ``"block_sparse"`` (with ``block_mask``), ``reason`` says why."""
 
-    __slots__ = ("kind", "reason", "block_mask", "fraction", "version")
+    __slots__ = ("kind", "reason", "block_mask", "fraction", "version", "shape")
 
     def __init__(self, kind: str, reason: str, block_mask: BlockMask | None = None,
                  fraction: float = 1.0, version: int = -1):
         self.kind, self.reason, self.block_mask = kind, reason, block_mask
         self.fraction, self.version = fraction, version
+        self.shape: tuple = ()
 
     def __repr__(self) -> str:
         return f"AttentionPlan({self.kind!r}, {self.reason!r}, fraction={self.fraction:.3f})"
 
 
 _PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # eager: per mask tensor
-_GRAPH_PLANS: dict = {}  # compiled graphs: per buffer (address, shape, strides, dtype)
-_GRAPH_PLANS_MAX = 64
+_GRAPH = threading.local()  # compiled graphs: plan slot -> plan, per thread
+_next_slot = itertools.count()
 
 
-def _buffer_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+def new_plan_slot() -> int:
+    """A slot for one mask node of a compiled graph (see the module docstring)."""
+    return next(_next_slot)
+
+
+def _graph_plans() -> dict:
+    plans = getattr(_GRAPH, "plans", None)
+    if plans is None:
+        plans = _GRAPH.plans = {}
+    return plans
 STATS = {"sdpa": 0, "nomask": 0, "block_sparse": 0}
 
 
@@ -151,7 +163,8 @@ def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attn_mask: torch.Tensor | None, dropout_p: float = 0.0,
                    is_causal: bool = False, enable_gqa: bool = False,
                    min_pairs: int | None = None, max_fraction: float | None = None,
-                   cache: bool = True, plan_mode: int = 0) -> AttentionPlan:
+                   cache: bool = True, plan_mode: int = 0, plan_slot: int = -1
+                   ) -> AttentionPlan:
     """How :func:`sdpa` runs for these inputs (see the module docstring for ``plan_mode``)."""
     min_pairs = MIN_PAIRS if min_pairs is None else min_pairs
     max_fraction = MAX_FRACTION if max_fraction is None else max_fraction
@@ -173,22 +186,21 @@ def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return AttentionPlan("sdpa", "mask does not broadcast to (B, H, Lq, Lk)")
     if lq * lk < min_pairs:
         return AttentionPlan("sdpa", f"small problem ({lq} x {lk} < {min_pairs} pairs)")
-    if plan_mode == 2 and cache:
-        hit = _GRAPH_PLANS.get(_buffer_key(attn_mask))
-        if hit is not None and _fits(hit, q):
+    graph = plan_mode in (1, 2) and plan_slot >= 0
+    if graph and plan_mode == 2 and cache:
+        hit = _graph_plans().get(plan_slot)
+        if hit is not None and hit.shape == (lq, lk) and _fits(hit, q):
             return hit
     elif plan_mode == 0 and cache:
         hit = _PLANS.get(attn_mask)
         if hit is not None and hit.version == attn_mask._version and _fits(hit, q):
             return hit
     plan = _plan_from_mask(attn_mask, b, hq, lq, lk, max_fraction)
-    plan.version = attn_mask._version
-    if cache and plan_mode == 0:
+    plan.version, plan.shape = attn_mask._version, (lq, lk)
+    if cache and graph:
+        _graph_plans()[plan_slot] = plan
+    elif cache and plan_mode == 0:
         _PLANS[attn_mask] = plan
-    elif cache:
-        _GRAPH_PLANS[_buffer_key(attn_mask)] = plan
-        while len(_GRAPH_PLANS) > _GRAPH_PLANS_MAX:
-            del _GRAPH_PLANS[next(iter(_GRAPH_PLANS))]
     return plan
 
 
@@ -252,9 +264,10 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                        torch.full((), float("-inf"), dtype=dtype, device=mask.device))
 
 
-def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode=0):
+def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode=0,
+         plan_slot=-1):
     plan = plan_attention(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa,
-                          plan_mode=plan_mode)
+                          plan_mode=plan_mode, plan_slot=plan_slot)
     STATS[plan.kind] += 1
     if plan.kind == "nomask":
         return F.scaled_dot_product_attention(q, k, v, None, dropout_p, False, scale=scale,
@@ -295,8 +308,9 @@ def _out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastarch::sdpa", mutates_args=())
 def _sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
              dropout_p: float, is_causal: bool, scale: float | None,
-             enable_gqa: bool, plan_mode: int = 0) -> torch.Tensor:
-    out = _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode)
+             enable_gqa: bool, plan_mode: int = 0, plan_slot: int = -1) -> torch.Tensor:
+    out = _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode,
+               plan_slot)
     want = _out_like(q, v)
     if out.stride() != want.stride():  # the fake kernel promises this layout
         want.copy_(out)
@@ -305,12 +319,13 @@ def _sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
 
 
 @_sdpa_op.register_fake
-def _sdpa_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode=0):
+def _sdpa_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan_mode=0,
+               plan_slot=-1):
     return _out_like(q, v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, _ = inputs
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, _, _ = inputs
     if dropout_p != 0.0:
         raise NotImplementedError("fastarch.sdpa: backward with dropout is not supported (the "
                                   "compile backend leaves dropout attention to SDPA)")
@@ -330,7 +345,7 @@ def _backward(ctx, grad_out):
         wrt = [t for t, n in zip(leaves, needs) if t is not None and n]
         grads = iter(torch.autograd.grad(out, wrt, grad_out) if wrt else ())
     return tuple(next(grads) if (t is not None and n) else None
-                 for t, n in zip(leaves, needs)) + (None, None, None, None, None)
+                 for t, n in zip(leaves, needs)) + (None,) * 6
 
 
 _sdpa_op.register_autograd(_backward, setup_context=_setup_context)

@@ -192,7 +192,7 @@ def _sdpa_args(node: torch.fx.Node) -> dict:
 
 # ---- passes --------------------------------------------------------------------------------------
 def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: CompileOptions) -> None:
-    planned: dict[torch.fx.Node, torch.fx.Node] = {}
+    planned: dict[torch.fx.Node, tuple] = {}  # mask node -> (argument node, plan slot)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
             continue
@@ -235,17 +235,18 @@ def _attention_pass(gm: torch.fx.GraphModule, report: CompileReport, opts: Compi
         if first_use and isinstance(mval, torch.Tensor) and mval.dtype == torch.bool:
             # the additive form SDPA would make of it, made once in the graph (fused there)
             with gm.graph.inserting_after(mask):
-                planned[mask] = gm.graph.call_function(_attention.additive_mask,
-                                                       (mask, q.dtype))
+                planned[mask] = (gm.graph.call_function(_attention.additive_mask,
+                                                        (mask, q.dtype)),
+                                 _attention.new_plan_slot())
         elif first_use:
-            planned[mask] = mask
-        mask_arg = planned[mask]
+            planned[mask] = (mask, _attention.new_plan_slot())
+        mask_arg, slot = planned[mask]
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 torch.ops.fastarch.sdpa.default,
                 (a["query"], a["key"], a["value"], mask_arg, 0.0, False,
                  scale if scale is None or isinstance(scale, torch.fx.Node) else float(scale),
-                 bool(a["enable_gqa"]), 1 if first_use else 2))
+                 bool(a["enable_gqa"]), 1 if first_use else 2, slot))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
