@@ -18,6 +18,7 @@ COMMANDS = {
     "retrieve": "fastarch.retrieval.cli:add_retrieve_parser",
     "compress": "fastarch.retrieval.cli:add_compress_parser",
     "bench": "fastarch.benchmark.cli:add_parser",
+    "prune": "fastarch.pruning.cli:add_parser",
 }
 
 

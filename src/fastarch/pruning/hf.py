@@ -65,9 +65,15 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
         head_dim = graph.attention[0].head_dim
         if len({h[0] for h in heads}) == 1 and heads:
             q0 = graph.attention[0].q_heads
+            hidden = next((getattr(cfg, k) for k in HIDDEN_KEYS
+                           if isinstance(getattr(cfg, k, None), int)), None)
             for key in HEAD_KEYS:
                 if getattr(cfg, key, None) == q0:
                     setattr(cfg, key, heads[0][0])
+                    if hidden and heads[0][0] and hidden % heads[0][0]:
+                        # e.g. BERT refuses hidden % heads != 0 at construction: load_pruned
+                        # builds with the original count, then applies the pruned attributes
+                        record.setdefault("build", {}).setdefault(key, q0)
             for key in KV_KEYS:  # units are whole K/V heads with their query heads
                 kv = getattr(cfg, key, None)
                 if isinstance(kv, int) and kv > 0 and q0 % kv == 0:
@@ -142,10 +148,16 @@ def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
     if model_class is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
         model_class = getattr(transformers, arch) if arch else transformers.AutoModel
+    build = (record or {}).get("build") or {}
+    truth = {k: getattr(config, k) for k in build}
+    for k, v in build.items():  # a count the class refuses to build with (see update_config)
+        setattr(config, k, v)
     if hasattr(model_class, "from_config"):
         model = model_class.from_config(config, **kwargs)
     else:
         model = model_class._from_config(config, **kwargs)
+    for k, v in truth.items():
+        setattr(model.config, k, v)
     if record:
         apply_pruned_shapes(model, record)
     import glob
