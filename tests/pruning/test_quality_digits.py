@@ -32,6 +32,8 @@ def test_prune_and_finetune_keeps_accuracy(arch, data):
         pruned = copy.deepcopy(model)
         report = prune(pruned, example, ratio=ratio, importance="l2")
         assert report.params_after < report.params_before
-        digits.train(pruned, train_set, epochs=3, lr=1e-3)
+        # half the channels gone needs a longer short fine-tune: 3 epochs recover 0.82-0.88
+        # (varies with the machine's float rounding), 6 epochs about 0.91 (base 0.92-0.94)
+        digits.train(pruned, train_set, epochs=3 if ratio < 0.5 else 6, lr=1e-3)
         tuned = digits.accuracy(pruned, test_set)
         assert tuned > base - 0.08, (ratio, base, tuned)
