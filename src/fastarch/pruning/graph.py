@@ -244,50 +244,49 @@ def model_call_kwargs(model: nn.Module) -> dict:
 def export_model(model: nn.Module, example_inputs: tuple, timeout: float):
     """torch.export (non-strict) under a time limit; GraphBuildError on failure or timeout.
 
-    In the main thread the limit is a SIGALRM timer, so an overrun unwinds export cleanly; in
-    other threads export runs in a worker thread that is abandoned when it overruns."""
-    import signal
-
+    Export runs in a worker thread (no signals: safe in any thread, under pytest-timeout,
+    servers and notebooks). When the limit passes, a cancel flag makes the next submodule call
+    of the trace raise, so export unwinds cleanly in the worker; a trace stuck inside a single
+    op cannot be interrupted and its daemon thread is abandoned."""
     wrapper = _ExportWrapper(model, model_call_kwargs(model))
+    cancel = threading.Event()
+    limit_text = f"tracing took longer than the time limit ({timeout:g} s)"
+
+    def check_cancel(mod, args):
+        if cancel.is_set():
+            raise GraphBuildError(limit_text)
 
     def do_export():
-        with torch.no_grad():
-            return torch.export.export(wrapper, tuple(example_inputs), strict=False)
+        handles = [m.register_forward_pre_hook(check_cancel) for m in model.modules()]
+        try:
+            with torch.no_grad():
+                return torch.export.export(wrapper, tuple(example_inputs), strict=False)
+        finally:
+            for h in handles:
+                h.remove()
 
     def failed(exc):
         if isinstance(exc, GraphBuildError):
             return exc
         return GraphBuildError(f"torch.export failed: {type(exc).__name__}: {str(exc)[:300]}")
 
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        def on_alarm(signum, frame):
-            raise GraphBuildError(f"tracing took longer than the time limit ({timeout:g} s)")
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
-        try:
-            return do_export()
-        except Exception as exc:
-            raise failed(exc) from exc
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-
     result: dict[str, Any] = {}
 
     def work():
         try:
             result["ep"] = do_export()
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
             result["error"] = exc
 
     thread = threading.Thread(target=work, daemon=True, name="fastarch-prune-trace")
     thread.start()
-    thread.join(timeout)
+    thread.join(max(timeout, 0.0))
     if thread.is_alive():
-        raise GraphBuildError(f"tracing took longer than the time limit ({timeout:g} s)")
-    if "error" in result:
-        raise failed(result["error"])
+        cancel.set()
+        thread.join(5.0)  # let the trace unwind at its next module call
+        raise GraphBuildError(limit_text)
+    if cancel.is_set() or "error" in result:
+        raise failed(result.get("error", GraphBuildError(limit_text)))
     return result["ep"]
 
 

@@ -1,0 +1,64 @@
+"""The graph-building time limit: no signals, cancels cleanly, works from any thread."""
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from fastarch.pruning import GraphBuildError, prune
+from fastarch.pruning.graph import export_model
+
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return torch.relu(self.fc(x))
+
+
+def _slow_model(n=100):
+    return nn.Sequential(*[Slow() for _ in range(n)]).eval()
+
+
+def _trace_threads():
+    return [t for t in threading.enumerate() if t.name == "fastarch-prune-trace"]
+
+
+def test_overrun_unwinds_the_trace_without_signals():
+    handler = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(GraphBuildError, match="time limit"):
+        export_model(_slow_model(), (torch.randn(2, 8),), timeout=0.1)
+    assert signal.getsignal(signal.SIGALRM) is handler
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    for t in _trace_threads():  # cancelled at its next module call, not abandoned
+        t.join(5.0)
+    assert not _trace_threads()
+
+
+def test_hooks_removed_and_model_unchanged_after_timeout():
+    model = _slow_model(60)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = prune(model, torch.randn(2, 8), ratio=0.5, timeout=0.05)
+    assert not report.ok and "time limit" in report.skipped[0][1]
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_time_limit_from_a_worker_thread():
+    out = {}
+
+    def work():
+        out["report"] = prune(_slow_model(60), torch.randn(2, 8), ratio=0.5, timeout=0.05)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        out["ok"] = prune(m, torch.randn(2, 8), ratio=0.5, timeout=60)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert not out["report"].ok
+    assert out["ok"].ok and out["ok"].params_after < out["ok"].params_before
