@@ -62,3 +62,39 @@ def test_time_limit_from_a_worker_thread():
     t.join(120)
     assert not out["report"].ok
     assert out["ok"].ok and out["ok"].params_after < out["ok"].params_before
+
+
+class _TupleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, xs):
+        x, cls = xs
+        return self.fc(torch.cat([cls, x], 1)).relu()[:, 1:], cls
+
+
+class _PitLike(nn.Module):
+    """Like timm PiT: a parameter-derived tensor handed to a submodule inside a tuple, which
+    torch's FLOP counter (its module tracker) cannot hook under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.block = _TupleBlock()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x, _ = self.block((x, self.cls.expand(x.shape[0], -1, -1)))
+        return self.head(x.mean(1))
+
+
+def test_flops_counted_when_a_module_gets_a_grad_tensor_without_grad_fn():
+    from fastarch.pruning import count_flops
+
+    model = _PitLike().eval()
+    x = torch.randn(2, 5, 8)
+    assert count_flops(model, (x,)) > 0
+    report = prune(model, x, ratio=0.5)
+    assert report.ok and report.flops_after < report.flops_before
+    assert model(x).shape == (2, 3)

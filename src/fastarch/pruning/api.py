@@ -73,10 +73,18 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, example_inputs: Sequence) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*example_inputs, **model_call_kwargs(model))
-    return int(counter.get_total_flops())
+    for grad in (False, True):
+        counter = FlopCounterMode(display=False)
+        try:
+            with torch.set_grad_enabled(grad), counter:
+                model(*example_inputs, **model_call_kwargs(model))
+            return int(counter.get_total_flops())
+        except (AssertionError, AttributeError):
+            # FlopCounterMode's module tracker hooks autograd and fails under no_grad when a
+            # module gets a tensor that requires grad without a grad_fn (timm PiT's cls token)
+            if grad:
+                raise
+    raise AssertionError("unreachable")
 
 
 def measure_latency_ms(model: nn.Module, example_inputs: Sequence, repeats: int = 5) -> float:
