@@ -31,10 +31,12 @@ def _trace_threads():
 
 def test_overrun_unwinds_the_trace_without_signals():
     handler = signal.getsignal(signal.SIGALRM)
+    before = signal.getitimer(signal.ITIMER_REAL)  # pytest-timeout may hold one already
     with pytest.raises(GraphBuildError, match="time limit"):
         export_model(_slow_model(), (torch.randn(2, 8),), timeout=0.1)
     assert signal.getsignal(signal.SIGALRM) is handler
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    after = signal.getitimer(signal.ITIMER_REAL)
+    assert after[1] == before[1] and after[0] <= before[0]  # not armed or re-armed by us
     for t in _trace_threads():  # cancelled at its next module call, not abandoned
         t.join(5.0)
     assert not _trace_threads()
