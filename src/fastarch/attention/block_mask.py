@@ -39,6 +39,24 @@ def _compress(tiles: torch.Tensor):
     return num, order
 
 
+def block_mask_from_bitmaps(full: torch.Tensor, partial: torch.Tensor,
+                            bitmaps: torch.Tensor | None, bs: int, q_len: int, kv_len: int,
+                            q_offset: int = 0) -> BlockMask:
+    """The BlockMask of tiles classified as ``full`` / ``partial`` ((Bm, Hm, Qt, Kt) bool), with
+    ``bitmaps`` (P, bs, bs) holding the partial tiles' element masks in row-major tile order."""
+    num, idx = _compress(partial)
+    fnum, fidx = _compress(full)
+    # Bitmap of the j-th partial tile of a row: its rank among all partial tiles (bitmaps are in
+    # row-major order, the same order as the ascending per-row lists).
+    rank = (torch.cumsum(partial.flatten().to(torch.int64), 0) - 1).view(partial.shape)
+    slot_used = torch.arange(idx.shape[-1], device=partial.device) < num.unsqueeze(-1).long()
+    tmi = torch.where(slot_used, torch.gather(rank, -1, idx.long()), -1).to(torch.int32)
+    if bitmaps is None or bitmaps.shape[0] == 0:
+        bitmaps = torch.zeros(1, bs, bs, dtype=torch.bool, device=partial.device)
+    return BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
+                     tile_masks=bitmaps.contiguous(), tile_mask_index=tmi)
+
+
 def _tile_ranges(length: int, bs: int, ntiles: int, device):
     start = torch.arange(ntiles, device=device) * bs
     end = torch.clamp(start + bs, max=length) - 1
@@ -277,17 +295,7 @@ def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, 
         nh = heads if mask.per_head else 1
         full, partial, bitmaps = _classify_predicate(mask, nb, nh, q_len, kv_len, bs, q_offset,
                                                      device)
-        num, idx = _compress(partial)
-        fnum, fidx = _compress(full)
-        # Bitmap of the j-th partial tile of a row: its rank among all partial tiles (bitmaps were
-        # gathered in row-major order, the same order as the ascending per-row lists).
-        rank = (torch.cumsum(partial.flatten().to(torch.int64), 0) - 1).view(partial.shape)
-        slot_used = torch.arange(idx.shape[-1], device=device) < num.unsqueeze(-1).long()
-        tmi = torch.where(slot_used, torch.gather(rank, -1, idx.long()), -1).to(torch.int32)
-        if bitmaps is None or bitmaps.shape[0] == 0:
-            bitmaps = torch.zeros(1, bs, bs, dtype=torch.bool, device=device)
-        bm = BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
-                       tile_masks=bitmaps.contiguous(), tile_mask_index=tmi)
+        bm = block_mask_from_bitmaps(full, partial, bitmaps, bs, q_len, kv_len, q_offset)
     if cache:
         _CACHE[key] = (anchor, bm)
         if len(_CACHE) > _CACHE_SIZE:

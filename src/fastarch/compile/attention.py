@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastarch.attention.block_mask import block_mask_from_bitmaps
 from fastarch.ops.block_sparse_attention import BlockMask
 
 __all__ = ["sdpa", "plan_attention", "AttentionPlan"]
@@ -90,13 +91,6 @@ def _graph_plans() -> dict:
 STATS = {"sdpa": 0, "nomask": 0, "block_sparse": 0}
 
 
-def _compress(tiles: torch.Tensor):
-    """(Bm, Hm, Qt, Kt) bool -> per-row count (int32) and the listed tile indices first."""
-    num = tiles.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~tiles).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    return num, order
-
-
 _ONES = int.from_bytes(b"\x01" * 8, "little")  # eight True bytes read as one int64
 
 
@@ -121,18 +115,10 @@ def _block_mask_from_words(words: torch.Tensor, bs: int, lq: int, lk: int) -> Bl
     any_ = (grid != 0).any(-1).any(3)  # (Bm, Hm, Qt, Kt)
     full = (grid == _ONES).all(-1).all(3)
     partial = any_ & ~full
-    num, idx = _compress(partial)
-    fnum, fidx = _compress(full)
     where = partial.nonzero(as_tuple=True)  # row-major = ascending tile order within a row
     bitmaps = grid[where[0], where[1], where[2], :, where[3], :]  # (P, bs, bs / 8) words
     bitmaps = bitmaps.contiguous().view(torch.bool).view(-1, bs, bs)
-    if bitmaps.shape[0] == 0:
-        bitmaps = torch.zeros(1, bs, bs, dtype=torch.bool, device=words.device)
-    rank = (torch.cumsum(partial.flatten().to(torch.int64), 0) - 1).view(partial.shape)
-    used = torch.arange(idx.shape[-1], device=words.device) < num.unsqueeze(-1).long()
-    tmi = torch.where(used, torch.gather(rank, -1, idx.long()), -1).to(torch.int32)
-    return BlockMask(num, idx, fnum, fidx, bs, lq, lk, tile_masks=bitmaps,
-                     tile_mask_index=tmi)
+    return block_mask_from_bitmaps(full, partial, bitmaps, bs, lq, lk)
 
 
 def _fraction_lower_bound(mask: torch.Tensor, bs: int) -> float:
