@@ -17,21 +17,10 @@ from fastarch.attention import (
     strided,
 )
 from fastarch.attention import block_mask as block_mask_mod
-from fastarch.ops.block_sparse_attention import block_sparse_attention, dense_mask
+from fastarch.ops.block_sparse_attention import block_sparse_attention
 
 
-def expected(spec, q_len, kv_len, q_offset, batch=1, heads=1):
-    b = torch.arange(batch).view(-1, 1, 1, 1)
-    h = torch.arange(heads).view(1, -1, 1, 1)
-    q = torch.arange(q_len).view(-1, 1) + q_offset
-    kv = torch.arange(kv_len).view(1, -1)
-    return spec.predicate(b, h, q, kv).expand(batch, heads, q_len, kv_len)
-
-
-def represented(bm, batch=1, heads=1):
-    m = dense_mask(bm.q_len, bm.kv_len, *bm.op_args(), bm.block_size, bm.q_offset,
-                   bm.window_left, bm.window_right, bm.prefix_len)
-    return m.expand(batch, heads, bm.q_len, bm.kv_len)
+from test_block_mask import expected, represented  # noqa: E402  (the same checks)
 
 
 def _periodic_user(p):

@@ -144,6 +144,12 @@ def line_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylab
     ax.grid(True, alpha=0.3)
     if series:
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
@@ -189,8 +195,4 @@ def bar_plot(path: str, groups: list[str], bars: dict[str, list[float | None]], 
     ax.grid(True, axis="y", alpha=0.3)
     if bars:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -153,8 +153,7 @@ def _where(node: torch.fx.Node) -> str:
         path = list(stack.values())[-1]
         path = path[0] if isinstance(path, tuple) else path
         return re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", str(path)) or "model"
-    return node.meta.get("source_fn_stack", [[node.name]])[-1][0] if node.meta.get(
-        "source_fn_stack") else node.name
+    return node.name
 
 
 def _val(node: Any):
