@@ -608,8 +608,19 @@ class DependencyGraph:
         kwargs = {k: (_val(v) if isinstance(v, torch.fx.Node) else v) for k, v in node.kwargs.items()}
         kwargs.pop("value", None) if name == "constant_pad_nd" else None
         src = new_args[0]
+        if name == "split_with_sizes" and isinstance(src, torch.Tensor):
+            dim = (args[2] if len(args) > 2 else node.kwargs.get("dim", 0)) % src.dim()
+            pieces = node.target(*new_args, **kwargs)
+            lab = self.canon(src)
+            if lab is not None and lab.shape[dim] > 1:
+                # a fused projection cut into differently sized parts (MQA's q | k | v): each
+                # part may shrink; the module attribute holding its size is updated after
+                # removal (and a size held anywhere else fails the verification run)
+                for p in pieces:
+                    self.splits.append((where, p, dim, len(pieces)))
+            return [self.canon(p) for p in pieces]
         if name in ("select", "slice", "narrow", "index_select", "constant_pad_nd", "pad",
-                    "unfold", "roll", "flip", "repeat", "split_with_sizes", "tensor_split", "unbind"):
+                    "unfold", "roll", "flip", "repeat", "tensor_split", "unbind"):
             dims = self._touched_dims(name, args, src)
             lab = self.canon(src)
             for d in dims:
@@ -960,6 +971,8 @@ class DependencyGraph:
         Qh = Q.reshape(-1, hq, sq[-2], sq[-1])[0, :, 0, :]
         Kh = K.reshape(-1, hk, sk[-2], sk[-1])[0, :, 0, :]
         Vh = V.reshape(-1, hk, sv[-2], sv[-1])[0, :, 0, :]
+        if hq > 1 and self._shared_kv(Kh, Vh):
+            return self._multi_query(Qh, Kh, Vh, node, where)
         q_rep, kv_rep = [], []
         for h in range(hq):
             g = h // rep
@@ -984,6 +997,33 @@ class DependencyGraph:
                           vout.expand(out.shape[:-1] + (sv[-1],)),
                           out.expand(out.shape[:-1] + (sv[-1],)))
         return self.canon(out.contiguous())
+
+    @staticmethod
+    def _shared_kv(Kh, Vh) -> bool:
+        """One K/V head serves every query head (MQA), given directly or repeated (repeat_kv)."""
+        kv = torch.cat([Kh, Vh], dim=1)
+        return bool((kv == kv[:1]).all()) and bool((kv >= 0).any())
+
+    def _multi_query(self, Qh, Kh, Vh, node, where):
+        """MQA: tying every query head to the one shared K/V head would make all heads a single
+        unit (nothing prunable). Instead each query head is its own unit and the shared K/V
+        channels are kept whole: removing query heads never changes what the others compute."""
+        hq = Qh.shape[0]
+        self.block(torch.cat([Kh.reshape(-1), Vh.reshape(-1)]))
+        q_rep = []
+        for h in range(hq):
+            ids = Qh[h]
+            if bool((ids < 0).any()):
+                self.block(ids, "attention head only partly labelled", where)
+            self.uf.union_all(ids)
+            q_rep.append(int(ids[ids >= 0][0]) if bool((ids >= 0).any()) else -1)
+        self.attention.append(AttentionSite(where, hq, 1, Qh.shape[-1], q_rep, [-1]))
+        out_shape = _shape(node)
+        lab = torch.tensor(q_rep).reshape(hq, 1, 1)
+        while lab.dim() < len(out_shape):
+            lab = lab.unsqueeze(0)
+        # every output channel of a head goes with that query head (V's channels are kept)
+        return self.canon(self.full(lab, out_shape).contiguous())
 
     # ---- after propagation --------------------------------------------------------------
     def _roots(self, label: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,10 @@ def _int_attrs(mod: nn.Module) -> dict:
             continue
         if isinstance(v, bool):
             continue
-        if isinstance(v, int) or (isinstance(v, tuple) and v and all(isinstance(x, int) for x in v)):
+        # floats too: a scale set at construction from the head size (GPTBigCode's scaling)
+        # would be rebuilt from the config's hidden size / head count
+        if isinstance(v, (int, float)) or (isinstance(v, tuple) and v and
+                                           all(isinstance(x, int) for x in v)):
             out[k] = list(v) if isinstance(v, tuple) else v
     return out
 
@@ -34,6 +37,10 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
     touched = {n.rpartition(".")[0] for n in shapes}
     touched.update(site.module for site in graph.attention)
     record = {"shapes": {n: list(new) for n, (_, new) in shapes.items()}, "attrs": {}}
+    # a smaller hidden size also changes, in a fresh build, weights that kept their width (an
+    # MQA c_attn sized hidden + 2 * head_dim): record every parameter's shape
+    for n, p in model.named_parameters(remove_duplicate=False):
+        record["shapes"].setdefault(n, list(p.shape))
     for path in sorted(touched):
         try:
             mod = model.get_submodule(path) if path else model
@@ -76,7 +83,8 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
                         record.setdefault("build", {}).setdefault(key, q0)
             for key in KV_KEYS:  # units are whole K/V heads with their query heads
                 kv = getattr(cfg, key, None)
-                if isinstance(kv, int) and kv > 0 and q0 % kv == 0:
+                # one K/V head (MQA, or GQA down to one group) stays one: only query heads go
+                if isinstance(kv, int) and kv > 1 and q0 % kv == 0:
                     setattr(cfg, key, heads[0][0] // (q0 // kv))
         if hasattr(cfg, "head_dim") or old_hidden is not None or heads:
             try:

@@ -1,6 +1,7 @@
 """N:M semi-structured pruning of Linear layers (``fastarch.prune(..., pattern="2:4")``).
 
-Every ``nn.Linear`` (not ignored, in_features a multiple of m) keeps the n best of every m input
+Every ``nn.Linear`` and every transformers ``Conv1D`` (GPT-2 style, weight stored (in, out))
+that is not ignored and whose input width is a multiple of m keeps the n best of every m input
 weights, by magnitude or by Wanda score (|w| * ||x_j|| on calibration data). A layer becomes an
 :class:`NMLinear` (compressed values + uint8 indices, :func:`fastarch.nm_linear`) only where that
 measures faster than the dense product on this device at the given batch; elsewhere it keeps a
@@ -28,9 +29,11 @@ class NMLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, n: int = 2, m: int = 4, scores=None) -> NMLinear:
-        values, indices = nm_compress(linear.weight.detach(), n, m, scores)
-        return cls(values, indices, linear.bias, n, m, linear.in_features)
+    def from_linear(cls, linear: nn.Module, n: int = 2, m: int = 4, scores=None) -> NMLinear:
+        """From an ``nn.Linear`` or a transformers ``Conv1D``; ``scores`` is (out, in)."""
+        w = out_in_weight(linear)
+        values, indices = nm_compress(w, n, m, scores)
+        return cls(values, indices, linear.bias, n, m, w.shape[1])
 
     def dense_weight(self) -> torch.Tensor:
         return nm_decompress(self.values, self.indices, self.n, self.m)
@@ -40,6 +43,19 @@ class NMLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, pattern={self.n}:{self.m}"
+
+
+def is_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style): a linear layer whose weight is stored (in, out)."""
+    w = getattr(mod, "weight", None)
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and \
+        isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def out_in_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or Conv1D as (out, in), detached (a view for Conv1D)."""
+    w = mod.weight.detach()
+    return w.t() if is_conv1d(mod) else w
 
 
 def _median_ms(fn, repeats=7):
@@ -56,7 +72,7 @@ def _wanda_scores(model, calib) -> dict[str, torch.Tensor]:
     norms: dict[str, torch.Tensor] = {}
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or is_conv1d(mod):
             def hook(m, args, _name=name):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
                 norms[_name] = norms.get(_name, 0) + x.pow(2).sum(0)
@@ -74,10 +90,20 @@ def _wanda_scores(model, calib) -> dict[str, torch.Tensor]:
 
 def prune_nm(model: nn.Module, pattern: str = "2:4", importance: str = "l2", calib=None,
              ignore=(), batch: int = 1, measure: bool = True):
-    """Make every Linear N:M sparse; returns a :class:`~fastarch.pruning.PruneReport`.
+    """Make every Linear (and transformers Conv1D) N:M sparse; returns a
+    :class:`~fastarch.pruning.PruneReport`.
 
-    ``importance``: "l1"/"l2" (magnitude) or "activation" (Wanda, needs ``calib``).
-    ``batch``: the batch size the sparse-vs-dense timing is measured at (decode: 1).
+    Groups of ``m`` run along the input (reduction) dimension, for a Conv1D too (its weight is
+    stored transposed). ``importance``: "l1"/"l2" (magnitude) or "activation" (Wanda, needs
+    ``calib``). ``batch``: the batch size the sparse-vs-dense timing is measured at (decode: 1).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(16, 8)).eval()
+        >>> report = prune_nm(model, "2:4", measure=False)
+        >>> int((model[0].weight != 0).sum())
+        64
     """
     from fastarch.pruning.api import PruneReport, count_params
 
@@ -87,26 +113,36 @@ def prune_nm(model: nn.Module, pattern: str = "2:4", importance: str = "l2", cal
     ignored = {id(x) for x in ignore if isinstance(x, nn.Module)}
     ignored_names = [x for x in ignore if isinstance(x, str)]
     scores = _wanda_scores(model, calib) if importance == "activation" and calib else {}
+    owners: dict[int, int] = {}  # weight -> number of modules holding it (tied embeddings)
+    for mod in model.modules():
+        w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+        if w is not None:
+            owners[id(w)] = owners.get(id(w), 0) + 1
     targets = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or id(mod) in ignored:
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or id(mod) in ignored:
             continue
         if any(name == p or name.startswith(p + ".") for p in ignored_names):
             continue
-        if mod.in_features % m:
-            report.skipped.append((name, f"in_features {mod.in_features} not a multiple of {m}"))
+        if owners.get(id(mod.weight), 0) > 1:
+            report.skipped.append((name, "weight tied to another module (e.g. the input "
+                                   "embedding): left dense"))
+            continue
+        in_features = out_in_weight(mod).shape[1]
+        if in_features % m:
+            report.skipped.append((name, f"in_features {in_features} not a multiple of {m}"))
             continue
         targets.append((name, mod))
     kept_nonzero = 0
     for name, mod in targets:
-        w = mod.weight.detach()
+        w = out_in_weight(mod)
         s = None
         if name in scores:
             s = w.abs().float() * scores[name].to(w.device)[None, :]
         layer = NMLinear.from_linear(mod, n, m, s)
         use_sparse = False
         if measure:
-            x = torch.randn(batch, mod.in_features, dtype=w.dtype, device=w.device)
+            x = torch.randn(batch, w.shape[1], dtype=w.dtype, device=w.device)
             with torch.no_grad():
                 t_dense = _median_ms(lambda mod=mod, x=x: mod(x))
                 t_sparse = _median_ms(lambda layer=layer, x=x: layer(x))
@@ -117,8 +153,8 @@ def prune_nm(model: nn.Module, pattern: str = "2:4", importance: str = "l2", cal
             setattr(parent, attr, layer)
             form = "sparse"
         else:
-            with torch.no_grad():
-                mod.weight.copy_(layer.dense_weight().to(w.dtype))
+            with torch.no_grad():  # w is a view of mod.weight (transposed for Conv1D)
+                w.copy_(layer.dense_weight().to(w.dtype))
             form = "dense (faster here)"
         kept_nonzero += layer.values.numel()
         report.removed.append({"group": f"{name}: {pattern} ({form})", "kind": "n:m",

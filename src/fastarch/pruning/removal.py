@@ -15,6 +15,7 @@ from fastarch.pruning.graph import DependencyGraph
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep")
 WIDTH_ATTRS = ("attn_dim", "all_head_size", "inner_dim", "split_size", "q_dim", "dim_out_attn")
 
 
@@ -149,6 +150,8 @@ def _fix_attention_attrs(model: nn.Module, graph: DependencyGraph, roots) -> Non
         if site.kv_heads != site.q_heads:
             _set_matching(mod, KV_ATTRS, site.kv_heads, kv_new)
         _set_matching(mod, WIDTH_ATTRS, site.q_heads * site.head_dim, q_new * site.head_dim)
+        if kv_new and site.kv_heads and q_new % kv_new == 0:  # query heads per K/V head
+            _set_matching(mod, GROUP_ATTRS, site.q_heads // site.kv_heads, q_new // kv_new)
         mod._fastarch_heads = (q_new, kv_new)
 
 
