@@ -23,7 +23,7 @@ from fastarch.attention import (  # noqa: F401
 from fastarch import zoo  # noqa: F401  (fastarch.zoo.names / create / family)
 from fastarch.retrieval.retrieve import retrieve  # noqa: F401
 from fastarch.retrieval.compress import compress, recommend  # noqa: F401
-from fastarch.pruning import prune  # noqa: F401
+from fastarch.pruning import prune, prune_blocks  # noqa: F401
 from fastarch.ops.nm_linear import nm_compress, nm_linear  # noqa: F401
 
 __version__ = "0.1.0"

@@ -72,6 +72,23 @@ def test_prune_nm_in_process(capsys):
     assert before != after
 
 
+def test_prune_blocks_in_process(capsys):
+    rc = main(["prune", "timm/vit_tiny_patch16_224", "--blocks", "3", "--no-latency", "-v"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "removed blocks: 3 of 12 units in 1 groups" in text
+    assert "pruning: blocks 3 (cosine)," in text
+    before, after = _numbers(text, "params")
+    assert float(after[:-1]) < float(before[:-1])
+
+
+@pytest.mark.parametrize("value", ["1.5", "-2", "two"])
+def test_prune_blocks_bad_value(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "torchvision/resnet18", "--blocks", value])
+    assert "--blocks" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["prune", "no_such_model_xyz"], "no_such_model_xyz"),
     (["prune", "torchvision/resnet18", "--ratio", "1.5"], "--ratio"),

@@ -40,6 +40,7 @@ class PruneReport:
     total_seconds: float = 0.0
     ok: bool = True  # False when the model could not be traced at all (left unchanged)
     graph: object = dataclasses.field(default=None, repr=False)  # the DependencyGraph used
+    blocks: object = None  # the BlockPruneReport when whole blocks were removed (blocks=...)
     removed_units: list = dataclasses.field(default_factory=list, repr=False)  # its roots
 
     @property
@@ -276,7 +277,8 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
           global_ranking: bool = False, pattern: str | None = None, timeout: float = 120.0,
           verify: bool = True, loss_fn: Callable | None = None,
           prune_heads: bool = True, prune_channels: bool = True,
-          exact_only: bool = False, graph: DependencyGraph | None = None) -> PruneReport:
+          exact_only: bool = False, graph: DependencyGraph | None = None,
+          blocks: int | float | None = None, block_importance: str = "cosine") -> PruneReport:
     """Remove channels, neurons, attention heads and conv groups from ``model``, in place.
 
     The model is traced with the example inputs; channels that must go together (residual
@@ -308,6 +310,11 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
             statistics over the channels), so that :func:`masked_copy` reproduces the result.
         graph: a :class:`DependencyGraph` already built for this architecture (e.g.
             ``report.graph`` of an identical model) to skip tracing.
+        blocks: first remove this many whole blocks (int) or this fraction of them (float),
+            scored by ``block_importance`` on ``calib`` (see :func:`fastarch.prune_blocks`);
+            ``ratio`` / ``target`` then apply to the model that is left (``ratio=0``: depth
+            only). The block report is ``report.blocks``.
+        block_importance: ``"cosine"`` (block influence) or ``"magnitude"``.
 
     Returns:
         a :class:`PruneReport` (removed groups, params and FLOPs before/after, modules not
@@ -322,11 +329,33 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
     """
     t_start = time.perf_counter()
     example_inputs = _check_args(model, example_inputs, ratio, importance, target, round_to, pattern)
+    block_report = None
+    from fastarch.pruning.depth import BLOCK_IMPORTANCES, prune_blocks
+
+    if block_importance not in BLOCK_IMPORTANCES:
+        raise ValueError(f"block_importance must be one of {BLOCK_IMPORTANCES}, "
+                         f"got {block_importance!r}")
+    if blocks is not None:
+
+        if graph is not None:
+            raise ValueError("graph: a prebuilt graph cannot be used with blocks= (removing "
+                             "blocks changes the model it was traced from)")
+        block_report = prune_blocks(model, example_inputs, blocks, block_importance,
+                                    calib=calib, ignore=ignore, verify=verify)
     if pattern is not None:
         from fastarch.pruning.nm import prune_nm
 
-        return prune_nm(model, pattern, importance=importance, calib=calib or [example_inputs],
-                        ignore=ignore)
+        report = prune_nm(model, pattern, importance=importance, calib=calib or [example_inputs],
+                          ignore=ignore)
+        return _with_blocks(report, block_report)
+    if block_report is not None:
+        report = prune(model, example_inputs, ratio, importance, target, ignore, calib,
+                       round_to=round_to, global_ranking=global_ranking, timeout=timeout,
+                       verify=verify, loss_fn=loss_fn, prune_heads=prune_heads,
+                       prune_channels=prune_channels, exact_only=exact_only)
+        report = _with_blocks(report, block_report)
+        report.total_seconds = time.perf_counter() - t_start
+        return report
     ignored = _ignored_prefixes(model, ignore)
     was_training = model.training
     model.eval()
@@ -434,6 +463,23 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
         report.latency_after_ms = measure_latency_ms(model, example_inputs)
     model.train(was_training)
     report.total_seconds = time.perf_counter() - t_start
+    return report
+
+
+def _with_blocks(report: PruneReport, block_report) -> PruneReport:
+    """Fold a block-removal report into the width-pruning one (before = the unpruned model)."""
+    if block_report is None:
+        return report
+    report.blocks = block_report
+    entries = [{"group": f"blocks of {name}", "kind": "blocks", "before": before,
+                "removed": before - after, "exact": False}
+               for name, (before, after) in block_report.lists.items() if before != after]
+    report.removed = entries + report.removed
+    report.skipped = list(block_report.skipped) + report.skipped
+    report.params_before = block_report.params_before
+    report.flops_before = block_report.flops_before
+    if not report.flops_after:  # N:M reports no FLOPs: the block-pruned count stands
+        report.flops_after = block_report.flops_after
     return report
 
 

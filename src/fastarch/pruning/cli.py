@@ -1,4 +1,4 @@
-"""``fastarch prune``: structured (or N:M) pruning of a zoo model, with a before/after report.
+"""``fastarch prune``: structured, whole-block or N:M pruning of a zoo model, with a report.
 
 The model is any name of ``fastarch.zoo`` (``resnet50``, ``timm/vit_small_patch16_224``,
 ``torchvision/mobilenet_v3_small``, ``transformers/llama`` ...), built with random weights and
@@ -32,6 +32,12 @@ def add_parser(subparsers) -> None:
                    help="importance score of a unit (default l2)")
     p.add_argument("--nm", default=None, choices=["2:4", "4:8"],
                    help="make every Linear N:M sparse instead of removing channels")
+    p.add_argument("--blocks", type=_block_count, default=None, metavar="N",
+                   help="remove N whole blocks (an int) or that fraction of them (e.g. 0.25) "
+                        "first; alone it prunes depth only, with --ratio etc. width too")
+    p.add_argument("--block-criterion", default="cosine", choices=["cosine", "magnitude"],
+                   help="block score: cosine (block influence on the example input, default) "
+                        "or magnitude (data-free)")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank units over all groups instead of per group")
@@ -48,12 +54,24 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _block_count(text: str):
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks: a count or a fraction, got {text!r}") from None
+    if value < 0 or isinstance(value, float) and value >= 1:
+        raise argparse.ArgumentTypeError(
+            f"--blocks: a count >= 0 or a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _target(args) -> tuple[str, float]:
     for name in ("params", "flops", "latency"):
         value = getattr(args, name)
         if value is not None:
             return name, value
-    return "ratio", 0.3 if args.ratio is None else args.ratio
+    default = 0.0 if getattr(args, "blocks", None) is not None else 0.3  # --blocks alone: depth
+    return "ratio", default if args.ratio is None else args.ratio
 
 
 def example_inputs(name: str, model, seq_len: int) -> tuple:
@@ -125,14 +143,20 @@ def run(args) -> int:
     lat_before = None if args.no_latency else measure_latency_ms(model, inputs, repeats=7)
     if args.nm:
         report = fastarch.prune(model, inputs, pattern=args.nm, importance=args.criterion,
-                                ignore=args.ignore)
+                                ignore=args.ignore, blocks=args.blocks,
+                                block_importance=args.block_criterion)
         what = f"N:M {args.nm} ({args.criterion})"
     else:
         report = fastarch.prune(model, inputs, ratio=value, importance=args.criterion,
                                 target=target, ignore=args.ignore, round_to=args.round_to,
-                                global_ranking=args.global_ranking)
+                                global_ranking=args.global_ranking, blocks=args.blocks,
+                                block_importance=args.block_criterion)
         what = f"{target} {value:g} ({args.criterion}" + (", global" if args.global_ranking
                                                          else "") + ")"
+    if args.blocks is not None:
+        depth = f"blocks {args.blocks:g} ({args.block_criterion})"
+        depth_only = target == "ratio" and value == 0 and not args.nm
+        what = depth if depth_only else f"{depth}, then {what}"
     params_after = count_params(model) if not args.nm else report.params_after
     flops_after = count_flops(model, inputs)
     lat_after = None if args.no_latency else measure_latency_ms(model, inputs, repeats=7)
