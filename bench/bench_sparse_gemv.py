@@ -24,15 +24,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fastarch  # noqa: E402
 from timing import copies_to_defeat_cache, interleaved, machine  # noqa: E402
 
-GEMV_SHAPES = {  # name: (out, in)
-    "4096x4096 (attn proj)": (4096, 4096),
-    "11008x4096 (7B up)": (11008, 4096),
-    "4096x11008 (7B down)": (4096, 11008),
+GEMV_SHAPES = {  # name: (out, in); the MLP projections of Llama-3-8B and Llama-3.2-1B
+    "14336x4096 (8B up/gate)": (14336, 4096),
+    "4096x14336 (8B down)": (4096, 14336),
+    "8192x2048 (1B up/gate)": (8192, 2048),
+    "2048x8192 (1B down)": (2048, 8192),
+    "4096x4096 (8B attn proj)": (4096, 4096),
 }
-MLP_SHAPES = {"Llama-2-7B MLP (4096, 11008)": (4096, 11008), "Llama-3.2-1B MLP (2048, 8192)": (2048, 8192)}
-SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+MLP_SHAPES = {"Llama-3-8B MLP (4096, 14336)": (4096, 14336), "Llama-3.2-1B MLP (2048, 8192)": (2048, 8192)}
+SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GEMV_BATCHES = (1, 2, 4, 8, 16)
+GEMV_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MLP_BATCHES = (1, 8)
 
 
@@ -123,45 +125,59 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of " + ",".join(DTYPES))
     ap.add_argument("--batches", default=",".join(map(str, GEMV_BATCHES)))
+    ap.add_argument("--shapes", default=None,
+                    help="comma list of sparse_gemv shapes OUTxIN (default: " + ", ".join(
+                        f"{o}x{i}" for o, i in GEMV_SHAPES.values()) + ")")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--no-mlp", action="store_true", help="skip the sparse_mlp table")
     ap.add_argument("--no-gemv", action="store_true", help="skip the sparse_gemv table")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
     args = ap.parse_args(argv)
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    sparsities = [float(x) for x in args.sparsities.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rounds = args.rounds or (7 if args.quick else 15)
     gemv_shapes = dict(list(GEMV_SHAPES.items())[:2]) if args.quick else GEMV_SHAPES
+    if args.shapes:
+        by_size = {f"{o}x{i}": (n, (o, i)) for n, (o, i) in GEMV_SHAPES.items()}
+        gemv_shapes = {}
+        for key in args.shapes.split(","):
+            if key in by_size:
+                gemv_shapes[by_size[key][0]] = by_size[key][1]
+            else:
+                o, i = (int(v) for v in key.split("x"))
+                gemv_shapes[key] = (o, i)
     if args.no_gemv:
         gemv_shapes = {}
     lines = [f"Machine: {machine()}", "",
              "### sparse_gemv vs F.linear (speed-up = dense time / fastarch time; limit 1/(1-s) at batch 1)", "",
-             _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in SPARSITIES]
-                      + ["fraction of limit at s=0.5"]),
-             _fmt_row(["---"] * (5 + len(SPARSITIES)))]
+             _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in sparsities]
+                      + ["fraction of limit at s=0.5", "at s=0.9"]),
+             _fmt_row(["---"] * (6 + len(sparsities)))]
     print("\n".join(lines), flush=True)
     for name, (o, i) in gemv_shapes.items():
         for dtype in dtypes:
             for batch in batches:
-                cells, dense_ms, half = [], None, None
-                for s in SPARSITIES:
+                cells, dense_ms, frac = [], None, {}
+                for s in sparsities:
                     res, union = gemv_case(o, i, dtype, batch, s, rounds)
                     ratio = res["dense"] / res["fastarch"]
                     dense_ms = res["dense"] * 1e3 if dense_ms is None else dense_ms
                     cells.append(f"{ratio:.2f}x" + (f" (u={union:.2f})" if batch > 1 else ""))
-                    if s == 0.5:
-                        half = ratio / 2.0
+                    frac[s] = ratio * (1.0 - s)  # share of the 1/(1-s) memory-traffic limit
+                limits = [f"{frac[s]:.0%}" if batch == 1 and s in frac else "n/a" for s in (0.5, 0.9)]
                 row = _fmt_row([name, str(dtype).split(".")[-1], batch, f"{dense_ms:.2f}"] + cells
-                               + [f"{half:.0%}" if batch == 1 else "n/a (union)"])
+                               + limits)
                 lines.append(row)
                 print(row, flush=True)
     lines += ["", "u = fraction of input channels active in at least one batch row (the union "
               "a batched call must read).", "",
               "### sparse_mlp (core neurons) vs the dense SwiGLU MLP", "",
-              _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in SPARSITIES]),
-              _fmt_row(["---"] * (4 + len(SPARSITIES)))]
+              _fmt_row(["shape", "dtype", "batch", "dense ms"] + [f"s={s}" for s in sparsities]),
+              _fmt_row(["---"] * (4 + len(sparsities)))]
     print("\n".join(lines[-4:]), flush=True)
     mlp_shapes = dict(list(MLP_SHAPES.items())[:1]) if args.quick else MLP_SHAPES
     if args.no_mlp:
@@ -170,7 +186,7 @@ def main(argv=None) -> int:
         for dtype in dtypes:
             for batch in MLP_BATCHES:
                 cells, dense_ms = [], None
-                for s in SPARSITIES:
+                for s in sparsities:
                     res = mlp_case(h, inter, dtype, batch, s, max(5, rounds // 2))
                     dense_ms = res["dense"] * 1e3 if dense_ms is None else dense_ms
                     cells.append(f"{res['dense'] / res['fastarch']:.2f}x")
@@ -189,7 +205,7 @@ def main(argv=None) -> int:
 @pytest.mark.parametrize("provider", ["torch", "fastarch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gemv_1b_up(benchmark, provider, dtype, sparsity):
-    o, i = GEMV_SHAPES["4096x4096 (attn proj)"]
+    o, i = GEMV_SHAPES["4096x4096 (8B attn proj)"]
     w = torch.randn(o, i, dtype=dtype)
     w_t = w.t().contiguous()
     x = torch.randn(1, i, dtype=dtype)
