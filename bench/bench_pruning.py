@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import platform
 import sys
@@ -202,24 +203,44 @@ def sweep(args):
 
         def build(n):
             return timm.create_model(n, pretrained=False), 0
-    names = names[args.offset:args.offset + args.limit] if args.limit else names
+    names = names[args.offset:args.offset + args.limit] if args.limit else names[args.offset:]
+    names = names[::args.stride] if args.stride > 1 else names
     ok = 0
     rows = []
     for name in names:
         t0 = time.perf_counter()
         try:
             model, size = build(name)
+        except Exception as exc:  # noqa: BLE001  (not a pruning failure: the zoo cannot build it)
+            rows.append((name, None, f"build: {type(exc).__name__}: {str(exc)[:100]}", 0.0))
+            print(f"{name}: NOT BUILT {rows[-1][2]}", flush=True)
+            continue
+        try:
             if not size:
                 cfg = getattr(model, "pretrained_cfg", {}) or {}
                 size = cfg.get("input_size", (3, 224, 224))[-1]
             res = check_model(model.eval(), (torch.randn(1, 3, size, size),), timeout=args.timeout)
         except Exception as exc:  # noqa: BLE001
             res = {"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:120]}"}
+        del model
+        gc.collect()
         ok += bool(res["ok"])
         rows.append((name, res["ok"], res.get("reason", ""), time.perf_counter() - t0))
         print(f"{name}: {'ok' if res['ok'] else 'FAIL ' + res['reason']} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
-    print(f"\n{args.sweep}: {ok}/{len(names)} = {100 * ok / max(len(names), 1):.1f}% pass")
+    tried = [r for r in rows if r[1] is not None]
+    summary = (f"{args.sweep}: {ok}/{len(tried)} = {100 * ok / max(len(tried), 1):.1f}% pass "
+               f"({len(rows) - len(tried)} of {len(rows)} names could not be built with default "
+               "arguments and are not counted)")
+    print("\n" + summary)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# Pruning sweep: {args.sweep}\n\n{summary}\n\nCommand: `python "
+                    f"bench/bench_pruning.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+                    "\n\n| model | result | reason | s |\n| --- | --- | --- | --- |\n")
+            for name, good, reason, sec in rows:
+                state = "not built" if good is None else ("ok" if good else "FAIL")
+                f.write(f"| {name} | {state} | {reason.replace('|', '/')} | {sec:.1f} |\n")
 
 
 def main(argv=None):
@@ -230,6 +251,9 @@ def main(argv=None):
     p.add_argument("--sweep", choices=["torchvision", "timm"])
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--stride", type=int, default=1,
+                   help="sweep every K-th model of the sorted list (a deterministic sample)")
+    p.add_argument("--out", default="", help="write the sweep's table (markdown) here")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--image", type=int, default=160)
     p.add_argument("--seq", type=int, default=64)
