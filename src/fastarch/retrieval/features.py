@@ -14,7 +14,11 @@ Three blocks, each computed from the :class:`~fastarch.retrieval.graph.OpGraph` 
 * Global statistics: log params, log FLOPs, log depth, log width, the share of each op kind and
   the kind of input (image, text, audio, video), standardised over the index.
 
-The blocks are weighted and concatenated; cosine similarity of the result is the score.
+The blocks are weighted and concatenated; cosine similarity of the result is the score. The
+search vectors also raise each block to a power (``FeatureSpace.power``, entry-wise, then
+L2-normalised again) before weighting: an exponent below 1 flattens the counts towards
+presence/absence, so a bucket that a big model repeats many times no longer outweighs the
+buckets that say which kinds of layers and connections the graph has at all.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ STAT_KINDS = ("conv", "conv.dw", "conv.k1", "linear", "matmul", "attention", "so
 # what the network reads (from its example inputs, not its name)
 INPUT_KINDS = ("image", "text", "audio", "video")
 N_STATS = 4 + len(STAT_KINDS) + len(INPUT_KINDS)
+BLOCKS = ("wl", "motif", "stats", "shape")  # in the order of the embedding's columns
 
 
 def _h(*parts) -> int:
@@ -162,7 +167,7 @@ class FeatureSpace:
     block weights. Stored in the index file so that queries land in the same space."""
 
     def __init__(self, idf=None, stat_mean=None, stat_std=None, weights=None,
-                 wl_iteration_weights=None, text_weight: float = 0.0):
+                 wl_iteration_weights=None, text_weight: float = 0.0, power=None):
         self.idf = None if idf is None else np.asarray(idf, np.float32)
         self.stat_mean = None if stat_mean is None else np.asarray(stat_mean, np.float32)
         self.stat_std = None if stat_std is None else np.asarray(stat_std, np.float32)
@@ -173,6 +178,14 @@ class FeatureSpace:
         self.text_weight = float(text_weight)
         if not 0.0 <= self.text_weight < 1.0:
             raise ValueError(f"text_weight must be in [0, 1), got {text_weight!r}")
+        # per-block exponent applied to the search vectors (1 = the block as embedded)
+        self.power = {k: 1.0 for k in BLOCKS}
+        for k, v in (power or {}).items():
+            if k not in self.power:
+                raise ValueError(f"power: unknown block {k!r} (blocks: {list(BLOCKS)})")
+            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+                raise ValueError(f"power[{k!r}] must be in (0, 1], got {v!r}")
+            self.power[k] = float(v)
 
     @property
     def dim(self) -> int:
@@ -204,12 +217,12 @@ class FeatureSpace:
 
     def to_dict(self) -> dict:
         return {"weights": self.weights, "wl_iteration_weights": self.wl_iteration_weights,
-                "text_weight": self.text_weight}
+                "text_weight": self.text_weight, "power": self.power}
 
     @classmethod
     def from_arrays(cls, idf, stat_mean, stat_std, cfg: dict) -> FeatureSpace:
         return cls(idf, stat_mean, stat_std, cfg.get("weights"), cfg.get("wl_iteration_weights"),
-                   cfg.get("text_weight", 0.0))
+                   cfg.get("text_weight", 0.0), cfg.get("power"))
 
     def blocks(self, emb: np.ndarray) -> list[np.ndarray]:
         """The L2-normalised blocks (WL, motif, stats, shape) of embeddings made by
@@ -227,14 +240,28 @@ class FeatureSpace:
             if self.weights[k] == 0 and v != 0:
                 raise ValueError(f"weights: block {k!r} had weight 0 and cannot be recovered")
         self.weights = dict(self.weights, **weights)
-        names = ("wl", "motif", "stats", "shape")
-        parts = [self.weights[n] * b for n, b in zip(names, self.blocks(emb))]
+        parts = [self.weights[n] * b for n, b in zip(BLOCKS, self.blocks(emb))]
+        return _l2(np.concatenate(parts, axis=1)).astype(np.float32)
+
+    def powered(self, emb: np.ndarray) -> np.ndarray:
+        """Embeddings with each block raised entry-wise to its ``power`` (sign kept) and
+        L2-normalised again, then weighted as before; ``emb`` itself when every power is 1."""
+        emb = np.asarray(emb, np.float32)
+        if all(p == 1.0 for p in self.power.values()):
+            return emb
+        parts = []
+        for n, b in zip(BLOCKS, self.blocks(emb)):
+            p = self.power[n]
+            if p != 1.0:
+                b = _l2(np.sign(b) * np.abs(b) ** p)
+            parts.append(self.weights[n] * b)
         return _l2(np.concatenate(parts, axis=1)).astype(np.float32)
 
     def fuse(self, emb: np.ndarray, text: np.ndarray | None) -> np.ndarray:
-        """The search vectors: graph embeddings, with the description's text embedding
-        appended at ``text_weight`` (graph embeddings alone when it is 0 or there is none)."""
-        emb = np.asarray(emb, np.float32)
+        """The search vectors: graph embeddings (blocks raised to ``power``, see
+        :meth:`powered`), with the description's text embedding appended at ``text_weight``
+        (graph embeddings alone when it is 0 or there is none)."""
+        emb = self.powered(emb)
         if text is None or self.text_weight <= 0:
             return emb
         a = self.text_weight

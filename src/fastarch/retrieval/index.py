@@ -28,7 +28,10 @@ __all__ = [
     "shipped_index_path",
 ]
 
-FORMAT_VERSION = 2
+# 3: the feature space has per-block powers for the search vectors (version 2 files, which
+# have none, read as powers of 1)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 _GRAPH_OK = ("trace", "partial", "module_tree")
 
 
@@ -89,9 +92,11 @@ class ArchitectureIndex:
     def from_records(cls, records: dict[str, dict] | list[dict], text: bool = True,
                      weights: dict | None = None, wl_iteration_weights=None,
                      raw: dict | None = None, progress: bool = False,
-                     text_weight: float = 0.0) -> ArchitectureIndex:
+                     text_weight: float = 0.0, power: dict | None = None) -> ArchitectureIndex:
         """Index of the graphs in ``records`` (failed ones are listed in ``meta['failed']``).
-        ``raw`` may hold precomputed ``raw_features`` by name (for tuning)."""
+        ``raw`` may hold precomputed ``raw_features`` by name (for tuning); ``weights``,
+        ``wl_iteration_weights``, ``text_weight`` and ``power`` configure the
+        :class:`~fastarch.retrieval.features.FeatureSpace`."""
         recs = list(records.values()) if isinstance(records, dict) else list(records)
         ok = [r for r in recs if r.get("status") in _GRAPH_OK and r.get("labels")]
         failed = sorted(r["name"] for r in recs if r not in ok)
@@ -135,7 +140,7 @@ class ArchitectureIndex:
         stats = np.stack([stats[i] for i in order])
         shape = np.stack([shape[i] for i in order])
         space = FeatureSpace(weights=weights, wl_iteration_weights=wl_iteration_weights,
-                             text_weight=text_weight if text else 0.0)
+                             text_weight=text_weight if text else 0.0, power=power)
         space.fit(wl, stats)
         emb = space.transform(wl, motif, stats, shape)
         text_emb = None
@@ -196,9 +201,9 @@ class ArchitectureIndex:
         except Exception as exc:
             raise ValueError(f"{str(path)!r} is not a fastarch index file: {exc}") from exc
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"index file {str(path)!r} has format version {version}, this "
-                             f"fastarch reads version {FORMAT_VERSION}: rebuild it")
+                             f"fastarch reads versions {READABLE_VERSIONS}: rebuild it")
         entries = header.pop("entries")
         space = FeatureSpace.from_arrays(idf, mean, std, header.get("space", {}))
         return cls(entries, emb, text, space, header)
