@@ -286,6 +286,18 @@ def test_unhandled_models_left_unchanged():
     assert len(plain) == 3
 
 
+def test_gpt2_layer_scaled_attention_not_handled():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=97, n_positions=32,
+                                  scale_attn_by_inverse_layer_idx=True)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    want = hf_logits(model)
+    report = prune_blocks(model, IDS, blocks=1)
+    assert not report.ok and "scale_attn_by_inverse_layer_idx" in str(report)
+    assert len(model.transformer.h) == 3 and model.config.n_layer == 3
+    torch.testing.assert_close(hf_logits(model), want)
+
+
 def test_keeps_one_block_per_list():
     model = Stack(scales=(1.0, 1e-3)).eval()
     report = prune_blocks(model, torch.randn(2, 8), blocks=5)

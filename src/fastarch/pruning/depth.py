@@ -353,6 +353,13 @@ def _prune(model, example_inputs, blocks, importance, calib, container, ignore, 
     for lname in list(lists):
         if cfg is None:
             continue
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+            # GPT-2's attention scale depends on the layer's position: a renumbered block
+            # would reload with another scale
+            report.skipped.append((lname, "attention is scaled by the layer index "
+                                   "(scale_attn_by_inverse_layer_idx): blocks kept"))
+            del lists[lname]
+            continue
         key = _count_key(cfg, lname, len(model.get_submodule(lname)), taken)
         if key is None:
             report.skipped.append((lname, "the config has no layer count equal to its length: "
@@ -401,6 +408,7 @@ def _prune(model, example_inputs, blocks, importance, calib, container, ignore, 
         report.skipped.append(("<model>", f"asked for {n} blocks, only {removed_n} removable "
                                f"(of {n_total} candidates; one block per list is kept)"))
     if not chosen:
+        report.ok = n == 0
         return
     undo = []
     try:
