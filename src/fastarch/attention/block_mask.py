@@ -8,9 +8,14 @@ kernel evaluates the element mask) or empty (skipped).
 * Masks with a predicate that is unchanged by a joint shift of q and kv (relative patterns such as
   strided: period 1; fixed: period = stride) evaluate one (bs, bs) bitmap per class of tiles
   that must share it (diagonal x phase), not per tile.
-* Other predicates are evaluated on the (Lq, Lk) grid in chunks of query tiles (vectorised, one
-  predicate call per chunk), only over the key tiles the window part of the mask leaves
-  possible; partial tiles keep a (bs, bs) bitmap, the others keep nothing.
+* Other predicates are first run once on tile bounds (:mod:`fastarch.attention.mask_intervals`):
+  tiles surely all allowed are full, tiles surely all masked are skipped, and only the others
+  are evaluated exactly, as one row when the value varies with kv only inside the tile, one
+  column when it varies with q only (both deduplicated), or the whole (bs, bs) bitmap.
+* A predicate the bounds cannot follow (float math, reductions, data-dependent ``if``, ...) is
+  evaluated on the (Lq, Lk) grid in chunks of query tiles (vectorised, one predicate call per
+  chunk), only over the key tiles the window part of the mask leaves possible; partial tiles
+  keep a (bs, bs) bitmap, the others keep nothing.
 
 Built masks are cached (keyed on the mask object and the sizes), so a model calls the builder per
 layer at no cost after the first.
@@ -18,10 +23,12 @@ layer at no cost after the first.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 
 import torch
 
+from fastarch.attention.mask_intervals import KV_DEP, Q_DEP, trace_tiles
 from fastarch.attention.masks import MaskSpec
 from fastarch.ops.block_sparse_attention import BlockMask
 
@@ -41,16 +48,20 @@ def _compress(tiles: torch.Tensor):
 
 def block_mask_from_bitmaps(full: torch.Tensor, partial: torch.Tensor,
                             bitmaps: torch.Tensor | None, bs: int, q_len: int, kv_len: int,
-                            q_offset: int = 0) -> BlockMask:
+                            q_offset: int = 0, bitmap_of: torch.Tensor | None = None
+                            ) -> BlockMask:
     """The BlockMask of tiles classified as ``full`` / ``partial`` ((Bm, Hm, Qt, Kt) bool), with
-    ``bitmaps`` (P, bs, bs) holding the partial tiles' element masks in row-major tile order."""
+    ``bitmaps`` (P, bs, bs) holding the partial tiles' element masks: by default one per partial
+    tile in row-major tile order, else tile t uses ``bitmaps[bitmap_of[t]]`` (tiles may share)."""
     num, idx = _compress(partial)
     fnum, fidx = _compress(full)
-    # Bitmap of the j-th partial tile of a row: its rank among all partial tiles (bitmaps are in
-    # row-major order, the same order as the ascending per-row lists).
-    rank = (torch.cumsum(partial.flatten().to(torch.int64), 0) - 1).view(partial.shape)
+    if bitmap_of is None:
+        # Bitmap of the j-th partial tile of a row: its rank among all partial tiles (bitmaps
+        # are in row-major order, the same order as the ascending per-row lists).
+        bitmap_of = (torch.cumsum(partial.flatten().to(torch.int64), 0) - 1).view(partial.shape)
     slot_used = torch.arange(idx.shape[-1], device=partial.device) < num.unsqueeze(-1).long()
-    tmi = torch.where(slot_used, torch.gather(rank, -1, idx.long()), -1).to(torch.int32)
+    tmi = torch.where(slot_used, torch.gather(bitmap_of.expand_as(idx), -1, idx.long()),
+                      -1).to(torch.int32)
     if bitmaps is None or bitmaps.shape[0] == 0:
         bitmaps = torch.zeros(1, bs, bs, dtype=torch.bool, device=partial.device)
     return BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
@@ -147,6 +158,143 @@ def _classify_predicate(spec: MaskSpec, bm, hm, q_len, kv_len, bs, q_offset, dev
     # Row-major order over (b, h, qt, kt), the order of the per-row tile lists.
     order = torch.argsort(torch.cat(where))
     return full, partial, torch.cat(bitmaps)[order]
+
+
+class _BoundsDisagree(Exception):
+    """The exact evaluation contradicts the tile bounds: use the element-wise path."""
+
+
+def _block_mask_from_bounds(spec: MaskSpec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
+                            device):
+    """The BlockMask of a mask with a predicate, classified from tile bounds, or None when the
+    bounds cannot follow the predicate.
+
+    The descriptor part (window, prefix, documents) is classified analytically and stays in the
+    BlockMask, where the kernel applies it; the predicate is traced on tile bounds
+    (:func:`~fastarch.attention.mask_intervals.trace_tiles`) and evaluated exactly only on the
+    tiles the bounds leave unknown and the descriptor leaves possible. A partial tile keeps a
+    bitmap of the predicate only where the predicate cuts it. Any doubt (a failed trace, a
+    non-bool result, corner samples that disagree with the bounds) returns None so that the
+    caller evaluates the predicate element-wise.
+    """
+    qt, kt = -(-q_len // bs), -(-kv_len // bs)
+    q0, q1 = _tile_ranges(q_len, bs, qt, device)
+    k0, k1 = _tile_ranges(kv_len, bs, kt, device)
+    q0, q1 = q0 + q_offset, q1 + q_offset
+    traced = trace_tiles(spec.mask_mod, nb, nh, q0, q1, k0, k1, device)
+    if traced is None:
+        return None
+    surely, never, dep = traced
+    unknown = ~surely & ~never
+    try:
+        _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, unknown, dep, device)
+        return _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
+                                     q0, k0, surely, unknown, dep, device)
+    except _BoundsDisagree:
+        return None
+
+
+def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_doc, q0, k0,
+                          surely, unknown, dep, device):
+    """The exact part of :func:`_block_mask_from_bounds`: unknown tiles evaluated as one row,
+    one column or one bitmap each (see ``dep``), combined with the descriptor's classes."""
+    d_full, d_partial = _classify_descriptor(spec, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
+                                             device)
+    possible = (d_full | d_partial).expand_as(surely)
+    mod_full, mod_any = surely.clone(), surely.clone()  # exact over the tile's valid positions
+    bitmap_of = torch.full(surely.shape, -1, dtype=torch.long, device=device)
+    bitmaps, count = [], 0
+    i = torch.arange(bs, device=device)
+    for kind in (KV_DEP, Q_DEP, KV_DEP | Q_DEP):
+        sel = unknown & possible & (dep == kind)
+        if not bool(sel.any()):
+            continue
+        bi, hi, tq, tk = sel.nonzero(as_tuple=True)
+        b, h = bi.view(-1, 1, 1), hi.view(-1, 1, 1)
+        rows_ok = (i < q_len - tq.view(-1, 1) * bs).view(-1, bs, 1)  # positions in range
+        cols_ok = (i < kv_len - tk.view(-1, 1) * bs).view(-1, 1, bs)
+        q_first, kv_first = q0[tq].view(-1, 1, 1), k0[tk].view(-1, 1, 1)
+        q_all = torch.clamp(q_first + i.view(1, -1, 1), max=q_len - 1 + q_offset)
+        kv_all = torch.clamp(kv_first + i.view(1, 1, -1), max=kv_len - 1)
+        if kind == KV_DEP:  # every query of the tile sees the same row: evaluate one row
+            vals = _exact(spec, b, h, q_first, kv_all)  # (P, 1, bs)
+            f, a = (vals | ~cols_ok).all(-1).squeeze(1), (vals & cols_ok).any(-1).squeeze(1)
+            pats, inv = _unique_rows(vals.squeeze(1))
+            tiles = pats.view(-1, 1, bs).expand(-1, bs, bs)
+        elif kind == Q_DEP:  # every key of the tile sees the same column: one column
+            vals = _exact(spec, b, h, q_all, kv_first)  # (P, bs, 1)
+            f, a = (vals | ~rows_ok).all(1).squeeze(1), (vals & rows_ok).any(1).squeeze(1)
+            pats, inv = _unique_rows(vals.squeeze(2))
+            tiles = pats.view(-1, bs, 1).expand(-1, bs, bs)
+        else:
+            per = max(1, _CHUNK_ELEMENTS // (bs * bs))
+            tiles = torch.cat([_exact(spec, b[c:c + per], h[c:c + per], q_all[c:c + per],
+                                      kv_all[c:c + per]) for c in range(0, bi.numel(), per)])
+            valid = rows_ok & cols_ok
+            f, a = (tiles | ~valid).all(-1).all(-1), (tiles & valid).any(-1).any(-1)
+            inv = torch.arange(bi.numel(), device=device)
+        mod_full[bi, hi, tq, tk] = f
+        mod_any[bi, hi, tq, tk] = a
+        bitmap_of[bi, hi, tq, tk] = torch.where(f, -1, inv + count)  # a full one needs none
+        bitmaps.append(tiles)
+        count += tiles.shape[0]
+    full = d_full & mod_full
+    # Cut by the descriptor or by the predicate (both: conservatively listed, still exact).
+    partial = possible & mod_any & ~full
+    bm = block_mask_from_bitmaps(full, partial, torch.cat(bitmaps) if bitmaps else None, bs,
+                                 q_len, kv_len, q_offset, bitmap_of=bitmap_of)
+    return dataclasses.replace(bm, window_left=spec.window_left, window_right=spec.window_right,
+                               prefix_len=spec.prefix_len, q_doc_ids=q_doc, kv_doc_ids=kv_doc)
+
+
+def _unique_rows(rows: torch.Tensor):
+    """The distinct rows of a (P, n) bool tensor and the index of each row among them.
+
+    Rows are hashed (their bytes read as int64 words, mixed by odd multipliers, wrapping) and
+    grouped with a 1-D ``unique``; the grouping is then checked row by row, and a hash
+    collision falls back to ``unique(dim=0)`` (which compares rows pairwise: much slower)."""
+    p, n = rows.shape
+    dev = rows.device
+    padded = torch.cat([rows, rows.new_zeros(p, -n % 8)], 1) if n % 8 else rows
+    words = padded.contiguous().view(torch.uint8).view(torch.int64)  # 8 bools per word
+    mult = (torch.arange(words.shape[1], device=dev) * 2 + 1) * 0x27D4EB2F165667C5  # odd
+    _, ids = torch.unique((words * mult).sum(-1), return_inverse=True)
+    first = torch.full((int(ids.max()) + 1,), p, dtype=torch.long, device=dev)
+    first = first.scatter_reduce(0, ids, torch.arange(p, device=dev), reduce="amin")
+    if not torch.equal(rows[first][ids], rows):
+        return torch.unique(rows, dim=0, return_inverse=True)
+    return rows[first], ids
+
+
+def _exact(spec: MaskSpec, b, h, q, kv) -> torch.Tensor:
+    """``mask_mod`` on real index tensors, broadcast to the shape of (b, h, q, kv)."""
+    try:
+        out = spec.mask_mod(b, h, q, kv)
+        ok = isinstance(out, torch.Tensor) and out.dtype == torch.bool
+        shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, kv.shape)
+        out = torch.broadcast_to(out, shape) if ok else None
+    except Exception as exc:  # noqa: BLE001  (the element-wise path raises it again if real)
+        raise _BoundsDisagree from exc
+    if out is None:
+        raise _BoundsDisagree
+    return out
+
+
+def _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, unknown, dep, device):
+    """Defence in depth: ``mask_mod`` evaluated for real at the four corners of every tile must
+    agree with the bounds (a predicate that inspects its arguments' types could behave
+    differently on the bounds than on tensors)."""
+    q = torch.stack([q0, q1], 1).view(1, 1, -1, 1)
+    kv = torch.stack([k0, k1], 1).view(1, 1, 1, -1)
+    b = torch.arange(nb, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(nh, device=device).view(1, -1, 1, 1)
+    c = _exact(spec, b, h, q, kv).reshape(nb, nh, q0.numel(), 2, k0.numel(), 2)
+    same_rows = (c[:, :, :, 0] == c[:, :, :, 1]).all(-1)  # the tile's first and last query
+    same_cols = (c[..., 0] == c[..., 1]).all(3)  # its first and last key
+    bad = ((surely & ~c.all(-1).all(3)) | (never & c.any(-1).any(3))
+           | (unknown & (dep == KV_DEP) & ~same_rows) | (unknown & (dep == Q_DEP) & ~same_cols))
+    if bool(bad.any()):
+        raise _BoundsDisagree
 
 
 def _classify_periodic(spec: MaskSpec, q_len, kv_len, bs, q_offset, period, device):
@@ -275,13 +423,8 @@ def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, 
           and not mask.per_head and q_len > 0 and kv_len > 0):
         full, partial, bitmaps, cls_of = _classify_periodic(mask, q_len, kv_len, bs, q_offset,
                                                             mask.shift_period, device)
-        num, idx = _compress(partial)
-        fnum, fidx = _compress(full)
-        slot_used = torch.arange(idx.shape[-1], device=device) < num.unsqueeze(-1).long()
-        diag = torch.gather(cls_of[None, None].expand_as(idx), -1, idx.long())
-        tmi = torch.where(slot_used, diag, -1).to(torch.int32)
-        bm = BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
-                       tile_masks=bitmaps.contiguous(), tile_mask_index=tmi)
+        bm = block_mask_from_bitmaps(full, partial, bitmaps, bs, q_len, kv_len, q_offset,
+                                     bitmap_of=cls_of[None, None])
     elif mask.mask_mod is None:
         full, partial = _classify_descriptor(mask, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
                                              device)
@@ -293,9 +436,14 @@ def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, 
     else:
         nb = batch if (mask.per_batch or (q_doc is not None and q_doc.shape[0] > 1)) else 1
         nh = heads if mask.per_head else 1
-        full, partial, bitmaps = _classify_predicate(mask, nb, nh, q_len, kv_len, bs, q_offset,
-                                                     device)
-        bm = block_mask_from_bitmaps(full, partial, bitmaps, bs, q_len, kv_len, q_offset)
+        bm = None
+        if q_len > 0 and kv_len > 0 and not torch.compiler.is_compiling():
+            bm = _block_mask_from_bounds(mask, nb, nh, q_len, kv_len, bs, q_offset, q_doc,
+                                         kv_doc, device)
+        if bm is None:  # the bounds could not follow the predicate: evaluate it everywhere
+            full, partial, bitmaps = _classify_predicate(mask, nb, nh, q_len, kv_len, bs,
+                                                         q_offset, device)
+            bm = block_mask_from_bitmaps(full, partial, bitmaps, bs, q_len, kv_len, q_offset)
     if cache:
         _CACHE[key] = (anchor, bm)
         if len(_CACHE) > _CACHE_SIZE:
