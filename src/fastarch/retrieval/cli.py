@@ -44,6 +44,12 @@ def add_index_parser(subparsers):
                    help="read again cached models with these statuses, comma-separated "
                         "(failed, build_failed, partial, module_tree)")
     b.add_argument("--no-text", action="store_true", help="skip MiniLM text embeddings")
+    b.add_argument("--settings", choices=("shipped", "default"), default="shipped",
+                   help="search settings: 'shipped' (default) the block weights, powers and "
+                        "text share the shipped index was tuned with, so the rebuilt index "
+                        "searches as it does; 'default' every block weighted above 0 and no "
+                        "powers or text fusion (an index to re-tune with bench_retrieval.py "
+                        "--from-index: a block of weight 0 cannot be recovered)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_run_index_build)
     i = sub.add_parser("info", help="what an index file holds")
@@ -55,7 +61,7 @@ def add_index_parser(subparsers):
 def _run_index_build(args) -> int:
     from fastarch import zoo
     from fastarch.retrieval.build import extract_all
-    from fastarch.retrieval.index import ArchitectureIndex
+    from fastarch.retrieval.index import ArchitectureIndex, shipped_settings
 
     if args.names:
         names = [zoo.resolve(n) for n in args.names]
@@ -73,12 +79,14 @@ def _run_index_build(args) -> int:
                           retry=tuple(s for s in args.retry.split(",") if s))
     wanted = set(names)
     records = {n: r for n, r in records.items() if n in wanted}
+    settings = shipped_settings() if args.settings == "shipped" else {}
     index = ArchitectureIndex.from_records(records, text=not args.no_text,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress, **settings)
     index.save(out)
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB): {index.coverage()}; "
-          f"{len(index.meta['failed'])} could not be read (graph cache: {cache})")
+          f"{len(index.meta['failed'])} could not be read (graph cache: {cache}); "
+          f"search settings: {args.settings}")
     return 0
 
 

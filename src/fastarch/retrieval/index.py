@@ -26,6 +26,7 @@ __all__ = [
     "shipped_build_failures",
     "shipped_index",
     "shipped_index_path",
+    "shipped_settings",
 ]
 
 # 3: the feature space has per-block powers for the search vectors (version 2 files, which
@@ -255,12 +256,32 @@ def shipped_index() -> ArchitectureIndex:
     return ArchitectureIndex.load(shipped_index_path())
 
 
+SETTING_KEYS = ("weights", "wl_iteration_weights", "text_weight", "power")
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_header() -> dict:
+    path = shipped_index_path()
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(bytes(z["header"]).decode())
+
+
+def shipped_settings() -> dict:
+    """The search settings of the shipped index: ``{"weights", "wl_iteration_weights",
+    "text_weight", "power"}``, keyword arguments of :meth:`ArchitectureIndex.from_records`.
+
+    They are kept in one place, the shipped file's header, which the bench that tunes them
+    writes (``bench/bench_retrieval.py --from-index ... --save-index``); ``fastarch index build``
+    reads them from there, so a rebuilt index searches with the tuned settings. Empty when no
+    index ships (the builder then uses the :class:`FeatureSpace` defaults).
+    """
+    space = _shipped_header().get("space", {})
+    return {k: json.loads(json.dumps(space[k])) for k in SETTING_KEYS if k in space}
+
+
 @functools.lru_cache(maxsize=1)
 def shipped_build_failures() -> tuple[str, ...]:
     """Names the shipped index build could not build (read from its header only)."""
-    path = shipped_index_path()
-    if not path.exists():
-        return ()
-    with np.load(path, allow_pickle=False) as z:
-        header = json.loads(bytes(z["header"]).decode())
-    return tuple(header.get("build_failed", ()))
+    return tuple(_shipped_header().get("build_failed", ()))
