@@ -95,6 +95,13 @@ def test_bench_predicate_keeps_few_bitmaps(element_wise_calls):
     assert bm.computed_fraction() == hinted.computed_fraction()
     small = build(spec, 300, 300, 0, 64)
     assert torch.equal(represented(small), expected(spec, 300, 300, 0))
+    # A sliding window as a function: the cut tiles are relative (a function of q - kv), one
+    # diagonal of values each, shared along a tile diagonal.
+    window = build(from_function(lambda b, h, q, kv: (kv <= q) & (q - kv <= 255)), 4096, 4096,
+                   0, 64)
+    assert element_wise_calls == [] and window.tile_masks.shape[0] == 2
+    assert window.computed_fraction() == build(sliding_window(255), 4096, 4096, 0,
+                                               64).computed_fraction()
 
 
 # ---- random predicates ------------------------------------------------------------------------
@@ -210,14 +217,14 @@ def test_bounds_contain_the_values():
     t0 = torch.arange(0, lq, bs)
     k0 = torch.arange(0, lk, bs)
     q1, k1 = torch.clamp(t0 + bs, max=lq) - 1, torch.clamp(k0 + bs, max=lk) - 1
-    traced = 0
+    traced = relative = 0
     for _ in range(150):
         fn, text = _rand_bool(rng, 3)
         out = trace_tiles(fn, 1, 1, t0 + 5, q1 + 5, k0, k1, "cpu")
         if out is None:
             continue
         traced += 1
-        surely, never, dep = (x[0, 0] for x in out)
+        surely, never, dep, rel = (x[0, 0] for x in out)
         q = torch.arange(lq).view(-1, 1) + 5
         kv = torch.arange(lk).view(1, -1)
         vals = torch.broadcast_to(fn(torch.zeros(1, 1, dtype=torch.long),
@@ -231,7 +238,10 @@ def test_bounds_contain_the_values():
                     assert (tile == tile[:1]).all(), text
                 elif int(dep[i, j]) == 1:
                     assert (tile == tile[:, :1]).all(), text
-    assert traced > 75
+                if rel[i, j]:  # a function of q - kv: constant along each diagonal
+                    relative += 1
+                    assert (tile[1:, 1:] == tile[:-1, :-1]).all(), text
+    assert traced > 75 and relative > 20
 
 
 # ---- what the bounds do not follow: element-wise, still exact ----------------------------------

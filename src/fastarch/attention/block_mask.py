@@ -10,8 +10,10 @@ kernel evaluates the element mask) or empty (skipped).
   that must share it (diagonal x phase), not per tile.
 * Other predicates are first run once on tile bounds (:mod:`fastarch.attention.mask_intervals`):
   tiles surely all allowed are full, tiles surely all masked are skipped, and only the others
-  are evaluated exactly, as one row when the value varies with kv only inside the tile, one
-  column when it varies with q only (both deduplicated), or the whole (bs, bs) bitmap.
+  are evaluated exactly: one row when the value varies with kv only inside the tile, one
+  column when it varies with q only, one diagonal of 2 bs - 1 values when it is a function of
+  q - kv (deduplicated, so tiles share bitmaps), else the whole (bs, bs) bitmap. The window /
+  prefix / document part stays a descriptor that the kernel applies.
 * A predicate the bounds cannot follow (float math, reductions, data-dependent ``if``, ...) is
   evaluated on the (Lq, Lk) grid in chunks of query tiles (vectorised, one predicate call per
   chunk), only over the key tiles the window part of the mask leaves possible; partial tiles
@@ -164,6 +166,9 @@ class _BoundsDisagree(Exception):
     """The exact evaluation contradicts the tile bounds: use the element-wise path."""
 
 
+_BOTH, _RELATIVE = KV_DEP | Q_DEP, 4  # tile kinds besides Q_DEP / KV_DEP (0: known)
+
+
 def _block_mask_from_bounds(spec: MaskSpec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
                             device):
     """The BlockMask of a mask with a predicate, classified from tile bounds, or None when the
@@ -184,20 +189,24 @@ def _block_mask_from_bounds(spec: MaskSpec, nb, nh, q_len, kv_len, bs, q_offset,
     traced = trace_tiles(spec.mask_mod, nb, nh, q0, q1, k0, k1, device)
     if traced is None:
         return None
-    surely, never, dep = traced
+    surely, never, dep, rel = traced
     unknown = ~surely & ~never
+    # What an unknown tile's value varies with: the way it is evaluated exactly.
+    kind = torch.where(unknown, dep.long(), 0)
+    kind = torch.where((kind == _BOTH) & rel, _RELATIVE, kind)
     try:
-        _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, unknown, dep, device)
+        _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, kind, device)
         return _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
-                                     q0, k0, surely, unknown, dep, device)
+                                     q0, k0, surely, kind, device)
     except _BoundsDisagree:
         return None
 
 
 def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_doc, q0, k0,
-                          surely, unknown, dep, device):
-    """The exact part of :func:`_block_mask_from_bounds`: unknown tiles evaluated as one row,
-    one column or one bitmap each (see ``dep``), combined with the descriptor's classes."""
+                          surely, kind_of, device):
+    """The exact part of :func:`_block_mask_from_bounds`: unknown tiles evaluated as one row
+    (``kind_of`` KV_DEP), one column (Q_DEP), one diagonal of 2 bs - 1 values (_RELATIVE: a
+    function of q - kv) or a whole bitmap (_BOTH), combined with the descriptor's classes."""
     d_full, d_partial = _classify_descriptor(spec, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
                                              device)
     possible = (d_full | d_partial).expand_as(surely)
@@ -205,8 +214,8 @@ def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_d
     bitmap_of = torch.full(surely.shape, -1, dtype=torch.long, device=device)
     bitmaps, count = [], 0
     i = torch.arange(bs, device=device)
-    for kind in (KV_DEP, Q_DEP, KV_DEP | Q_DEP):
-        sel = unknown & possible & (dep == kind)
+    for kind in (KV_DEP, Q_DEP, _RELATIVE, _BOTH):
+        sel = possible & (kind_of == kind)
         if not bool(sel.any()):
             continue
         bi, hi, tq, tk = sel.nonzero(as_tuple=True)
@@ -218,20 +227,41 @@ def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_d
         kv_all = torch.clamp(kv_first + i.view(1, 1, -1), max=kv_len - 1)
         if kind == KV_DEP:  # every query of the tile sees the same row: evaluate one row
             vals = _exact(spec, b, h, q_first, kv_all)  # (P, 1, bs)
-            f, a = (vals | ~cols_ok).all(-1).squeeze(1), (vals & cols_ok).any(-1).squeeze(1)
+            f, a = vals.flatten(1).all(-1), vals.flatten(1).any(-1)
+            _classify_cut_tiles(f, a, lambda e: vals[e].expand(-1, bs, bs), rows_ok, cols_ok,
+                                tq, tk, q_len, kv_len, bs)
             pats, inv = _unique_rows(vals.squeeze(1))
             tiles = pats.view(-1, 1, bs).expand(-1, bs, bs)
         elif kind == Q_DEP:  # every key of the tile sees the same column: one column
             vals = _exact(spec, b, h, q_all, kv_first)  # (P, bs, 1)
-            f, a = (vals | ~rows_ok).all(1).squeeze(1), (vals & rows_ok).any(1).squeeze(1)
+            f, a = vals.flatten(1).all(-1), vals.flatten(1).any(-1)
+            _classify_cut_tiles(f, a, lambda e: vals[e].expand(-1, bs, bs), rows_ok, cols_ok,
+                                tq, tk, q_len, kv_len, bs)
             pats, inv = _unique_rows(vals.squeeze(2))
             tiles = pats.view(-1, bs, 1).expand(-1, bs, bs)
+        elif kind == _RELATIVE:
+            # Element (i, j) holds g(q0 + i - kv0 - j): evaluate g once per offset t = i - j at
+            # (q0 + t, kv0) for t >= 0 and (q0, kv0 - t) for t < 0; every valid element reads a
+            # position inside the tile's valid part.
+            t = torch.arange(-(bs - 1), bs, device=device).view(1, 1, -1)
+            qd = torch.clamp(q_first + t.clamp(min=0), max=q_len - 1 + q_offset)
+            kd = torch.clamp(kv_first + (-t).clamp(min=0), max=kv_len - 1)
+            diag = _exact(spec, b, h, qd, kd).squeeze(1)  # (P, 2 bs - 1)
+            pats, inv = _unique_rows(diag)
+            toeplitz = i.view(-1, 1) - i.view(1, -1) + (bs - 1)  # (bs, bs): t + bs - 1
+            tiles = pats[:, toeplitz]
+            # a whole tile holds every offset; only tiles cut by the ends need the bitmap
+            f, a = diag.all(-1), diag.any(-1)
+            _classify_cut_tiles(f, a, lambda e: tiles[inv[e]], rows_ok, cols_ok, tq, tk,
+                                q_len, kv_len, bs)
         else:
             per = max(1, _CHUNK_ELEMENTS // (bs * bs))
             tiles = torch.cat([_exact(spec, b[c:c + per], h[c:c + per], q_all[c:c + per],
                                       kv_all[c:c + per]) for c in range(0, bi.numel(), per)])
-            valid = rows_ok & cols_ok
-            f, a = (tiles | ~valid).all(-1).all(-1), (tiles & valid).any(-1).any(-1)
+            flat = tiles.view(tiles.shape[0], -1)
+            f, a = flat.all(-1), flat.any(-1)
+            _classify_cut_tiles(f, a, lambda e: tiles[e], rows_ok, cols_ok, tq, tk, q_len,
+                                kv_len, bs)
             inv = torch.arange(bi.numel(), device=device)
         mod_full[bi, hi, tq, tk] = f
         mod_any[bi, hi, tq, tk] = a
@@ -245,6 +275,17 @@ def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_d
                                  q_len, kv_len, q_offset, bitmap_of=bitmap_of)
     return dataclasses.replace(bm, window_left=spec.window_left, window_right=spec.window_right,
                                prefix_len=spec.prefix_len, q_doc_ids=q_doc, kv_doc_ids=kv_doc)
+
+
+def _classify_cut_tiles(f, a, bitmaps_of, rows_ok, cols_ok, tq, tk, q_len, kv_len, bs):
+    """Redo the all / any of the tiles cut by the end of the queries or keys over their valid
+    part only (``bitmaps_of(sel)``: the (n, bs, bs) bitmaps of the selected tiles), in place."""
+    cut = (tq >= q_len // bs) | (tk >= kv_len // bs)
+    if bool(cut.any()):
+        valid = rows_ok[cut] & cols_ok[cut]
+        tiles = bitmaps_of(cut)
+        f[cut] = (tiles | ~valid).flatten(1).all(-1)
+        a[cut] = (tiles & valid).flatten(1).any(-1)
 
 
 def _unique_rows(rows: torch.Tensor):
@@ -280,7 +321,7 @@ def _exact(spec: MaskSpec, b, h, q, kv) -> torch.Tensor:
     return out
 
 
-def _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, unknown, dep, device):
+def _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, kind, device):
     """Defence in depth: ``mask_mod`` evaluated for real at the four corners of every tile must
     agree with the bounds (a predicate that inspects its arguments' types could behave
     differently on the bounds than on tensors)."""
@@ -291,8 +332,12 @@ def _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, unknown, dep, de
     c = _exact(spec, b, h, q, kv).reshape(nb, nh, q0.numel(), 2, k0.numel(), 2)
     same_rows = (c[:, :, :, 0] == c[:, :, :, 1]).all(-1)  # the tile's first and last query
     same_cols = (c[..., 0] == c[..., 1]).all(3)  # its first and last key
+    # first and last corner on one diagonal (square tiles) of a relative tile
+    square = ((q1 - q0).view(-1, 1) == (k1 - k0).view(1, -1))
+    same_diag = ~square | (c[:, :, :, 0, :, 0] == c[:, :, :, 1, :, 1])
     bad = ((surely & ~c.all(-1).all(3)) | (never & c.any(-1).any(3))
-           | (unknown & (dep == KV_DEP) & ~same_rows) | (unknown & (dep == Q_DEP) & ~same_cols))
+           | ((kind == KV_DEP) & ~same_rows) | ((kind == Q_DEP) & ~same_cols)
+           | ((kind == _RELATIVE) & ~same_diag))
     if bool(bad.any()):
         raise _BoundsDisagree
 

@@ -8,7 +8,9 @@ comparisons, ``& | ^ ~``, ``abs``), a few torch functions (``where``, ``minimum`
 ``clamp``, ``logical_*``, ``*_like``) and indexing a small integer tensor (``doc_ids[q_idx]``,
 through a min / max table) return new bounds. A bool result then says per tile: surely all
 True (lo = 1), surely all False (hi = 0), or unknown, and for unknown tiles whether the value
-varies with q only, with kv only, or with both.
+varies with q only, with kv only, or with both, and whether it is a function of ``q - kv``
+alone (values kept as exact affine forms ``cq * q + ckv * kv + c`` find those, and make
+comparisons such as ``kv <= q`` exact per tile).
 
 The evaluation is conservative: bounds always contain the true values (floor division and
 modulo follow Python / torch sign rules, integer ranges are checked against the dtype so that
@@ -38,9 +40,12 @@ class Unsupported(Exception):
 class _Trace:
     """State shared by the intervals of one evaluation."""
 
+    __slots__ = ("device", "failed", "q_range", "kv_range")
+
     def __init__(self, device):
         self.device = device
         self.failed = False
+        self.q_range = self.kv_range = None  # (lo, hi) of q / kv per tile, for affine forms
 
     def fail(self, what: str):
         self.failed = True  # kept even if the predicate catches the exception
@@ -49,16 +54,24 @@ class _Trace:
 
 class TileInterval:
     """Per-tile bounds ``[lo, hi]`` (int64 tensors broadcastable to the tile grid) of a value of
-    integer or bool ``dtype``; ``dep`` (uint8, bits Q_DEP / KV_DEP) says what it varies with
-    inside a tile (0 where lo == hi). ``weak``: a Python / 0-d constant, which takes the dtype
-    of the other operand as in torch's type promotion."""
+    integer or bool ``dtype``.
 
-    __slots__ = ("lo", "hi", "dep", "dtype", "weak", "_trace")
+    ``dep`` (uint8, bits Q_DEP / KV_DEP) says what the value varies with inside a tile (0 where
+    lo == hi); ``rel`` (bool) where it is a function of ``q - kv`` alone inside the tile;
+    ``aff``: None or ``(cq, ckv, c)`` when the value is exactly ``cq * q + ckv * kv + c`` (ints
+    cq, ckv; c constant on each tile), which makes comparisons of positions exact and finds the
+    relative ones. ``weak``: a Python / 0-d constant, which takes the dtype of the other
+    operand as in torch's type promotion."""
 
-    def __init__(self, lo, hi, dep, dtype, trace, weak=False):
+    __slots__ = ("lo", "hi", "dep", "rel", "aff", "dtype", "weak", "_trace")
+
+    def __init__(self, lo, hi, dep, dtype, trace, weak=False, rel=None, aff=None):
         self.lo, self.hi, self.dtype, self.weak, self._trace = lo, hi, dtype, weak, trace
         # A value bounded to one number is constant on the tile, whatever its inputs were.
-        self.dep = torch.where(lo == hi, 0, dep).to(torch.uint8)
+        single = lo == hi
+        self.dep = torch.where(single, 0, dep).to(torch.uint8)
+        self.rel = single if rel is None else single | rel
+        self.aff = aff
 
     # -- things a tensor would answer that bounds cannot -----------------------------------
     def __bool__(self):
@@ -120,17 +133,17 @@ def _lift(x, trace) -> TileInterval:
     if isinstance(x, bool):
         v = torch.tensor(int(x), device=dev)
         return TileInterval(v, v, torch.zeros((), dtype=torch.uint8, device=dev), torch.bool,
-                            trace, weak=True)
+                            trace, weak=True, aff=(0, 0, v))
     if isinstance(x, int):
         if not -_LIMIT < x < _LIMIT:
             trace.fail("a constant beyond 2**62")
         v = torch.tensor(x, device=dev)
         return TileInterval(v, v, torch.zeros((), dtype=torch.uint8, device=dev), torch.int64,
-                            trace, weak=True)
+                            trace, weak=True, aff=(0, 0, v))
     if isinstance(x, torch.Tensor) and x.dim() == 0 and x.dtype in _RANGES:
         v = x.to(device=dev, dtype=torch.int64)
         return TileInterval(v, v, torch.zeros((), dtype=torch.uint8, device=dev), x.dtype,
-                            trace, weak=True)
+                            trace, weak=True, aff=(0, 0, v))
     trace.fail(f"an operand of type {type(x).__name__} (only ints, bools and 0-d int tensors)")
 
 
@@ -146,11 +159,46 @@ def _result_dtype(a: TileInterval, b: TileInterval):
     return torch.result_type(_dummy(a), _dummy(b))
 
 
-def _make(lo, hi, dep, dtype, trace) -> TileInterval:
+_AFF_COEF, _AFF_CONST = 1 << 20, 1 << 40  # affine forms kept only while they stay small
+
+
+def _make(lo, hi, ins, dtype, trace, *, dep=None, rel=None, aff=None) -> TileInterval:
+    """A computed value from the operands ``ins``: by default it varies with whatever they
+    vary with and is relative where they all are."""
     mn, mx = _RANGES[dtype]
     if bool(((lo < mn) | (hi > mx)).any()):
         trace.fail(f"a value outside the range of {dtype} (it would wrap)")
-    return TileInterval(lo, hi, dep, dtype, trace)  # a computed value is never a scalar
+    if dep is None:
+        dep = torch.zeros((), dtype=torch.uint8, device=trace.device)
+        for x in ins:
+            dep = dep | x.dep
+    if rel is None:
+        rel = torch.ones((), dtype=torch.bool, device=trace.device)
+        for x in ins:
+            rel = rel & x.rel
+    if aff is not None:
+        cq, ckv, c = aff
+        if max(abs(cq), abs(ckv)) >= _AFF_COEF or bool((c.abs() >= _AFF_CONST).any()):
+            aff = None
+        elif cq == -ckv:
+            rel = torch.ones_like(rel)  # cq * (q - kv) + c
+    return TileInterval(lo, hi, dep, dtype, trace, rel=rel, aff=aff)  # never a scalar
+
+
+def _aff_combine(a, b, sa, sb):
+    """The affine form of ``sa * a + sb * b`` (ints sa, sb), or None."""
+    if a.aff is None or b.aff is None:
+        return None
+    return (sa * a.aff[0] + sb * b.aff[0], sa * a.aff[1] + sb * b.aff[1],
+            sa * a.aff[2] + sb * b.aff[2])
+
+
+def _global_constant(a):
+    """The value of an operand that is one constant everywhere, or None."""
+    first = a.lo.flatten()[0]
+    if bool(((a.lo == a.hi) & (a.lo == first)).all()):
+        return int(first)
+    return None
 
 
 def _binary(op):
@@ -176,11 +224,13 @@ def _arith_dtype(dtype, trace):
 
 # ---- arithmetic --------------------------------------------------------------------------------
 def _add(a, b, dtype, trace):
-    return _make(a.lo + b.lo, a.hi + b.hi, a.dep | b.dep, _arith_dtype(dtype, trace), trace)
+    return _make(a.lo + b.lo, a.hi + b.hi, (a, b), _arith_dtype(dtype, trace), trace,
+                 aff=_aff_combine(a, b, 1, 1))
 
 
 def _sub(a, b, dtype, trace):
-    return _make(a.lo - b.hi, a.hi - b.lo, a.dep | b.dep, _arith_dtype(dtype, trace), trace)
+    return _make(a.lo - b.hi, a.hi - b.lo, (a, b), _arith_dtype(dtype, trace), trace,
+                 aff=_aff_combine(a, b, 1, -1))
 
 
 def _mul(a, b, dtype, trace):
@@ -190,7 +240,11 @@ def _mul(a, b, dtype, trace):
     if big >= _LIMIT:
         trace.fail("a product beyond 2**62")
     p = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
-    return _make(p.amin(0), p.amax(0), a.dep | b.dep, dtype, trace)
+    aff = None
+    for x, k in ((a, _global_constant(b)), (b, _global_constant(a))):
+        if aff is None and k is not None and x.aff is not None:
+            aff = (x.aff[0] * k, x.aff[1] * k, x.aff[2] * k)
+    return _make(p.amin(0), p.amax(0), (a, b), dtype, trace, aff=aff)
 
 
 def _constant(b, trace) -> int:
@@ -214,7 +268,7 @@ def _floordiv(a, b, dtype, trace):
     hi = torch.div(a.hi, c, rounding_mode="floor")
     if c < 0:  # x // c is non-increasing in x
         lo, hi = hi, lo
-    return _make(lo, hi, a.dep, _arith_dtype(dtype, trace), trace)
+    return _make(lo, hi, (a,), _arith_dtype(dtype, trace), trace)
 
 
 def _mod_bounds(lo, hi, c):
@@ -233,7 +287,7 @@ def _mod(a, b, dtype, trace):
     else:  # x % c == -((-x) % -c)
         nlo, nhi = _mod_bounds(-a.hi, -a.lo, -c)
         lo, hi = -nhi, -nlo
-    return _make(lo, hi, a.dep, _arith_dtype(dtype, trace), trace)
+    return _make(lo, hi, (a,), _arith_dtype(dtype, trace), trace)
 
 
 def _shift(left):
@@ -244,14 +298,15 @@ def _shift(left):
         if left:
             return _mul(a, _lift(1 << c, trace), dtype, trace)
         # x >> c is floor(x / 2**c) for two's complement ints, negative ones included
-        return _make(a.lo >> c, a.hi >> c, a.dep, _arith_dtype(dtype, trace), trace)
+        return _make(a.lo >> c, a.hi >> c, (a,), _arith_dtype(dtype, trace), trace)
     return op
 
 
 def _neg(x):
     a = _lift(x, _find_trace((x,), None))
     _arith_dtype(a.dtype, a._trace)
-    return _make(-a.hi, -a.lo, a.dep, a.dtype, a._trace)
+    aff = None if a.aff is None else (-a.aff[0], -a.aff[1], -a.aff[2])
+    return _make(-a.hi, -a.lo, (a,), a.dtype, a._trace, aff=aff)
 
 
 def _abs(x):
@@ -259,7 +314,7 @@ def _abs(x):
     _arith_dtype(a.dtype, a._trace)
     lo = torch.where(a.lo >= 0, a.lo, torch.where(a.hi <= 0, -a.hi, 0))
     hi = torch.maximum(a.hi.abs(), a.lo.abs())
-    return _make(lo, hi, a.dep, a.dtype, a._trace)
+    return _make(lo, hi, (a,), a.dtype, a._trace)
 
 
 # ---- comparisons: bool bounds are 0 / 1 -------------------------------------------------------
@@ -277,14 +332,35 @@ def _compare(kind):
             surely = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
             maybe = (a.lo <= b.hi) & (b.lo <= a.hi)
             lo, hi = (surely, maybe) if kind == "eq" else (~maybe, ~surely)
-        return _make(lo.long(), hi.long(), a.dep | b.dep, torch.bool, trace)
+        rel = None
+        diff = _aff_combine(a, b, 1, -1)
+        if diff is not None:
+            # a - b = dq * q + dk * kv + c exactly: its range over the tile is exact (q and kv
+            # appearing on both sides cancel), and the result is relative when dk == -dq.
+            dq, dk, c = diff
+            tq, tk = trace.q_range, trace.kv_range
+            dlo = (torch.minimum(dq * tq[0], dq * tq[1]) + torch.minimum(dk * tk[0], dk * tk[1])
+                   + c)
+            dhi = (torch.maximum(dq * tq[0], dq * tq[1]) + torch.maximum(dk * tk[0], dk * tk[1])
+                   + c)
+            zlo, zhi = {"lt": (dhi < 0, dlo < 0), "le": (dhi <= 0, dlo <= 0),
+                        "gt": (dlo > 0, dhi > 0), "ge": (dlo >= 0, dhi >= 0),
+                        "eq": ((dlo == 0) & (dhi == 0), (dlo <= 0) & (dhi >= 0)),
+                        "ne": ((dlo > 0) | (dhi < 0), (dlo != 0) | (dhi != 0))}[kind]
+            lo, hi = lo | zlo, hi & zhi  # both bounds hold: keep the tighter
+            if dq == -dk:
+                rel = torch.ones((), dtype=torch.bool, device=trace.device)
+        out = _make(lo.long(), hi.long(), (a, b), torch.bool, trace)
+        if rel is not None:
+            out.rel = rel | out.rel
+        return out
     return op
 
 
 # ---- bitwise / logical ------------------------------------------------------------------------
 def _bitwise(kind):
     def op(a, b, dtype, trace):
-        dep = a.dep | b.dep
+        dep = (a, b)
         if dtype == torch.bool:  # logical: monotone in both operands (xor is not)
             if kind == "and":
                 return _make(a.lo & b.lo, a.hi & b.hi, dep, dtype, trace)
@@ -316,10 +392,11 @@ def _bitwise(kind):
 def _invert(x):
     a = _lift(x, _find_trace((x,), None))
     if a.dtype == torch.bool:
-        return _make(1 - a.hi, 1 - a.lo, a.dep, torch.bool, a._trace)
+        return _make(1 - a.hi, 1 - a.lo, (a,), torch.bool, a._trace)
     if a.dtype == torch.uint8:
         a._trace.fail("~ on uint8")
-    return _make(-a.hi - 1, -a.lo - 1, a.dep, a.dtype, a._trace)  # ~x == -x - 1
+    aff = None if a.aff is None else (-a.aff[0], -a.aff[1], -a.aff[2] - 1)
+    return _make(-a.hi - 1, -a.lo - 1, (a,), a.dtype, a._trace, aff=aff)  # ~x == -x - 1
 
 
 def _to_bool(x):
@@ -350,14 +427,16 @@ def _where(cond, x, y):
     t, f = c.lo == 1, c.hi == 0
     lo = torch.where(t, a.lo, torch.where(f, b.lo, torch.minimum(a.lo, b.lo)))
     hi = torch.where(t, a.hi, torch.where(f, b.hi, torch.maximum(a.hi, b.hi)))
+    # a known condition picks one branch: the value varies only as that branch does
     dep = torch.where(t, a.dep, torch.where(f, b.dep, c.dep | a.dep | b.dep))
-    return _make(lo, hi, dep, _result_dtype(a, b), trace)
+    rel = torch.where(t, a.rel, torch.where(f, b.rel, c.rel & a.rel & b.rel))
+    return _make(lo, hi, (c, a, b), _result_dtype(a, b), trace, dep=dep, rel=rel)
 
 
 def _extremum(kind):
     def op(a, b, dtype, trace):
         f = torch.minimum if kind == "min" else torch.maximum
-        return _make(f(a.lo, b.lo), f(a.hi, b.hi), a.dep | b.dep, _arith_dtype(dtype, trace),
+        return _make(f(a.lo, b.lo), f(a.hi, b.hi), (a, b), _arith_dtype(dtype, trace),
                      trace)
     return op
 
@@ -379,7 +458,7 @@ def _like(fill):
         if dtype not in _RANGES or isinstance(v, float) or not isinstance(v, (int, bool)):
             a._trace.fail("a constant that is not an int or bool")
         c = torch.tensor(int(v), device=a._trace.device)
-        return _make(c, c, torch.zeros((), dtype=torch.uint8, device=c.device), dtype, a._trace)
+        return _make(c, c, (), dtype, a._trace, aff=(0, 0, c))
     return handler
 
 
@@ -388,8 +467,7 @@ def _cast(dtype):
         a = _lift(x, _find_trace((x,), None))
         if dtype == torch.bool:
             return _to_bool(a)
-        lo, hi = a.lo, a.hi
-        return _make(lo, hi, a.dep, dtype, a._trace)
+        return _make(a.lo, a.hi, (a,), dtype, a._trace, aff=a.aff)  # the same values
     return handler
 
 
@@ -435,10 +513,7 @@ def _getitem(tensor, index):
     second = last.hi - (1 << k) + 1
     lo = torch.minimum(lmin[k, row, last.lo], lmin[k, row, second])
     hi = torch.maximum(lmax[k, row, last.lo], lmax[k, row, second])
-    dep = torch.zeros((), dtype=torch.uint8, device=trace.device)
-    for p in parts:
-        dep = dep | p.dep
-    return _make(lo, hi, dep, tensor.dtype, trace)
+    return _make(lo, hi, parts, tensor.dtype, trace)
 
 
 def _range_tables(flat: torch.Tensor, trace):
@@ -556,21 +631,25 @@ def trace_tiles(fn, nb: int, nh: int, q_lo, q_hi, kv_lo, kv_hi, device):
 
     ``q_lo`` / ``q_hi`` (Qt,) and ``kv_lo`` / ``kv_hi`` (Kt,): the first and last position of
     each query / key tile; ``b`` takes the values ``0 .. nb - 1`` and ``h`` ``0 .. nh - 1``.
-    Returns ``(surely_true, surely_false, dep)``, each (nb, nh, Qt, Kt) (dep: uint8 bits Q_DEP /
-    KV_DEP, what an unknown tile's value varies with), or None when the predicate used
-    something not modelled or did not return a bool.
+    Returns ``(surely_true, surely_false, dep, rel)``, each (nb, nh, Qt, Kt): dep (uint8 bits
+    Q_DEP / KV_DEP) says what an unknown tile's value varies with, rel where it is a function
+    of ``q - kv`` alone. None when the predicate used something not modelled or did not return
+    a bool.
     """
     trace = _Trace(device)
-    zero = torch.zeros((), dtype=torch.uint8, device=device)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    q = (q_lo.long().view(1, 1, -1, 1), q_hi.long().view(1, 1, -1, 1))
+    kv = (kv_lo.long().view(1, 1, 1, -1), kv_hi.long().view(1, 1, 1, -1))
+    trace.q_range, trace.kv_range = q, kv
 
-    def leaf(lo, hi, dep):
-        return TileInterval(lo.long(), hi.long(), torch.full_like(zero, dep), torch.int64, trace)
+    def leaf(lo, hi, dep, aff):
+        return TileInterval(lo, hi, torch.tensor(dep, dtype=torch.uint8, device=device),
+                            torch.int64, trace, aff=aff)
 
     b = torch.arange(nb, device=device).view(-1, 1, 1, 1)
     h = torch.arange(nh, device=device).view(1, -1, 1, 1)
-    args = (leaf(b, b, 0), leaf(h, h, 0), leaf(q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1),
-                                               Q_DEP),
-            leaf(kv_lo.view(1, 1, 1, -1), kv_hi.view(1, 1, 1, -1), KV_DEP))
+    args = (leaf(b, b, 0, (0, 0, b)), leaf(h, h, 0, (0, 0, h)),
+            leaf(*q, Q_DEP, (1, 0, zero)), leaf(*kv, KV_DEP, (0, 1, zero)))
     try:
         out = fn(*args)
     except Exception:  # noqa: BLE001  (whatever went wrong, the exact evaluation decides)
@@ -579,7 +658,7 @@ def trace_tiles(fn, nb: int, nh: int, q_lo, q_hi, kv_lo, kv_hi, device):
         return None
     shape = (nb, nh, q_lo.numel(), kv_lo.numel())
     try:
-        lo, hi, dep = (t.expand(shape) for t in (out.lo, out.hi, out.dep))
+        lo, hi, dep, rel = (t.expand(shape) for t in (out.lo, out.hi, out.dep, out.rel))
     except RuntimeError:  # a result that does not fit the grid
         return None
-    return lo == 1, hi == 0, dep
+    return lo == 1, hi == 0, dep, rel

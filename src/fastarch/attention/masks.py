@@ -194,10 +194,21 @@ def from_function(fn: MaskMod, *, per_batch: bool = False, per_head: bool = Fals
                   relative: bool = False, block: int = 0, period: int = 0,
                   name: str = "user") -> MaskSpec:
     """A user mask ``fn(b, h, q_idx, kv_idx) -> bool`` written with tensor ops (vectorised,
-    broadcasting). Say ``per_batch`` / ``per_head`` if it depends on b / h, ``relative`` if it
-    depends on ``q_idx - kv_idx`` only, ``period=p`` if it is unchanged when both positions move
-    by p (e.g. patterns built from ``q // p`` and ``kv % p``), ``block=n`` if it is constant on
-    aligned n x n squares: each makes the block mask much cheaper to build."""
+    broadcasting). Say ``per_batch`` / ``per_head`` if it depends on b / h.
+
+    With no other hint the block-mask builder runs ``fn`` once on per-tile bounds of its
+    arguments (integer arithmetic, ``//`` / ``%`` by constants, comparisons, ``& | ^ ~``,
+    ``abs``, ``torch.where`` / ``minimum`` / ``maximum`` / ``clamp``, indexing an integer tensor
+    such as ``doc_ids[q_idx]``) and evaluates it exactly only on the tiles it cuts; a function
+    using anything else (float math, reductions, data-dependent ``if``) is evaluated on the
+    whole grid, as exactly but slower. ``relative`` (depends on ``q_idx - kv_idx`` only),
+    ``period=p`` (unchanged when both positions move by p, e.g. patterns built from ``q // p``
+    and ``kv % p``) or ``block=n`` (constant on aligned n x n squares) make it cheaper still.
+
+    Example:
+        >>> ids = torch.tensor([0] * 100 + [1] * 156)
+        >>> spec = from_function(lambda b, h, q, kv: (kv <= q) & (ids[q] == ids[kv]))
+    """
     if not callable(fn):
         raise TypeError("fn must be callable")
     if int(period) < 0:
