@@ -71,21 +71,105 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, example_inputs: Sequence) -> int:
+def count_flops(model: nn.Module, example_inputs: Sequence, meta: bool = True) -> int:
+    """FLOPs of one forward pass on ``example_inputs`` (torch's FlopCounterMode).
+
+    With ``meta=True`` the pass runs on a copy of the model whose parameters and buffers are on
+    the meta device (shapes only, no arithmetic), which is far faster than a real forward; a
+    model that does not run on meta tensors (``.item()``, data-dependent control flow, CPU
+    tensors made inside ``forward``) is counted with a real forward instead. The counter sees
+    the same ops either way, so the two counts are equal (tested on CNNs, ViTs, decoders)."""
+    if meta:
+        counted = _flops_on_meta(model, example_inputs)
+        if counted is not None:
+            return counted[0]
+    return _flops_and_outputs(model, example_inputs)[0]
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """The two matmuls of attention (Q K^T, then P V), per query head (K/V heads repeated)."""
+    *batch, q_len, head_dim = query_shape
+    kv_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch) * q_len * kv_len * (head_dim + v_dim)
+
+
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_heads, *args,
+                      **kwargs) -> int:
+    """nn.MultiheadAttention's fused inference kernel: Q/K/V projections, attention, output
+    projection (what its unfused path runs as linears and matmuls)."""
+    *batch, q_len, _ = query_shape
+    kv_len = key_shape[-2]
+    n = math.prod(batch)
+    projections = 2 * n * embed_dim * embed_dim * (2 * q_len + 2 * kv_len)
+    return projections + 4 * n * q_len * kv_len * embed_dim
+
+
+def _native_encoder_layer_flops(src_shape, embed_dim, num_heads, *args, **kwargs) -> int:
+    """nn.TransformerEncoderLayer's fused inference kernel: self-attention plus the two FFN
+    linears (args[11] is the first FFN weight, (ffn, embed_dim))."""
+    ffn_dim = args[11][0]
+    *batch, length, _ = src_shape
+    tokens = math.prod(batch) * length
+    attention = _native_mha_flops(src_shape, src_shape, src_shape, embed_dim, num_heads)
+    return attention + 4 * tokens * embed_dim * ffn_dim
+
+
+def _flop_counter():
+    """FlopCounterMode that also counts the fused CPU attention kernels. torch has formulas for
+    the CUDA ones only, so on the CPU attention counted 0 FLOPs while the meta device (which
+    takes the unfused path) counted its matmuls: the two counts differed."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    extra = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_attention_flops),
+                          ("_native_multi_head_attention", _native_mha_flops),
+                          ("_transformer_encoder_layer_fwd", _native_encoder_layer_flops)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            extra[op] = formula
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def _flops_and_outputs(model: nn.Module, example_inputs: Sequence) -> tuple[int, list]:
+    """(FLOPs, flat tensor outputs) of one forward pass under FlopCounterMode."""
     for grad in (False, True):
-        counter = FlopCounterMode(display=False)
+        counter = _flop_counter()
         try:
             with torch.set_grad_enabled(grad), counter:
-                model(*example_inputs, **model_call_kwargs(model))
-            return int(counter.get_total_flops())
+                out = model(*example_inputs, **model_call_kwargs(model))
+            return int(counter.get_total_flops()), flatten_tensors(out)
         except (AssertionError, AttributeError):
             # FlopCounterMode's module tracker hooks autograd and fails under no_grad when a
             # module gets a tensor that requires grad without a grad_fn (timm PiT's cls token)
             if grad:
                 raise
     raise AssertionError("unreachable")
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors (no data copied);
+    shared tensors stay shared. Whatever a forward caches on the copy stays on the copy."""
+    memo: dict = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def _flops_on_meta(model: nn.Module, example_inputs: Sequence) -> tuple[int, list] | None:
+    """(FLOPs, output shapes) from a forward on meta copies; None when it does not run there."""
+    import warnings
+
+    try:
+        twin = _meta_copy(model)
+        inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flops, outs = _flops_and_outputs(twin, inputs)
+    except Exception:  # noqa: BLE001 - anything meta cannot run is counted for real
+        return None
+    return flops, [tuple(o.shape) for o in outs]
 
 
 def measure_latency_ms(model: nn.Module, example_inputs: Sequence, repeats: int = 5) -> float:
@@ -236,6 +320,50 @@ def _try_prune(model, graph, roots, example_inputs, ref_shapes):
         return f"{type(exc).__name__}: {str(exc)[:200]}", None
 
 
+def _module_state(model: nn.Module) -> list:
+    """What :func:`remove_units` and a forward can change on each module: its attributes and
+    the contents of its dicts (parameters, buffers, submodules, hooks). No tensor is copied."""
+    return [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if isinstance(v, dict)})
+            for m in model.modules()]
+
+
+def _restore_module_state(state: list) -> None:
+    for m, attrs, dicts in state:
+        m.__dict__.clear()
+        m.__dict__.update(attrs)
+        for k, content in dicts.items():
+            attrs[k].clear()
+            attrs[k].update(content)
+
+
+def _prune_in_place(model, graph, roots, example_inputs, ref_shapes, count: bool):
+    """Remove the units from ``model`` itself and run it once: (error text or None, shape
+    changes, FLOPs of that forward when ``count``). On error the model is put back as it was,
+    so the common case (the plan runs) costs no copy of the model and no second removal."""
+    state = _module_state(model)
+    try:
+        changed = remove_units(model, graph, roots)
+        with torch.no_grad():
+            if count:
+                flops, outs = _flops_and_outputs(model, example_inputs)
+            else:
+                flops, outs = None, flatten_tensors(model(*example_inputs, **model_call_kwargs(model)))
+        shapes = [tuple(o.shape) for o in outs]
+        if shapes == ref_shapes:
+            return None, changed, flops
+        err = f"output shapes changed: {ref_shapes} -> {shapes}"
+    except Exception as exc:  # noqa: BLE001 - reported, the groups are searched one by one
+        err = f"{type(exc).__name__}: {str(exc)[:200]}"
+    _restore_module_state(state)
+    return err, None, None
+
+
+def _real_output_shapes(model: nn.Module, example_inputs) -> list:
+    with torch.no_grad():
+        return [tuple(o.shape) for o in
+                flatten_tensors(model(*example_inputs, **model_call_kwargs(model)))]
+
+
 def _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes, skipped):
     """Drop the groups whose removal breaks the forward pass (found by bisection)."""
     err, trial = _try_prune(model, graph, roots, example_inputs, ref_shapes)
@@ -361,14 +489,34 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
     model.eval()
     report = PruneReport()
     report.params_before = count_params(model)
+    # FLOPs and output shapes from a forward on the meta device when the model runs there. The
+    # real forward that proves the model runs on the inputs is then the verification's (the
+    # pruned model); only when that fails is the unpruned model run, to tell the two apart.
+    on_meta = _flops_on_meta(model, example_inputs)
+    real_checked = on_meta is None or ratio == 0 or not verify
     try:
-        report.flops_before = count_flops(model, example_inputs)
-        with torch.no_grad():
-            ref_shapes = [tuple(o.shape) for o in
-                          flatten_tensors(model(*example_inputs, **model_call_kwargs(model)))]
+        if on_meta is None:
+            report.flops_before, outs = _flops_and_outputs(model, example_inputs)
+            ref_shapes = [tuple(o.shape) for o in outs]
+        else:
+            report.flops_before, ref_shapes = on_meta
+            if real_checked:
+                ref_shapes = _real_output_shapes(model, example_inputs)
     except Exception as exc:
         model.train(was_training)
         raise ValueError(f"example_inputs: the model does not run on them ({exc})") from exc
+
+    def check_real_run():
+        nonlocal ref_shapes, real_checked
+        if not real_checked:
+            try:
+                ref_shapes = _real_output_shapes(model, example_inputs)
+            except Exception as exc:
+                model.train(was_training)
+                raise ValueError(f"example_inputs: the model does not run on them ({exc})") \
+                    from exc
+            real_checked = True
+
     if ratio == 0:
         report.params_after, report.flops_after = report.params_before, report.flops_before
         report.total_seconds = time.perf_counter() - t_start
@@ -379,6 +527,7 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
         if graph is None:
             graph = DependencyGraph(model, example_inputs, timeout=timeout)
     except GraphBuildError as exc:
+        check_real_run()
         report.ok = False
         report.skipped.append(("<model>", str(exc)))
         report.params_after, report.flops_after = report.params_before, report.flops_before
@@ -444,21 +593,27 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
         if cost(hi) > goal:
             reason = f"{target} budget not reachable with the prunable groups; pruned as far as allowed"
             report.skipped.append(("<model>", reason))
+    changed = flops_after = None
     if verify:
-        roots, _ = _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes,
-                                   report.skipped)
+        err, changed, flops_after = _prune_in_place(model, graph, roots, example_inputs,
+                                                    ref_shapes, count=on_meta is None)
+        if err is not None:
+            check_real_run()
+            roots, _ = _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes,
+                                       report.skipped)
     root_set = set(roots)
     for g in groups:
         n = sum(1 for r in g.units if r in root_set)
         if n:
             report.removed.append({"group": g.describe(), "kind": g.kind, "before": g.size,
                                    "removed": n, "exact": g.exact})
-    report.shapes = remove_units(model, graph, roots)
+    report.shapes = changed if changed is not None else remove_units(model, graph, roots)
     report.graph, report.removed_units = graph, list(roots)
     report.ratio_used = r_used
     _update_hf_config(model, graph, report)
     report.params_after = count_params(model)
-    report.flops_after = count_flops(model, example_inputs)
+    report.flops_after = flops_after if flops_after is not None else \
+        count_flops(model, example_inputs)
     if target == "latency":
         report.latency_after_ms = measure_latency_ms(model, example_inputs)
     model.train(was_training)
