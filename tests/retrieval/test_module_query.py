@@ -1,0 +1,91 @@
+"""Module queries: a model with real weights is read on meta stand-ins (same graph as its own
+forward, nothing computed), and a description already in the index reuses its stored text
+embedding instead of running MiniLM again."""
+import numpy as np
+import pytest
+import torch
+
+from fastarch.retrieval.graph import extract_graph
+from fastarch.retrieval.retrieve import _graph_on_meta, graph_of_module
+
+
+def _same_graph(a, b):
+    assert a.method == b.method == "trace"
+    assert a.labels == b.labels and a.edges == b.edges and a.dims == b.dims
+    assert (a.params, a.flops, a.width, a.input_kind) == (b.params, b.flops, b.width,
+                                                          b.input_kind)
+
+
+def test_cpu_model_is_read_on_meta_as_on_its_own_device():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    before = model.conv1.weight.detach().clone()
+    x = torch.randn(1, 3, 224, 224)
+    g = graph_of_module(model)
+    assert model.conv1.weight.device.type == "cpu" and torch.equal(model.conv1.weight, before)
+    _same_graph(g, extract_graph(model, (x,)))  # the real forward on CPU
+    with torch.device("meta"):
+        on_meta = torchvision.models.resnet18().eval()
+    _same_graph(g, extract_graph(on_meta, (x.to("meta"),)))  # how the index rows are read
+
+
+def test_hf_model_is_read_on_meta_as_on_its_own_device():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    model = transformers.BertModel(config).eval()
+    with torch.device("meta"):
+        on_meta = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 100, (1, 16))
+    # the index rows are read from models built on meta: the stand-ins give their graph
+    # (FLOPs included: on CPU, SDPA runs another kernel, which torch's counter sizes otherwise)
+    _same_graph(_graph_on_meta(model, (), {"input_ids": ids}, 60),
+                extract_graph(on_meta, (), {"input_ids": ids.to("meta")}))
+    real = extract_graph(model, (), {"input_ids": ids})
+    assert real.labels == on_meta_labels(on_meta, ids)
+
+
+def on_meta_labels(model, ids):
+    return extract_graph(model, (), {"input_ids": ids.to("meta")}).labels
+
+
+def test_meta_reading_gives_way_when_the_forward_needs_values():
+    class ReadsValues(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+            self.table = torch.ones(8)  # neither a parameter nor a buffer: stays on CPU
+
+        def forward(self, x):
+            return self.lin(x) * self.table
+
+    model = ReadsValues()
+    assert _graph_on_meta(model, (torch.randn(1, 8),), {}, 60) is None
+    g = graph_of_module(model)  # read on its own device instead
+    assert g.method == "trace" and "linear" in g.labels
+
+
+def test_known_description_reuses_the_stored_text(small_text_index, small_records, monkeypatch):
+    from fastarch.retrieval import describe as describe_mod
+    from fastarch.retrieval.graph import OpGraph
+    from fastarch.retrieval.index import ArchitectureIndex
+
+    idx = ArchitectureIndex(small_text_index.entries, small_text_index.emb,
+                            small_text_index.text, small_text_index.space,
+                            small_text_index.meta)
+    idx.space.text_weight = 0.3
+    idx.search = idx.space.fuse(idx.emb, idx.text)
+    calls = []
+    real = describe_mod.embed_texts
+    monkeypatch.setattr(describe_mod, "embed_texts", lambda t: calls.append(t) or real(t))
+    name = "torchvision/resnet50"
+    row = idx.row_of[name]
+    q = idx.query_vector(OpGraph.from_dict(small_records[name]))
+    assert not calls
+    np.testing.assert_allclose(q, idx.search[row], atol=1e-6)
+    # a graph whose description is not in the index goes through MiniLM
+    g = OpGraph.from_dict(small_records[name])
+    g.params *= 3  # another size word and count in the description
+    q2 = idx.query_vector(g)
+    assert len(calls) == 1 and float(q2 @ idx.search[row]) > 0.9
