@@ -60,8 +60,8 @@ class Plan:
             raise ValueError("plan must be a non-empty string such as 'prune=0.3:l2,sparsity=0.5'")
         kw = {}
         for part in text.split(","):
-            key, _, value = part.strip().partition("=")
-            value, _, option = value.partition(":")
+            key, _, full = part.strip().partition("=")
+            value, _, option = full.partition(":")
             try:
                 if key == "prune":
                     kw["prune_ratio"] = float(value)
@@ -72,7 +72,7 @@ class Plan:
                     if option:
                         kw["sparsity_method"] = option
                 elif key == "attention":
-                    kw["attention"] = value or None
+                    kw["attention"] = full or None  # variants take options: local:64
                 else:
                     raise ValueError(f"plan: unknown item {key!r} (prune, sparsity, attention)")
             except ValueError as exc:
