@@ -215,6 +215,13 @@ def sweep(args):
             rows.append((name, None, f"build: {type(exc).__name__}: {str(exc)[:100]}", 0.0))
             print(f"{name}: NOT BUILT {rows[-1][2]}", flush=True)
             continue
+        n_params = sum(p.numel() for p in model.parameters())
+        if args.max_params and n_params > args.max_params * 1e6:
+            rows.append((name, None, f"size: {n_params / 1e6:.0f}M parameters > --max-params "
+                         f"{args.max_params}M (the check holds 5 copies)", 0.0))
+            print(f"{name}: NOT TRIED {rows[-1][2]}", flush=True)
+            del model
+            continue
         try:
             if not size:
                 cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -230,8 +237,8 @@ def sweep(args):
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
     tried = [r for r in rows if r[1] is not None]
     summary = (f"{args.sweep}: {ok}/{len(tried)} = {100 * ok / max(len(tried), 1):.1f}% pass "
-               f"({len(rows) - len(tried)} of {len(rows)} names could not be built with default "
-               "arguments and are not counted)")
+               f"({len(rows) - len(tried)} of {len(rows)} names not counted: not buildable with "
+               "default arguments, or over --max-params)")
     print("\n" + summary)
     if args.out:
         with open(args.out, "w") as f:
@@ -239,7 +246,7 @@ def sweep(args):
                     f"bench/bench_pruning.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
                     "\n\n| model | result | reason | s |\n| --- | --- | --- | --- |\n")
             for name, good, reason, sec in rows:
-                state = "not built" if good is None else ("ok" if good else "FAIL")
+                state = "not counted" if good is None else ("ok" if good else "FAIL")
                 f.write(f"| {name} | {state} | {reason.replace('|', '/')} | {sec:.1f} |\n")
 
 
@@ -254,6 +261,8 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=1,
                    help="sweep every K-th model of the sorted list (a deterministic sample)")
     p.add_argument("--out", default="", help="write the sweep's table (markdown) here")
+    p.add_argument("--max-params", type=float, default=0,
+                   help="sweep: skip (and list) models above this many million parameters")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--image", type=int, default=160)
     p.add_argument("--seq", type=int, default=64)
