@@ -14,6 +14,7 @@ from fastarch.pruning.graph import (
     DependencyGraph,
     GraphBuildError,
     flatten_tensors,
+    gc_paused,
     model_call_kwargs,
 )
 from fastarch.pruning.importance import IMPORTANCES, rank_uniform, score_units
@@ -400,6 +401,7 @@ def _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes, ski
     return final, trial
 
 
+@gc_paused()
 def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str = "l2",
           target: str = "ratio", ignore: Iterable = (), calib=None, *, round_to: int = 1,
           global_ranking: bool = False, pattern: str | None = None, timeout: float = 120.0,

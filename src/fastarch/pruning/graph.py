@@ -20,7 +20,9 @@ positions from every parameter dimension it touches.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import operator
 import threading
 from typing import Any
@@ -290,9 +292,26 @@ def export_model(model: nn.Module, example_inputs: tuple, timeout: float):
     return result["ep"]
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector (also usable as a decorator). Building a graph
+    allocates hundreds of thousands of small dicts and lists next to the large object graph of
+    the export; each automatic collection then walks all of it, which took most of
+    ``_build_groups`` (resnet50: ~0.9 s of ~1 s). Reference counting still frees everything
+    that is not cyclic; the collector runs again as soon as the block ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class DependencyGraph:
     """Traces ``model`` and builds its channel groups. See the module docstring."""
 
+    @gc_paused()
     def __init__(self, model: nn.Module, example_inputs: tuple, timeout: float = 120.0):
         import time
 
@@ -1037,18 +1056,34 @@ class DependencyGraph:
                 self.block(label, "a fixed-size op (slice, pad, split, constant) along the channels",
                            where)
 
+    def _all_roots(self) -> list[int]:
+        """Root of every id, found for all ids at once (pointer jumping on a tensor)."""
+        parent = torch.tensor(self.uf.parent, dtype=torch.long)
+        while True:
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                return parent.tolist()
+            parent = grand
+
     def _build_groups(self) -> list[ChannelGroup]:
         find = self.uf.find
         blocked_roots = {find(i) for i in self.blocked}
         inexact_roots = {find(i) for i in self.inexact}
+        root_of = self._all_roots()
         units: dict[int, dict] = {}
         has_out: set[int] = set()
-        for (name, dim), pd in self.param_dims.items():
-            for i in range(pd.size):
-                r = find(pd.start + i)
-                units.setdefault(r, {}).setdefault((name, dim), []).append(i)
-                if pd.role in ("out", "param"):
-                    has_out.add(r)
+        for key, pd in self.param_dims.items():
+            roots = root_of[pd.start:pd.start + pd.size]
+            for i, r in enumerate(roots):
+                pos = units.get(r)
+                if pos is None:
+                    units[r] = {key: [i]}
+                elif key in pos:
+                    pos[key].append(i)
+                else:
+                    pos[key] = [i]
+            if pd.role in ("out", "param"):
+                has_out.update(roots)
         head_roots = set()
         for site in self.attention:
             head_roots.update(find(i) for i in site.q_head_ids if i >= 0)
@@ -1057,7 +1092,7 @@ class DependencyGraph:
             if cin_g > 1 or cout_g > 1:
                 pd = self.param_dims.get((name, 0))
                 if pd is not None:
-                    grouped_roots.update(find(pd.start + i) for i in range(pd.size))
+                    grouped_roots.update(root_of[pd.start:pd.start + pd.size])
         by_key: dict[tuple, list[int]] = {}
         for r, pos in units.items():
             if r in blocked_roots or r not in has_out:

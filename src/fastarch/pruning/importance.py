@@ -11,6 +11,8 @@ A unit's score is the sum, over every parameter dimension it touches, of a per-i
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -22,11 +24,16 @@ IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "activation", "random")
 def _per_index(t: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
     if t.is_meta:  # no values (a model on the meta device): every index scores the same
         return torch.zeros(t.shape[dim])
-    t = t.detach().float()
+    t = t.detach()
     other = [d for d in range(t.dim()) if d != dim]
-    if kind == "l1":
-        return t.abs().sum(other) if other else t.abs()
-    return t.pow(2).sum(other) if other else t.pow(2)
+    if not other:
+        t = t.float()
+        return t.abs() if kind == "l1" else t.pow(2)
+    # one reduction op per tensor (no |w| or w^2 temporary, no fp32 copy of a bf16 weight):
+    # on a small, busy machine every multi-threaded op costs a thread wake-up, which dominated
+    # scoring (resnet50: 2 s for pow + sum over 53 conv weights, half that as one op each)
+    norm = torch.linalg.vector_norm(t, 1 if kind == "l1" else 2, other, dtype=torch.float32)
+    return norm if kind == "l1" else norm.square()
 
 
 def _run(model, inputs):
@@ -129,14 +136,10 @@ def score_units(graph: DependencyGraph, model: nn.Module, importance: str, input
             v = per_dim.get(key)
             if v is None:
                 continue
-            pos: list[int] = []
-            owner: list[int] = []
-            for u, r in enumerate(group.units):
-                idx = group.positions[r].get(key, ())
-                pos.extend(idx)
-                owner.extend([u] * len(idx))
-            total.index_add_(0, torch.tensor(owner, dtype=torch.long),
-                             v.detach().double().cpu()[torch.tensor(pos, dtype=torch.long)])
+            per_unit = [group.positions[r].get(key, ()) for r in group.units]
+            pos = torch.tensor(list(itertools.chain.from_iterable(per_unit)), dtype=torch.long)
+            owner = torch.repeat_interleave(torch.tensor([len(i) for i in per_unit]))
+            total.index_add_(0, owner, v.detach().double().cpu()[pos])
         scores.update(zip(group.units, total.tolist()))
     return scores
 
