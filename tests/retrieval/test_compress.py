@@ -97,3 +97,24 @@ def test_recommend_takes_the_nearest_recipe(small_index):
     plan, hit, _ = recommend("torchvision/vit_b_16", index=small_index, recipes=recipes)
     assert hit.name == "torchvision/vit_b_32" and plan == Plan(sparsity=0.5)
     assert recommend(SmallCNN(), index=small_index, recipes={}) is None
+
+
+def test_recommend_proposes_the_shipped_recipe_of_a_near_architecture():
+    """A model that is no recipe architecture (shufflenet v2 x2.0, a width variant) gets the
+    measured recipe of its nearest neighbour with one, from the shipped index and recipes."""
+    from fastarch import zoo
+    from fastarch.retrieval.compress import load_recipes
+
+    recipes = load_recipes()
+    assert len(recipes) >= 3
+    for r in recipes.values():  # every stored recipe met the bench's quality floor
+        m = r["measured"]
+        assert m["cosine"] >= m["cosine_floor"] and m["speedup"] >= 1.05
+    near = "torchvision/shufflenet_v2_x2_0"
+    assert near not in recipes
+    found = recommend(zoo.create(near, device="meta"))
+    assert found is not None
+    plan, hit, recipe = found
+    assert "torchvision/shufflenet_v2_x0_5" in (hit.name, *hit.duplicates)
+    assert recipe == recipes["torchvision/shufflenet_v2_x0_5"]
+    assert plan == Plan.parse(recipe["plan"])
