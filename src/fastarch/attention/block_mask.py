@@ -219,50 +219,40 @@ def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_d
         if not bool(sel.any()):
             continue
         bi, hi, tq, tk = sel.nonzero(as_tuple=True)
-        b, h = bi.view(-1, 1, 1), hi.view(-1, 1, 1)
-        rows_ok = (i < q_len - tq.view(-1, 1) * bs).view(-1, bs, 1)  # positions in range
-        cols_ok = (i < kv_len - tk.view(-1, 1) * bs).view(-1, 1, bs)
-        q_first, kv_first = q0[tq].view(-1, 1, 1), k0[tk].view(-1, 1, 1)
-        q_all = torch.clamp(q_first + i.view(1, -1, 1), max=q_len - 1 + q_offset)
-        kv_all = torch.clamp(kv_first + i.view(1, 1, -1), max=kv_len - 1)
+        tiles_at = _TilePositions(bi, hi, q0.index_select(0, tq), k0.index_select(0, tk), bs,
+                                  q_len - 1 + q_offset, kv_len - 1)
         if kind == KV_DEP:  # every query of the tile sees the same row: evaluate one row
-            vals = _exact(spec, b, h, q_first, kv_all)  # (P, 1, bs)
-            f, a = vals.flatten(1).all(-1), vals.flatten(1).any(-1)
-            _classify_cut_tiles(f, a, lambda e: vals[e].expand(-1, bs, bs), rows_ok, cols_ok,
-                                tq, tk, q_len, kv_len, bs)
+            vals = _exact_chunks(spec, tiles_at, 0, None, bs)  # (P, 1, bs)
             pats, inv = _unique_rows(vals.squeeze(1))
             tiles = pats.view(-1, 1, bs).expand(-1, bs, bs)
         elif kind == Q_DEP:  # every key of the tile sees the same column: one column
-            vals = _exact(spec, b, h, q_all, kv_first)  # (P, bs, 1)
-            f, a = vals.flatten(1).all(-1), vals.flatten(1).any(-1)
-            _classify_cut_tiles(f, a, lambda e: vals[e].expand(-1, bs, bs), rows_ok, cols_ok,
-                                tq, tk, q_len, kv_len, bs)
+            vals = _exact_chunks(spec, tiles_at, None, 0, bs)  # (P, bs, 1)
             pats, inv = _unique_rows(vals.squeeze(2))
             tiles = pats.view(-1, bs, 1).expand(-1, bs, bs)
         elif kind == _RELATIVE:
             # Element (i, j) holds g(q0 + i - kv0 - j): evaluate g once per offset t = i - j at
             # (q0 + t, kv0) for t >= 0 and (q0, kv0 - t) for t < 0; every valid element reads a
             # position inside the tile's valid part.
-            t = torch.arange(-(bs - 1), bs, device=device).view(1, 1, -1)
-            qd = torch.clamp(q_first + t.clamp(min=0), max=q_len - 1 + q_offset)
-            kd = torch.clamp(kv_first + (-t).clamp(min=0), max=kv_len - 1)
-            diag = _exact(spec, b, h, qd, kd).squeeze(1)  # (P, 2 bs - 1)
+            t = torch.arange(-(bs - 1), bs, device=device)
+            diag = _exact_chunks(spec, tiles_at, t.clamp(min=0), (-t).clamp(min=0),
+                                 2 * bs - 1).squeeze(1)  # (P, 2 bs - 1)
             pats, inv = _unique_rows(diag)
-            toeplitz = i.view(-1, 1) - i.view(1, -1) + (bs - 1)  # (bs, bs): t + bs - 1
-            tiles = pats[:, toeplitz]
-            # a whole tile holds every offset; only tiles cut by the ends need the bitmap
-            f, a = diag.all(-1), diag.any(-1)
-            _classify_cut_tiles(f, a, lambda e: tiles[inv[e]], rows_ok, cols_ok, tq, tk,
-                                q_len, kv_len, bs)
+            toeplitz = (i.view(-1, 1) - i.view(1, -1) + (bs - 1)).expand(pats.shape[0], -1, -1)
+            tiles = torch.gather(pats.unsqueeze(1).expand(-1, bs, -1), 2, toeplitz)
         else:
-            per = max(1, _CHUNK_ELEMENTS // (bs * bs))
-            tiles = torch.cat([_exact(spec, b[c:c + per], h[c:c + per], q_all[c:c + per],
-                                      kv_all[c:c + per]) for c in range(0, bi.numel(), per)])
-            flat = tiles.view(tiles.shape[0], -1)
-            f, a = flat.all(-1), flat.any(-1)
-            _classify_cut_tiles(f, a, lambda e: tiles[e], rows_ok, cols_ok, tq, tk, q_len,
-                                kv_len, bs)
+            tiles = _exact_chunks(spec, tiles_at, None, None, bs * bs, _BITMAP_CHUNK)
             inv = torch.arange(bi.numel(), device=device)
+        # Whole tiles: all / any of their distinct pattern (a relative one holds every offset);
+        # tiles cut by the end of the queries or keys: over their valid part.
+        f, a = (x.index_select(0, inv) for x in _all_any(pats if kind != _BOTH else tiles))
+        cut = ((tq >= q_len // bs) | (tk >= kv_len // bs)).nonzero().squeeze(1)
+        if cut.numel():
+            rows_ok = (i < q_len - tq.index_select(0, cut).view(-1, 1) * bs).view(-1, bs, 1)
+            cols_ok = (i < kv_len - tk.index_select(0, cut).view(-1, 1) * bs).view(-1, 1, bs)
+            valid = rows_ok & cols_ok
+            cut_tiles = tiles.index_select(0, inv.index_select(0, cut))
+            f[cut], _ = _all_any(cut_tiles | ~valid)
+            _, a[cut] = _all_any(cut_tiles & valid)
         mod_full[bi, hi, tq, tk] = f
         mod_any[bi, hi, tq, tk] = a
         bitmap_of[bi, hi, tq, tk] = torch.where(f, -1, inv + count)  # a full one needs none
@@ -277,15 +267,12 @@ def _classify_from_bounds(spec, nb, nh, q_len, kv_len, bs, q_offset, q_doc, kv_d
                                prefix_len=spec.prefix_len, q_doc_ids=q_doc, kv_doc_ids=kv_doc)
 
 
-def _classify_cut_tiles(f, a, bitmaps_of, rows_ok, cols_ok, tq, tk, q_len, kv_len, bs):
-    """Redo the all / any of the tiles cut by the end of the queries or keys over their valid
-    part only (``bitmaps_of(sel)``: the (n, bs, bs) bitmaps of the selected tiles), in place."""
-    cut = (tq >= q_len // bs) | (tk >= kv_len // bs)
-    if bool(cut.any()):
-        valid = rows_ok[cut] & cols_ok[cut]
-        tiles = bitmaps_of(cut)
-        f[cut] = (tiles | ~valid).flatten(1).all(-1)
-        a[cut] = (tiles & valid).flatten(1).any(-1)
+def _all_any(x: torch.Tensor):
+    """Whether all / any of each x[i] is True, by a count: boolean all / any reductions go
+    parallel at small sizes and stall for a time slice when the machine is oversubscribed."""
+    n = x[0].numel() if x.shape[0] else 1
+    count = x.reshape(x.shape[0], -1).sum(-1, dtype=torch.int32)
+    return count == n, count > 0
 
 
 def _unique_rows(rows: torch.Tensor):
@@ -302,9 +289,51 @@ def _unique_rows(rows: torch.Tensor):
     _, ids = torch.unique((words * mult).sum(-1), return_inverse=True)
     first = torch.full((int(ids.max()) + 1,), p, dtype=torch.long, device=dev)
     first = first.scatter_reduce(0, ids, torch.arange(p, device=dev), reduce="amin")
-    if not torch.equal(rows[first][ids], rows):
+    # Check the grouping on the packed words (8x fewer elements than the rows; index_select
+    # and small ops: no parallel region).
+    if not torch.equal(words.index_select(0, first).index_select(0, ids), words):
         return torch.unique(rows, dim=0, return_inverse=True)
-    return rows[first], ids
+    return rows.index_select(0, first), ids
+
+
+# Exact evaluations run in chunks of at most this many elements per op: below torch's grain
+# size, so each op runs inline; these ops take microseconds, and a parallel region waits for a
+# second thread that a busy machine may not schedule for a whole time slice.
+_INLINE_ELEMENTS = 1 << 14
+_BITMAP_CHUNK = 1 << 18  # whole (bs, bs) bitmaps: larger chunks, fewer predicate calls
+
+
+class _TilePositions:
+    """Index tensors of selected tiles (batch, head, first query, first key), cut into chunks
+    on demand, so that no (P, bs) tensor larger than a chunk is ever made."""
+
+    def __init__(self, b, h, q_first, kv_first, bs, q_max, kv_max):
+        self.b, self.h, self.q_first, self.kv_first = b, h, q_first, kv_first
+        self.bs, self.q_max, self.kv_max = bs, q_max, kv_max
+        self.count = b.numel()
+
+    def args(self, lo, hi, dq, dkv):
+        """(b, h, q, kv) of tiles lo .. hi - 1 at offsets ``dq`` / ``dkv`` from each tile's first
+        position: None = every offset of the tile, along its own dim (q rows, kv columns);
+        a 1-D tensor = those offsets, paired up along the last dim."""
+        b, h = self.b[lo:hi].view(-1, 1, 1), self.h[lo:hi].view(-1, 1, 1)
+        q, kv = self.q_first[lo:hi].view(-1, 1, 1), self.kv_first[lo:hi].view(-1, 1, 1)
+        i = torch.arange(self.bs, device=b.device)
+        q = q + (i.view(1, -1, 1) if dq is None else dq.view(1, 1, -1) if torch.is_tensor(dq)
+                 else 0)
+        kv = kv + (i.view(1, 1, -1) if dkv is None else dkv.view(1, 1, -1)
+                   if torch.is_tensor(dkv) else 0)
+        # positions past the end read the last one (those elements are not used)
+        return b, h, torch.clamp(q, max=self.q_max), torch.clamp(kv, max=self.kv_max)
+
+
+def _exact_chunks(spec, tiles_at: _TilePositions, dq, dkv, per_tile, chunk=None):
+    """:func:`_exact` over the tiles of ``tiles_at`` (see :meth:`_TilePositions.args`) in chunks
+    of ``chunk // per_tile`` tiles, concatenated along dim 0."""
+    per = max(1, (chunk or _INLINE_ELEMENTS) // per_tile)
+    n = tiles_at.count
+    return torch.cat([_exact(spec, *tiles_at.args(c, min(n, c + per), dq, dkv))
+                      for c in range(0, n, per)])
 
 
 def _exact(spec: MaskSpec, b, h, q, kv) -> torch.Tensor:
@@ -325,19 +354,17 @@ def _check_corners(spec, nb, nh, q0, q1, k0, k1, surely, never, kind, device):
     """Defence in depth: ``mask_mod`` evaluated for real at the four corners of every tile must
     agree with the bounds (a predicate that inspects its arguments' types could behave
     differently on the bounds than on tensors)."""
-    q = torch.stack([q0, q1], 1).view(1, 1, -1, 1)
-    kv = torch.stack([k0, k1], 1).view(1, 1, 1, -1)
     b = torch.arange(nb, device=device).view(-1, 1, 1, 1)
     h = torch.arange(nh, device=device).view(1, -1, 1, 1)
-    c = _exact(spec, b, h, q, kv).reshape(nb, nh, q0.numel(), 2, k0.numel(), 2)
-    same_rows = (c[:, :, :, 0] == c[:, :, :, 1]).all(-1)  # the tile's first and last query
-    same_cols = (c[..., 0] == c[..., 1]).all(3)  # its first and last key
-    # first and last corner on one diagonal (square tiles) of a relative tile
-    square = ((q1 - q0).view(-1, 1) == (k1 - k0).view(1, -1))
-    same_diag = ~square | (c[:, :, :, 0, :, 0] == c[:, :, :, 1, :, 1])
-    bad = ((surely & ~c.all(-1).all(3)) | (never & c.any(-1).any(3))
-           | ((kind == KV_DEP) & ~same_rows) | ((kind == Q_DEP) & ~same_cols)
-           | ((kind == _RELATIVE) & ~same_diag))
+    # (first / last query, first / last key) of every tile: four grid-sized evaluations and
+    # element-wise ops only
+    c00, c01, c10, c11 = (_exact(spec, b, h, qa.view(1, 1, -1, 1), ka.view(1, 1, 1, -1))
+                          for qa in (q0, q1) for ka in (k0, k1))
+    square = ((q1 - q0).view(-1, 1) == (k1 - k0).view(1, -1))  # one diagonal joins c00, c11
+    bad = ((surely & ~(c00 & c01 & c10 & c11)) | (never & (c00 | c01 | c10 | c11))
+           | ((kind == KV_DEP) & ((c00 != c10) | (c01 != c11)))  # rows must agree
+           | ((kind == Q_DEP) & ((c00 != c01) | (c10 != c11)))  # columns must agree
+           | ((kind == _RELATIVE) & square & (c00 != c11)))
     if bool(bad.any()):
         raise _BoundsDisagree
 

@@ -511,8 +511,15 @@ def _getitem(tensor, index):
     k = torch.floor(torch.log2(length.double())).long()
     k = k - ((1 << k) > length).long()  # 2**k <= length, whatever log2's rounding did
     second = last.hi - (1 << k) + 1
-    lo = torch.minimum(lmin[k, row, last.lo], lmin[k, row, second])
-    hi = torch.maximum(lmax[k, row, last.lo], lmax[k, row, second])
+    levels, rows, n = lmin.shape
+    base = (k * rows + row) * n
+    first_at, second_at = torch.broadcast_tensors(base + last.lo, base + second)
+
+    def pick(table, at):  # index_select of flat positions: no parallel stall at small sizes
+        return table.view(-1).index_select(0, at.reshape(-1)).view(at.shape)
+
+    lo = torch.minimum(pick(lmin, first_at), pick(lmin, second_at))
+    hi = torch.maximum(pick(lmax, first_at), pick(lmax, second_at))
     return _make(lo, hi, parts, tensor.dtype, trace)
 
 
