@@ -34,3 +34,22 @@ def test_magnitude_scores_match_the_reference(kind, dtype):
     assert set(got) == set(want) and len(got) > 100
     for r, w in want.items():
         assert got[r] == pytest.approx(w, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_scoring_leaves_the_weights_unchanged(dtype):
+    # the leading-dim path squares an fp32 copy in place: never the weight itself
+    from fastarch.pruning.importance import _per_index
+
+    torch.manual_seed(0)
+    for shape in [(6, 5), (4, 3, 2, 2), (7,)]:
+        w = torch.randn(shape).to(dtype)
+        before = w.clone()
+        for dim in range(w.dim()):
+            for kind in ("l1", "l2"):
+                got = _per_index(w, dim, kind)
+                other = [d for d in range(w.dim()) if d != dim]
+                mag = w.float().abs() if kind == "l1" else w.float().pow(2)
+                assert torch.allclose(got, mag.sum(other) if other else mag, rtol=1e-5)
+        assert torch.equal(w, before)
