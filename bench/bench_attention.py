@@ -119,9 +119,17 @@ def build_specs(s):
     def user(b, h, q, kv):  # the fixed pattern as a user function
         return (q // 128 == kv // 128) | (kv % 128 >= 120)
 
+    lengths = [s // 2, s // 4, s - s // 2 - s // 4]
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+
+    def window_fn(b, h, q, kv):  # sliding_window(255) as a user function
+        return (kv <= q) & (q - kv <= 255)
+
+    def documents_fn(b, h, q, kv):  # causal & document as a user function of a doc_ids tensor
+        return (kv <= q) & (ids[q] == ids[kv])
+
     return {
-        "causal & document (3 docs)": and_masks(causal(), document(lengths=[s // 2, s // 4,
-                                                                            s - s // 2 - s // 4])),
+        "causal & document (3 docs)": and_masks(causal(), document(lengths=lengths)),
         "global_local_random(64, r=2) (BigBird)": global_local_random(block=64, random_blocks=2),
         "strided(64)": strided(64),
         "strided(128, local=32)": strided(128, 32),
@@ -129,6 +137,8 @@ def build_specs(s):
         "causal & user fn, period=128 given": and_masks(causal(), from_function(user,
                                                                                 period=128)),
         "causal & user fn, no hint": and_masks(causal(), from_function(user)),
+        "user fn: sliding window 256, no hint": from_function(window_fn),
+        "user fn: causal & doc_ids[q] == doc_ids[kv], no hint": from_function(documents_fn),
     }
 
 
