@@ -249,10 +249,10 @@ def _mul(a, b, dtype, trace):
 
 def _constant(b, trace) -> int:
     """The value of an operand that must be one constant on the whole grid."""
-    first = b.lo.flatten()[0]
-    if not bool(((b.lo == b.hi) & (b.lo == first)).all()):
+    c = _global_constant(b)
+    if c is None:
         trace.fail("a divisor or shift count that is not one constant")
-    return int(first)
+    return c
 
 
 def _constant_divisor(b, trace) -> int:
