@@ -112,6 +112,27 @@ def test_dense_and_per_head_masks():
     assert torch.equal(represented(bm, 2, 3), dense)
 
 
+@pytest.mark.parametrize("combine", ["alone", "and", "or"])
+def test_dense_masks_skip_the_bounds_trace(combine, monkeypatch):
+    """A lookup into a dense tensor cannot be followed by tile bounds: the builder goes straight
+    to the element-wise path (and a combination with one keeps that), still exactly."""
+    import fastarch.attention.block_mask as bmod
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("trace_tiles called for a dense mask")
+
+    monkeypatch.setattr(bmod, "trace_tiles", no_trace)
+    dense = torch.rand(37, 37) > 0.4
+    spec = from_dense(dense)
+    if combine == "and":
+        spec = and_masks(causal(), from_function(lambda b, h, q, kv: kv != 5), spec)
+    elif combine == "or":
+        spec = or_masks(from_function(lambda b, h, q, kv: kv == q), spec)
+    assert not spec.bounded
+    bm = create_block_mask(spec, q_len=37, block_size=16, cache=False)
+    assert torch.equal(represented(bm), expected(spec, 37, 37, 0))
+
+
 def test_cache_and_cost():
     a = create_block_mask(causal(), q_len=300, block_size=32)
     assert create_block_mask(causal(), q_len=300, block_size=32) is a

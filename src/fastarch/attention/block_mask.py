@@ -509,7 +509,8 @@ def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, 
         nb = batch if (mask.per_batch or (q_doc is not None and q_doc.shape[0] > 1)) else 1
         nh = heads if mask.per_head else 1
         bm = None
-        if q_len > 0 and kv_len > 0 and not torch.compiler.is_compiling():
+        if (q_len > 0 and kv_len > 0 and mask.bounded
+                and not torch.compiler.is_compiling()):
             bm = _block_mask_from_bounds(mask, nb, nh, q_len, kv_len, bs, q_offset, q_doc,
                                          kv_doc, device)
         if bm is None:  # the bounds could not follow the predicate: evaluate it everywhere

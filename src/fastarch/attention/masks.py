@@ -45,6 +45,9 @@ class MaskSpec:
     # known; relative masks have period 1): tiles on one diagonal whose positions differ by a
     # multiple of the period share a bitmap, so the builder evaluates one per class of tiles.
     period: int = 0
+    # whether the builder may try to classify tiles from bounds of mask_mod (False for lookups
+    # into a dense mask tensor, which bounds cannot follow: the trace would only fail first)
+    bounded: bool = True
 
     @property
     def shift_period(self) -> int:
@@ -229,7 +232,8 @@ def from_dense(mask: torch.Tensor, q_offset: int = 0, name: str = "dense") -> Ma
         hh = h if m4.shape[1] > 1 else torch.zeros_like(h)
         return m4[bb, hh, q - q_offset, kv]
 
-    return MaskSpec(name, mask_mod=mod, per_batch=m4.shape[0] > 1, per_head=m4.shape[1] > 1)
+    return MaskSpec(name, mask_mod=mod, per_batch=m4.shape[0] > 1, per_head=m4.shape[1] > 1,
+                    bounded=False)
 
 
 # ---- combinations -------------------------------------------------------------------------------
@@ -267,7 +271,8 @@ def and_masks(*specs: MaskSpec) -> MaskSpec:
                            per_head=out.per_head or s.per_head,
                            relative=bool(with_mod) and all(x.relative for x in with_mod),
                            period=_joint_period(x.mask_mod_period for x in with_mod),
-                           mod_block=_joint_period(x.mod_block for x in with_mod))
+                           mod_block=_joint_period(x.mod_block for x in with_mod),
+                           bounded=all(x.bounded for x in with_mod))
         else:
             a, c = out, s
             out = MaskSpec(f"{a.name}&{c.name}",
@@ -275,7 +280,8 @@ def and_masks(*specs: MaskSpec) -> MaskSpec:
                            & c.predicate(b, h, q, kv),
                            per_batch=a.per_batch or c.per_batch or _docs_per_batch(a, c),
                            per_head=a.per_head or c.per_head,
-                           period=_joint_period((a.shift_period, c.shift_period)))
+                           period=_joint_period((a.shift_period, c.shift_period)),
+                           bounded=a.bounded and c.bounded)
     return out
 
 
@@ -305,7 +311,8 @@ def or_masks(*specs: MaskSpec) -> MaskSpec:
     return MaskSpec("|".join(s.name for s in specs), mask_mod=mod,
                     per_batch=any(s.per_batch for s in specs) or _docs_per_batch(*specs),
                     per_head=any(s.per_head for s in specs),
-                    period=_joint_period(s.shift_period for s in specs))
+                    period=_joint_period(s.shift_period for s in specs),
+                    bounded=all(s.bounded for s in specs))
 
 
 def _docs_per_batch(*specs: MaskSpec) -> bool:
