@@ -377,7 +377,15 @@ at::Tensor check_index(const at::Tensor& index, int64_t limit, const at::Tensor&
 //    dense; the kernel (widened once per 4-row block, small batches in registers) is used for
 //    every batch size: s=0, batch 1: 1.10-1.32x; batches 2-16: 1.64-2.94x of F.linear. (The earlier AVX-512 box dispatched bf16 batches to the dense product at
 //    0.6x; that choice is 0.03x here.)
-// FASTARCH_GEMV_DENSE_ABOVE (density) / FASTARCH_GEMV_DENSE_BATCH_ABOVE override both dtypes (the
+//  * bf16 on CPUs with AVX512-BF16 (AMD Zen 4 EPYC, 2 cores, 2026-12-01, /tmp script of the same
+//    interleaved kind as the bench, 14336x4096 / 4096x14336 / 2048x8192, s=0): oneDNN's bf16 GEMM
+//    is fast there, but only on the (out, in) layout we do not keep. On the stored (in, out)
+//    layout at::mm is 0.43-0.50x of F.linear at batches 2-8 and 0.65-0.73x at 64; the kernel is
+//    0.77-0.99x at batches 2-4, 0.36-0.49x at 8 and 0.20-0.25x at 64, but 0.67-0.80x at batch 8
+//    when s=0.9 leaves a union of ~0.56. So bf16 batches above 4 with a union above 0.7 take
+//    at::mm there. Neither reaches F.linear: see bench/RESULTS.md (a paired-row layout for the
+//    bf16 dot instructions would be needed).
+// FASTARCH_GEMV_DENSE_ABOVE (density) / FASTARCH_GEMV_DENSE_BATCH_ABOVE override every dtype (the
 // tests use them to drive each branch).
 double dense_above(at::ScalarType dt) {
   static const char* e = std::getenv("FASTARCH_GEMV_DENSE_ABOVE");
@@ -390,6 +398,22 @@ int64_t dense_batch_above(at::ScalarType dt) {
   static const char* e = std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE");
   if (e) return std::atoll(e);
   return dt == at::kFloat ? 16 : std::numeric_limits<int64_t>::max();
+}
+
+bool cpu_has_bf16_dot() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool use_dense_product(at::ScalarType dt, int64_t B, double density) {
+  if (B > dense_batch_above(dt) || density > dense_above(dt)) return true;
+  const bool overridden = std::getenv("FASTARCH_GEMV_DENSE_ABOVE") != nullptr ||
+                          std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE") != nullptr;
+  return !overridden && dt == at::kBFloat16 && cpu_has_bf16_dot() && B > 4 && density > 0.7;
 }
 
 // ---- sparse_gemv ---------------------------------------------------------------------------------
@@ -422,7 +446,7 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
   }
   const int64_t K = static_cast<int64_t>(rows.size());
   const double density = in > 0 ? double(K) / double(in) : 0.0;
-  if (B > dense_batch_above(x.scalar_type()) || density > dense_above(x.scalar_type())) {
+  if (use_dense_product(x.scalar_type(), B, density)) {
     // compare in fp32 like the spec: a half-precision comparison would round the threshold
     at::Tensor xm = at::where(xf.abs() > threshold, x, at::zeros({}, x.options()));
     at::Tensor y = at::mm(xm, w_t);
