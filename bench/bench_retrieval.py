@@ -644,7 +644,7 @@ def latency_only(a, argv) -> int:
           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
           f"shared with other jobs (load average {load:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at end), CPU only; date "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `nice -n 5 python "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Command: `python "
           f"bench/bench_retrieval.py {' '.join(argv or sys.argv[1:])}`", "",
           "| query | ms |", "|---|---:|", *[f"| {k} | {v:.2f} |" for k, v in lat.items()], "",
           LATENCY_NOTE, ""]
