@@ -251,3 +251,24 @@ def test_bad_model_and_inputs():
 
 def test_exported_from_package():
     assert fastarch.prune is prune
+
+
+def test_computed_conv_weight_is_not_pruned_blindly():
+    """A weight-standardised conv (timm ScaledStdConv2d: batch statistics over each filter's
+    input side) takes a computed weight: neither of its sides may be removed, or the pruned
+    model would silently differ from the masked one (found on timm's NF-ResNets)."""
+    layers = pytest.importorskip("timm.layers")
+    from fastarch.pruning.check import check_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          layers.ScaledStdConv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = (torch.randn(2, 3, 12, 12),)
+    res = check_model(model, x, ratio=0.5)
+    assert "pruned != masked" not in res["reason"]
+    pruned = copy.deepcopy(model)
+    fastarch.prune(pruned, x, ratio=0.5)
+    assert pruned[2].weight.shape == model[2].weight.shape
+    assert pruned[0].weight.shape == model[0].weight.shape  # feeds the standardised conv

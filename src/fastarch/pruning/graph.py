@@ -869,7 +869,11 @@ class DependencyGraph:
         b = self._param_arg(node, 2, env)
         groups = node.args[groups_index] if len(node.args) > groups_index else 1
         if not isinstance(w, ParamRef):
+            # as for linear: the units the computed weight carries (e.g. a weight-standardised
+            # conv: batch statistics over its input side) are not removable either
             self.block(x, "convolution with a computed weight", where)
+            self.block(w)
+            self.block(b)
             return None
         out_shape = _shape(node)
         if groups == 1:
