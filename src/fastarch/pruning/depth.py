@@ -324,24 +324,11 @@ def prune_blocks(model: nn.Module, example_inputs, blocks: int | float = 1,
     return report
 
 
-def _ignored_names(model, ignore) -> set[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    out = set()
-    for item in ignore or ():
-        if isinstance(item, str):
-            out.add(item)
-        elif isinstance(item, nn.Module):
-            if id(item) not in names:
-                raise ValueError("ignore lists a module that is not part of model")
-            out.add(names[id(item)])
-        else:
-            raise TypeError(f"ignore must hold module names or modules, got {type(item).__name__}")
-    return out
-
-
 def _prune(model, example_inputs, blocks, importance, calib, container, ignore, verify,
            ref_shapes, report):
-    ignored = _ignored_names(model, ignore)
+    from fastarch.pruning.api import _ignored_prefixes
+
+    ignored = set(_ignored_prefixes(model, ignore))
     lists = _resolve_lists(model, container, find_block_lists(model))
     if not lists:
         report.ok = False
