@@ -43,3 +43,26 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds):
                                    q[..., :32].contiguous())
     assert module_mod.STATS["sdpa"] == before["sdpa"]
     assert module_mod.STATS["kernel"] == before["kernel"] + 3
+
+
+@pytest.mark.parametrize("variant,dtype,capability,dispatched", [
+    ("causal", torch.float32, "AVX512", True),   # the last query sees every key
+    ("full", torch.float32, "AVX512", True),
+    ("causal", torch.bfloat16, "AVX512", False),  # bf16 decode: the kernel was faster
+    ("causal", torch.float32, "AVX2", False),     # parity measured there: stays on the kernel
+    ("sliding_window:32", torch.float32, "AVX512", False),
+])
+def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
+    monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 64, dtype=dtype)
+    k = torch.randn(2, 2, 77, 64, dtype=dtype)
+    v = torch.randn(2, 2, 77, 64, dtype=dtype)
+    attn = BlockSparseAttention(variant, block_size=32)
+    before = dict(module_mod.STATS)
+    out = attn(q, k, v, scale=0.2)
+    assert (module_mod.STATS["sdpa"] - before["sdpa"] == 1) == dispatched
+    bm = create_block_mask(attn.mask, q_len=1, kv_len=77, q_offset=76, block_size=32)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm, scale=0.2), atol=tol,
+                               rtol=tol)
