@@ -23,8 +23,30 @@ from fastarch.pruning.removal import drops_by_tensor, remove_units
 TARGETS = ("ratio", "params", "flops", "latency")
 
 
+class SizeChange:
+    """Parameter and FLOP counts before / after, shared by the pruning reports."""
+
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+
+    @property
+    def param_reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def flop_reduction(self) -> float:
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    def size_summary(self) -> str:
+        return (f"params {self.params_before:,} -> {self.params_after:,} "
+                f"(-{100 * self.param_reduction:.1f}%), FLOPs {self.flops_before:,} -> "
+                f"{self.flops_after:,} (-{100 * self.flop_reduction:.1f}%)")
+
+
 @dataclasses.dataclass
-class PruneReport:
+class PruneReport(SizeChange):
     """What :func:`prune` did. ``str(report)`` is a readable summary."""
 
     removed: list = dataclasses.field(default_factory=list)  # one dict per pruned group
@@ -44,21 +66,9 @@ class PruneReport:
     blocks: object = None  # the BlockPruneReport when whole blocks were removed (blocks=...)
     removed_units: list = dataclasses.field(default_factory=list, repr=False)  # its roots
 
-    @property
-    def param_reduction(self) -> float:
-        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
-
-    @property
-    def flop_reduction(self) -> float:
-        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
-
     def __str__(self) -> str:
-        lines = [
-            (f"params {self.params_before:,} -> {self.params_after:,} "
-             f"(-{100 * self.param_reduction:.1f}%), FLOPs {self.flops_before:,} -> "
-             f"{self.flops_after:,} (-{100 * self.flop_reduction:.1f}%), "
-             f"graph {self.graph_seconds:.2f} s, total {self.total_seconds:.2f} s"),
-        ]
+        lines = [f"{self.size_summary()}, graph {self.graph_seconds:.2f} s, "
+                 f"total {self.total_seconds:.2f} s"]
         if self.latency_before_ms is not None:
             lines.append(f"latency {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms")
         for r in self.removed:

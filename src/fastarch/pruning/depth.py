@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fastarch.pruning.api import SizeChange, _ignored_prefixes, count_flops, count_params
 from fastarch.pruning.graph import flatten_tensors, model_call_kwargs
 
 BLOCK_IMPORTANCES = ("cosine", "magnitude")
@@ -41,7 +42,7 @@ INDEX_ATTRS = ("layer_idx", "layer_id", "layer_index", "block_idx")
 
 
 @dataclasses.dataclass
-class BlockPruneReport:
+class BlockPruneReport(SizeChange):
     """What :func:`prune_blocks` did. ``str(report)`` is a readable summary."""
 
     removed: list = dataclasses.field(default_factory=list)  # {"block", "score", "list"}
@@ -57,19 +58,8 @@ class BlockPruneReport:
     ok: bool = True  # False when nothing could be removed safely (model left unchanged)
     total_seconds: float = 0.0
 
-    @property
-    def param_reduction(self) -> float:
-        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
-
-    @property
-    def flop_reduction(self) -> float:
-        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
-
     def __str__(self) -> str:
-        lines = [f"blocks: params {self.params_before:,} -> {self.params_after:,} "
-                 f"(-{100 * self.param_reduction:.1f}%), FLOPs {self.flops_before:,} -> "
-                 f"{self.flops_after:,} (-{100 * self.flop_reduction:.1f}%), "
-                 f"{self.total_seconds:.2f} s"]
+        lines = [f"blocks: {self.size_summary()}, {self.total_seconds:.2f} s"]
         for name, (before, after) in self.lists.items():
             lines.append(f"  {name}: {before} -> {after} blocks")
         for r in self.removed:
@@ -297,8 +287,6 @@ def prune_blocks(model: nn.Module, example_inputs, blocks: int | float = 1,
         >>> len(vit.blocks)
         2
     """
-    from fastarch.pruning.api import count_flops, count_params
-
     t_start = time.perf_counter()
     example_inputs = _check_args(model, example_inputs, blocks, importance)
     report = BlockPruneReport(importance=importance)
@@ -326,8 +314,6 @@ def prune_blocks(model: nn.Module, example_inputs, blocks: int | float = 1,
 
 def _prune(model, example_inputs, blocks, importance, calib, container, ignore, verify,
            ref_shapes, report):
-    from fastarch.pruning.api import _ignored_prefixes
-
     ignored = set(_ignored_prefixes(model, ignore))
     lists = _resolve_lists(model, container, find_block_lists(model))
     if not lists:
