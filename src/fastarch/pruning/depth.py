@@ -108,16 +108,8 @@ def find_block_lists(model: nn.Module) -> dict[str, list[int]]:
 
 
 def _first_tensor(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
+    tensors = flatten_tensors(obj)
+    return tensors[0] if tensors else None
 
 
 def _cosine_distance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
