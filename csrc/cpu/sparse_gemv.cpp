@@ -419,8 +419,8 @@ bool cpu_has_bf16_dot() {
 
 bool use_dense_product(at::ScalarType dt, int64_t B, double density) {
   if (B > dense_batch_above(dt) || density > dense_above(dt)) return true;
-  const bool overridden = std::getenv("FASTARCH_GEMV_DENSE_ABOVE") != nullptr ||
-                          std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE") != nullptr;
+  static const bool overridden = std::getenv("FASTARCH_GEMV_DENSE_ABOVE") != nullptr ||
+                                 std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE") != nullptr;
   return !overridden && dt == at::kBFloat16 && cpu_has_bf16_dot() && B > 4 && density > 0.7;
 }
 
