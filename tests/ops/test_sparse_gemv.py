@@ -69,7 +69,10 @@ def test_sparse_gemv_dispatch_paths_agree(density):
 # Kernel branches inside rows_axpy: batch 1 (packed rows), batch 2..4 (weights widened in
 # registers, one template per batch size), batch > 4 (fp32 staging buffer), the < 4-row tail of
 # each, blocks skipped because no batch row is active, and an output wider than one 2048 tile.
-BRANCH_BATCHES = [1, 2, 3, 4, 5, 8, 17]
+# bf16 on CPUs with the bf16 dot instruction: row pairs unpacked in the loop below batch 12,
+# packed per chunk from 12 on (odd batches leave a 1-row group), panels of 1024 columns and a
+# 2053-column output with a partial last tile.
+BRANCH_BATCHES = [1, 2, 3, 4, 5, 8, 11, 12, 13, 17]
 
 
 @needs_cpp
@@ -107,8 +110,10 @@ print("ok")
 @needs_cpp
 @pytest.mark.parametrize("env", [{"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "0"},
                                  {"FASTARCH_GEMV_DENSE_ABOVE": "-1"},
-                                 {"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "100000"}],
-                         ids=["dense-by-batch", "dense-by-density", "kernel-always"])
+                                 {"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "100000"},
+                                 {"FASTARCH_GEMV_BF16_DOT": "0"}],
+                         ids=["dense-by-batch", "dense-by-density", "kernel-always",
+                              "no-bf16-dot"])
 def test_sparse_gemv_dispatch_branches_forced(env):
     # the thresholds are read once per process, so each forced branch runs in its own process
     out = subprocess.run([sys.executable, "-c", _FORCED_DENSE], env=dict(os.environ, **env),
@@ -158,6 +163,8 @@ MLP_CASES = [  # (batch, hidden, inter, gated, activation, biases)
     (1, 48, 190, False, "gelu", True),
     (3, 17, 31, False, "relu", True),
     (2, 20, 40, True, "gelu", True),
+    (6, 100, 300, True, "silu", False),  # bf16 dot rows: a 64-wide body and a 36-wide tail
+    (13, 160, 90, True, "gelu_tanh", True),  # 4-row groups and a 1-row rest; packed down product
 ]
 
 
