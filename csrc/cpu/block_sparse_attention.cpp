@@ -327,6 +327,92 @@ inline void gemm_atb_acc(int m, int n, int k, const float* a, int lda, const flo
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define FASTARCH_ATTN_BF16_DOT 1
+// bf16 tile products with vdpbf16ps (each fp32 lane adds a.even * b.even + a.odd * b.odd: two
+// multiply-adds, twice an fp32 FMA): C (R x 16V) (+)= mul * sum_t bcast(a[r][t]) * b[t][0..16V),
+// where a[r][t] and every lane of b[t] are bf16 pairs along the reduction. S = Q K^T takes Q rows
+// as pairs along D and K in (D/2, bs) pair layout; O += P V takes P rows as pairs along the keys and
+// V in (keys/2, D) pair layout. R x V accumulators stay in registers (R * V <= 24 of 32).
+template <int R, int V>
+inline void dp_block(int64_t kp, const uint32_t* __restrict a, int64_t lda,
+                     const uint32_t* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc,
+                     bool accumulate, float mul) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < kp; ++t) {
+    __m512bh bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + t * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + t]));
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], bv[v], av);
+    }
+  }
+  const __m512 vm = _mm512_set1_ps(mul);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(c + r * ldc + 16 * v, mul == 1.f ? acc[r][v] : _mm512_mul_ps(acc[r][v], vm));
+}
+
+template <int R, int V>
+inline void dp_rows(int64_t m, int64_t kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+                    int64_t ldb, float* c, int64_t ldc, bool accumulate, float mul) {
+  if constexpr (R > 1) {
+    if (m < R) {
+      dp_rows<R - 1, V>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul);
+      return;
+    }
+  }
+  dp_block<R, V>(kp, a, lda, b, ldb, c, ldc, accumulate, mul);
+}
+
+template <int V>
+inline void dp_gemm_v(int64_t m, int64_t kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate, float mul) {
+  constexpr int R = std::max(1, std::min(6, 24 / V));
+  for (int64_t i = 0; i < m; i += R)
+    dp_rows<R, V>(std::min<int64_t>(R, m - i), kp, a + i * lda, lda, b, ldb, c + i * ldc, ldc,
+                  accumulate, mul);
+}
+
+// C (m x n) for n a multiple of 16 up to 128.
+inline void dp_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t lda,
+                    const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+                    float mul) {
+  switch (n / 16) {
+    case 1: dp_gemm_v<1>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    case 2: dp_gemm_v<2>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    case 3: dp_gemm_v<3>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    case 4: dp_gemm_v<4>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    case 5: dp_gemm_v<5>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    case 6: dp_gemm_v<6>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    case 7: dp_gemm_v<7>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+    default: dp_gemm_v<8>(m, kp, a, lda, b, ldb, c, ldc, accumulate, mul); break;
+  }
+}
+
+// dst[0 .. n) = bf16(src[0 .. n)), and dst[n] = 0 when n is odd (the pair of the last key).
+inline void to_bf16_row(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+  for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]).x;
+  if (n & 1) dst[n] = 0;
+}
+
+// FASTARCH_ATTN_BF16_DOT=0: bf16 attention through fp32 tiles instead (comparisons, tests).
+bool attn_bf16_dot_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_BF16_DOT");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+#endif
+
 // Everything a work item needs, gathered once.
 struct Params {
   int64_t B, Hq, Hkv, Lq, Lk, D, bs, Qt, Kt;
@@ -354,6 +440,11 @@ struct Params {
   // (B, Hkv, Lk, D) (V null when v is fp32 already: read in place), for gemm_nn.
   const float* kt_all = nullptr;
   const float* v32_all = nullptr;
+  // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, Kt, D/2, bs) 32-bit
+  // pairs (K[j, 2t], K[j, 2t+1]) and V as (B, Hkv, ceil(Lk/2), D) 32-bit pairs (V[2u, d],
+  // V[2u+1, d]), zero-padded, for dp_gemm.
+  const uint32_t* kp_all = nullptr;
+  const uint32_t* vp_all = nullptr;
 };
 
 // The K and V rows [c0, c0 + n) of one (batch, kv-head) as fp32 for the tile GEMMs: read in place
@@ -463,8 +554,11 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
   const T* qb = q + b * p.qs[0] + h * p.qs[1];
   const T* kb = k + b * p.ks[0] + hk * p.ks[1];
   const T* vb = v + b * p.vs[0] + hk * p.vs[1];
-  for (int64_t i = 0; i < m; ++i)
-    load_row_f32<T>(qb + (r0 + i) * p.qs[2], qbuf + i * D, D, p.scale);
+  const bool dot = p.kp_all != nullptr;  // bf16 pair products (Q read in place, scaled in S)
+  if (!dot) {
+    for (int64_t i = 0; i < m; ++i)
+      load_row_f32<T>(qb + (r0 + i) * p.qs[2], qbuf + i * D, D, p.scale);
+  }
   std::fill(acc, acc + m * D, 0.f);
   std::fill(mrow, mrow + m, kNegInf);
   std::fill(lrow, lrow + m, 0.f);
@@ -487,8 +581,17 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     const int64_t tfirst = t;
     t += g;
     const int64_t c0 = kt * bs, n = std::min(g * bs, p.Lk - c0);
-    const float* vp;
-    int64_t ldv;
+    const float* vp = nullptr;
+    int64_t ldv = 0;
+#if defined(FASTARCH_ATTN_BF16_DOT)
+    if (dot) {
+      const int64_t bh = b * p.Hkv + hk;
+      const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qb + r0 * p.qs[2]);
+      for (int64_t u = 0; u < g; ++u)
+        dp_gemm(m, bs, D / 2, q32, p.qs[2] / 2, p.kp_all + ((bh * p.Kt + kt + u) * (D / 2)) * bs,
+                bs, sbuf + u * bs, ldS, false, p.scale);
+    } else
+#endif
     if (p.kt_all != nullptr) {
       const int64_t bh = b * p.Hkv + hk;
       for (int64_t u = 0; u < g; ++u) {
@@ -537,6 +640,19 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
       }
     }
+#if defined(FASTARCH_ATTN_BF16_DOT)
+    if (dot) {
+      thread_local std::vector<uint16_t> pbf;
+      pbf.resize(size_t(m * (ldS + 2)));
+      const int64_t ldp = ldS + 2;  // even, room for the odd key's zero pair
+      for (int64_t i = 0; i < m; ++i) to_bf16_row(sbuf + i * ldS, pbf.data() + i * ldp, n);
+      const int64_t bh = b * p.Hkv + hk;
+      const int64_t lk2 = (p.Lk + 1) / 2;
+      dp_gemm(m, D, (n + 1) / 2, reinterpret_cast<const uint32_t*>(pbf.data()), ldp / 2,
+              p.vp_all + (bh * lk2 + c0 / 2) * D, D, acc, D, true, 1.f);
+      continue;
+    }
+#endif
     if (p.kt_all != nullptr)
       gemm_nn(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D), true);
     else
@@ -770,6 +886,51 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const char* e = std::getenv("FASTARCH_ATTN_NN_MAX_D");
     return e ? std::atoll(e) : int64_t(96);
   }();
+  at::Tensor kp32, vp32;
+#if defined(FASTARCH_ATTN_BF16_DOT)
+  // bf16 prefill with the bf16 dot instruction (D and the block a multiple of 16, up to 128): K
+  // and V regrouped into bf16 pairs once per call (pure data movement, no rounding).
+  const bool bf16_dot = q.scalar_type() == at::kBFloat16 && Qt >= 2 && nsplit == 1 &&
+                        D % 16 == 0 && D <= 128 && bs % 16 == 0 && bs <= 128 &&
+                        p.qs[2] % 2 == 0 && attn_bf16_dot_enabled();
+  if (bf16_dot) {
+    // One pass each, in parallel over (batch, kv head) and tiles.
+    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lk2 = (Lk + 1) / 2;
+    kp32 = at::empty({B, Hkv, Kt, D2, bs}, q.options().dtype(at::kInt));
+    vp32 = at::empty({B, Hkv, lk2, D}, q.options().dtype(at::kInt));
+    uint32_t* kd = reinterpret_cast<uint32_t*>(kp32.data_ptr<int32_t>());
+    uint32_t* vd = reinterpret_cast<uint32_t*>(vp32.data_ptr<int32_t>());
+    const uint16_t* ks = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+    const uint16_t* vs = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+    at::parallel_for(0, B * Hkv * Kt, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t kt = w % Kt, bh = w / Kt, b = bh / Hkv, h = bh % Hkv;
+        const uint16_t* kr = ks + b * p.ks[0] + h * p.ks[1];
+        const uint16_t* vr = vs + b * p.vs[0] + h * p.vs[1];
+        uint32_t* kt_out = kd + w * D2 * bs;
+        for (int64_t j = 0; j < bs; ++j) {  // K tile rows -> (D/2, bs) pairs
+          const int64_t c = kt * bs + j;
+          if (c < Lk) {
+            const uint16_t* row = kr + c * p.ks[2];
+            for (int64_t t = 0; t < D2; ++t)
+              kt_out[t * bs + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+          } else {
+            for (int64_t t = 0; t < D2; ++t) kt_out[t * bs + j] = 0;
+          }
+        }
+        for (int64_t u = kt * bs / 2; u < std::min(lk2, (kt + 1) * bs / 2); ++u) {  // V pairs
+          const uint16_t* r0 = vr + (2 * u) * p.vs[2];
+          const uint16_t* r1 = 2 * u + 1 < Lk ? vr + (2 * u + 1) * p.vs[2] : nullptr;
+          uint32_t* o = vd + (bh * lk2 + u) * D;
+          for (int64_t d = 0; d < D; ++d)
+            o[d] = uint32_t(r0[d]) | (r1 ? uint32_t(r1[d]) << 16 : 0u);
+        }
+      }
+    });
+    pw.kp_all = kd;
+    pw.vp_all = vd;
+  } else
+#endif
   if (kHaveNN && Qt >= 2 && nsplit == 1 && D <= nn_max_d) {
     kt32 = at::zeros({B, p.Hkv, p.Kt * bs, D}, q.options().dtype(at::kFloat));
     kt32.narrow(2, 0, p.Lk).copy_(k);

@@ -1,7 +1,12 @@
 """The CPU forward's prefill path (K^T transposed once, register-blocked products, AVX2 softmax
 rows) against the fp32 reference: tails of every size (rows not a multiple of 6, columns not a
-multiple of 16 or 8), each head dim it takes, several tiles and runs of tiles, each dtype."""
+multiple of 16 or 8), each head dim it takes, several tiles and runs of tiles, each dtype. On CPUs
+with AVX512-BF16, bf16 with a block that is a multiple of 16 takes the bf16 pair products (K / V
+regrouped into pairs, odd key counts padded) and the other blocks the fp32 tiles."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,3 +60,29 @@ def test_strided_kv_layout():
                                               0, 0.125, 0.0)
     torch.testing.assert_close(block_sparse_attention(q, k, v, bm, scale=0.125), ref,
                                atol=2e-5, rtol=2e-5)
+
+
+_BF16_FP32_TILES = """
+import math, torch
+from fastarch.attention import causal, create_block_mask
+from fastarch.ops.block_sparse_attention import (block_sparse_attention,
+                                                 block_sparse_attention_reference)
+for lq, d in ((129, 64), (200, 128)):
+    torch.manual_seed(lq)
+    q, k, v = (torch.randn(1, 2, lq, d, dtype=torch.bfloat16) for _ in range(3))
+    bm = create_block_mask(causal(), q_len=lq, block_size=32)
+    ref, _ = block_sparse_attention_reference(q, k, v, *bm.op_args(), None, None, 32, 0, -1, 0,
+                                              0, 1 / math.sqrt(d), 0.0)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, bm).float(), ref.float(),
+                               atol=2e-2, rtol=2e-2)
+print("ok")
+"""
+
+
+def test_bf16_without_pair_products():
+    # the switch is read once per process: the fp32-tile bf16 path runs in its own process
+    out = subprocess.run([sys.executable, "-c", _BF16_FP32_TILES],
+                         env=dict(os.environ, FASTARCH_ATTN_BF16_DOT="0"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
