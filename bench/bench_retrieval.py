@@ -172,16 +172,26 @@ def latency(index) -> dict:
     # a graph of no zoo architecture: its description is new, so MiniLM encodes it
     novel = ResNet(BasicBlock, [1, 2, 1, 1])
     t_novel = median_ms(lambda: retrieve(novel, k=10, index=index))
-    q = index.emb[0]
+    # its two main parts: the graph read on meta, and MiniLM on the new description
+    from fastarch.retrieval.describe import describe, embed_texts
+    from fastarch.retrieval.retrieve import graph_of_module
+
+    t_novel_graph = median_ms(lambda: graph_of_module(novel))
+    description = describe(graph_of_module(novel))
+    assert description not in index.row_of_description, "the new graph's description is known"
+    t_novel_text = median_ms(lambda: embed_texts([description]))
+    q = index.search[0]
     t_scan = []
     for _ in range(200):
         t = time.perf_counter()
-        index.hits(index.emb @ q, 10)
+        index.hits(index.scores(q), 10)
         t_scan.append((time.perf_counter() - t) * 1e3)
     return {"name": statistics.median(t_name), "text": statistics.median(t_text),
             "module: torchvision resnet18() with weights on CPU": t_mod,
             "module: resnet18 built on meta": t_meta,
             "module: new graph (ResNet [1,2,1,1], description encoded by MiniLM)": t_novel,
+            "- of which: graph read (meta forward, `graph_of_module`)": t_novel_graph,
+            "- of which: MiniLM encoding of its description (1 thread)": t_novel_text,
             "scan + top-10 only": statistics.median(t_scan)}
 
 
@@ -627,9 +637,15 @@ LATENCY_NOTE = (
     "meta stand-ins of its parameters, `torch.func.functional_call`: its real CPU forward "
     "made the query ~2 s) and fuse the MiniLM embedding of its written description: a "
     "description already in the index (any zoo architecture) reuses the stored embedding, a "
-    "new one is encoded (one thread, 75 tokens: 25-55 ms on this machine, the larger part of "
-    "the new-graph row). The rest of a module query is the meta forward itself (~20 ms for "
-    "resnet18, mostly torch's Python meta kernels of batch_norm and conv).")
+    "new one is encoded (one thread, ~75 tokens, the larger part of the new-graph row: two "
+    "threads are faster only on an idle CPU, and several times slower when another job keeps "
+    "the other core busy). The rest of a module query is the meta forward itself: the "
+    "outputs of batch_norm, convolution, addmm and mean are made directly (same metadata, "
+    "`retrieval/meta_shortcuts.py`) instead of by torch's Python meta kernels, and guessed "
+    "inputs are made on meta, not filled on the CPU. Every "
+    "query ends with the scan of the index, `ArchitectureIndex.scores` (an einsum on the "
+    "calling thread: numpy's threaded OpenBLAS gemv took ~8 ms with the other core busy and "
+    "its spinning workers slowed the next query's MiniLM encoding ~2x).")
 
 
 def latency_only(a, argv) -> int:

@@ -141,3 +141,14 @@ def test_roundtrip_dict():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="model"):
         extract_graph(lambda x: x, (torch.zeros(1),))
+
+
+
+def test_iter_tensors_reads_nested_arguments_in_order():
+    from fastarch.retrieval.graph import _iter_tensors
+
+    t = [torch.zeros(i) for i in range(7)]
+    nested = (t[0], 1, [t[1], (t[2], {"a": t[3]})], torch.Size([2]))
+    assert [x.numel() for x in _iter_tensors(nested)] == [0, 1, 2]  # the dict: 4th level
+    assert [x.numel() for x in _iter_tensors({"x": t[6], "y": (t[1],)})] == [6, 1]
+    assert _iter_tensors(t[2])[0] is t[2] and _iter_tensors(3) == []

@@ -175,3 +175,16 @@ def test_shipped_index():
         warnings.simplefilter("error")  # a name in the shipped index needs no tracing
         hits = retrieve("timm/resnet50", k=10)
     assert sum(h.family == "resnet" for h in hits) >= 5
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["search", "text"])
+def test_scores_are_the_rows_cosines(small_text_index, text):
+    idx = small_text_index
+    matrix = idx.text if text else idx.search
+    for row in range(len(idx)):
+        q = matrix[row]
+        ref = matrix.astype(np.float64) @ q.astype(np.float64)
+        scores = idx.scores(q, text=text)
+        assert scores.dtype == np.float32 and scores.shape == (len(idx),)
+        np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-6)
+        assert [h.name for h in idx.hits(scores, 5)] == [h.name for h in idx.hits(matrix @ q, 5)]

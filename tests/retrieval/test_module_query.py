@@ -89,3 +89,70 @@ def test_known_description_reuses_the_stored_text(small_text_index, small_record
     g.params *= 3  # another size word and count in the description
     q2 = idx.query_vector(g)
     assert len(calls) == 1 and float(q2 @ idx.search[row]) > 0.9
+
+
+def _record_guesses(monkeypatch):
+    import importlib
+
+    retrieve_mod = importlib.import_module("fastarch.retrieval.retrieve")  # not the function
+    devices = []
+    real = retrieve_mod._guess_inputs
+
+    def guess(model, device):
+        devices.append(torch.device(device).type)
+        return real(model, device)
+
+    monkeypatch.setattr(retrieve_mod, "_guess_inputs", guess)
+    return devices
+
+
+def test_guessed_inputs_of_a_cpu_model_are_made_on_meta(monkeypatch):
+    devices = _record_guesses(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU())
+    g = graph_of_module(model)
+    assert devices == ["meta"]  # no 1x3x224x224 CPU tensor filled for a reading on meta
+    _same_graph(g, extract_graph(model.eval(), (torch.zeros(1, 3, 224, 224),)))
+
+
+def test_guessed_inputs_are_made_on_the_models_device_when_meta_gives_way(monkeypatch):
+    devices = _record_guesses(monkeypatch)
+
+    class ReadsValues(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+            self.table = torch.ones(8)  # neither a parameter nor a buffer: stays on CPU
+
+        def forward(self, x):
+            assert x.device.type == "cpu"  # the real forward gets real inputs
+            return self.lin(x) * self.table
+
+    g = graph_of_module(ReadsValues())
+    assert devices == ["meta", "cpu"] and g.method == "trace" and "linear" in g.labels
+
+
+def test_new_description_is_encoded_on_one_thread_and_the_count_is_restored(monkeypatch):
+    from fastarch.models import minilm
+    from fastarch.retrieval.describe import embed_texts
+
+    seen = []
+
+    def embed(texts, batch_size=64):
+        seen.append(torch.get_num_threads())
+        if texts == ["fails"]:
+            raise RuntimeError("encoder failed")
+        return torch.zeros(len(texts), 384)
+
+    monkeypatch.setattr(minilm, "embed", embed)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert embed_texts(["a new description"]).shape == (1, 384)
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="encoder failed"):
+            embed_texts(["fails"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -107,8 +107,10 @@ def embed_texts(texts: list[str]) -> np.ndarray:
 
     threads = torch.get_num_threads()
     if len(texts) <= 4:
-        # a query is a few tokens: one thread is fastest, and several threads on a busy CPU
-        # can be 30x slower (measured: 33 ms vs ~900 ms on 2 shared cores)
+        # a query (a text, a ~75-token description) on one thread: two threads are faster
+        # only on an idle CPU (2-core Zen 4: 20 ms vs 26 ms), while a CPU-bound job on the
+        # other core makes every parallel region wait ~8 ms for a time slice (a 75-token
+        # encode: 77-190 ms on 2 threads vs 31-38 ms on 1; 33 ms vs ~900 ms measured before)
         torch.set_num_threads(1)
     try:
         return embed(list(texts), batch_size=32).numpy().astype(np.float32)

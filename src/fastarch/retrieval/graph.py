@@ -27,6 +27,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastarch.retrieval.meta_shortcuts import FLOP_SHORTCUTS, META_SHORTCUTS
+
 __all__ = ["ExtractionTimeout", "OpGraph", "extract_graph", "module_tree_graph"]
 
 # ops that only move or reshape data: folded into their input
@@ -170,15 +172,30 @@ def _conv_label(weight: torch.Tensor, groups: int, stride) -> str:
     return f"conv{dims}d.k{k}{kind}" + (".s2" if s and s > 1 else "")
 
 
-def _iter_tensors(obj, depth=0):
+def _iter_tensors(obj, depth=0) -> list[torch.Tensor]:
+    """The tensors in ``obj`` and in the lists, tuples and dicts in it (3 levels), in order.
+
+    A list, not a generator: the recorder reads the tensors of every call several times."""
+    found: list[torch.Tensor] = []
+    _collect_tensors(obj, depth, found)
+    return found
+
+
+def _collect_tensors(obj, depth, found):
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 3 and isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _iter_tensors(o, depth + 1)
-    elif depth < 3 and isinstance(obj, dict):
-        for o in obj.values():
-            yield from _iter_tensors(o, depth + 1)
+        found.append(obj)
+        return
+    if depth >= 3:
+        return
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return
+    for o in obj:  # tensors and scalars inline: most arguments are one of the two
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (list, tuple, dict)):
+            _collect_tensors(o, depth + 1, found)
 
 
 _NO_VALUE = object()
@@ -226,14 +243,14 @@ class _Recorder(TorchFunctionMode):
             pass
         return out
 
-    def _sources(self, args, kwargs):
+    def _sources(self, tensors):
         srcs = []
-        for t in _iter_tensors(list(args) + list(kwargs.values())):
+        for t in tensors:
             srcs.extend(self.producer.get(id(t), ()))
         return tuple(dict.fromkeys(srcs))
 
-    def _set(self, out, nodes):
-        for t in _iter_tensors(out):
+    def _set(self, tensors, nodes):
+        for t in tensors:
             if isinstance(t, torch.nn.Parameter):
                 continue
             key = id(t)
@@ -245,17 +262,20 @@ class _Recorder(TorchFunctionMode):
 
     def _record(self, func, args, kwargs, out):
         name = _func_name(func)
-        if name == "getattr" or not any(True for _ in _iter_tensors(out)):
+        if name == "getattr":
             return
-        srcs = self._sources(args, kwargs)
+        outs = _iter_tensors(out)
+        if not outs:
+            return
+        tensors = _iter_tensors(list(args) + list(kwargs.values()))
+        srcs = self._sources(tensors)
         if name in _COMPARE:
             name = "compare"
         if name in _PASS:
             if srcs:
-                self._set(out, srcs)
+                self._set(outs, srcs)
             return
         label = _CANON.get(name, name)
-        tensors = list(_iter_tensors(list(args) + list(kwargs.values())))
         dims = None
         weight = None
         if label in ("linear", "conv_transpose", "embedding", "layer_norm", "group_norm",
@@ -293,16 +313,18 @@ class _Recorder(TorchFunctionMode):
         self.labels.append(label)
         self.dims.append(dims)
         self.edges.extend((s, node) for s in srcs if s >= 0)
-        self._set(out, (node,))
+        self._set(outs, (node,))
 
     def mark_inputs(self, args, kwargs):
-        for t in _iter_tensors(list(args) + list(kwargs.values())):
-            self._set(t, (-1,))  # -1: the graph input (not a node)
+        # -1: the graph input (not a node)
+        self._set(_iter_tensors(list(args) + list(kwargs.values())), (-1,))
 
 
 class _FlopCounter(TorchDispatchMode):
     """FLOPs of the aten ops seen, by torch's own per-op formulas (those of FlopCounterMode,
-    without its module tracker, which some models trip over)."""
+    without its module tracker, which some models trip over). On meta tensors it runs the ops
+    that have a cheaper stand-in for torch's Python meta kernel through that stand-in
+    (:mod:`~fastarch.retrieval.meta_shortcuts`: same output shapes, dtypes and strides)."""
 
     def __init__(self):
         super().__init__()
@@ -313,8 +335,11 @@ class _FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        count = self.registry.get(func._overloadpacket)
+        shortcut = META_SHORTCUTS.get(func)
+        out = shortcut(*args, **kwargs) if shortcut is not None else None
+        if out is None:
+            out = func(*args, **kwargs)
+        count = FLOP_SHORTCUTS.get(func) or self.registry.get(func._overloadpacket)
         if count is not None:
             try:
                 self.total += int(count(*args, **kwargs, out_val=out))

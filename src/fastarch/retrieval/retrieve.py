@@ -17,10 +17,15 @@ class RetrievalWarning(UserWarning):
     """The query was only partly readable; the result comes from what could be read."""
 
 
+def _is_hf(model: torch.nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "main_input_name")
+
+
 def _guess_inputs(model: torch.nn.Module, device):
     """Example inputs for a user's module: HF models by their main input, otherwise from the
-    first leaf with weights (conv -> a 224x224 image, linear -> a vector, embedding -> tokens)."""
-    if hasattr(model, "config") and hasattr(model, "main_input_name"):
+    first leaf with weights (conv -> a 224x224 image, linear -> a vector, embedding -> tokens),
+    all zeros."""
+    if _is_hf(model):
         from fastarch.zoo import _hf_inputs
 
         return (), _hf_inputs(getattr(model.config, "model_type", ""), model, device, 16)
@@ -52,8 +57,12 @@ def graph_of_module(model: torch.nn.Module, example_inputs=None, time_limit: flo
     except StopIteration:
         device = torch.device("cpu")
     args, kwargs = (), {}
+    # guessed inputs of a model off meta are zeros that the meta reading below only needs the
+    # shapes of: they are made on meta (filling a 1x3x224x224 CPU tensor with two threads took
+    # ~8 ms on a busy 2-core machine) and on the model's device only if that reading fails
+    guess_on_meta = example_inputs is None and device.type != "meta" and not _is_hf(model)
     if example_inputs is None:
-        guessed = _guess_inputs(model, device)
+        guessed = _guess_inputs(model, torch.device("meta") if guess_on_meta else device)
         if guessed is None:
             labels, dims = _module_tree(model)
             edges = [(i, i + 1) for i in range(len(labels) - 1)]
@@ -78,6 +87,8 @@ def graph_of_module(model: torch.nn.Module, example_inputs=None, time_limit: flo
             if device.type != "meta":
                 g = _graph_on_meta(model, args, kwargs, time_limit)
             if g is None:
+                if guess_on_meta:
+                    args, kwargs = _guess_inputs(model, device)
                 g = extract_graph(model, args, kwargs, time_limit=time_limit)
         finally:
             model.train(was_training)
@@ -164,7 +175,7 @@ def retrieve(query, k: int = 10, *, kind: str = "auto", index: ArchitectureIndex
         if kind not in ("auto", "module"):
             raise ValueError(f"kind={kind!r} does not fit a module query")
         g = graph_of_module(query, example_inputs)
-        return idx.hits(idx.search @ idx.query_vector(g), k)
+        return idx.hits(idx.scores(idx.query_vector(g)), k)
     if not isinstance(query, str):
         raise TypeError("query must be an nn.Module, a zoo name or a text, got "
                         f"{type(query).__name__}")
@@ -186,7 +197,7 @@ def _name_query(idx: ArchitectureIndex, name: str, k: int) -> list[Hit]:
         full = zoo.resolve(name)  # ZooError (a KeyError) with close names when unknown
     row = idx.row_of.get(full)
     if row is not None:
-        return idx.hits(idx.search @ idx.search[row], k, exclude={row})
+        return idx.hits(idx.scores(idx.search[row]), k, exclude={row})
     # in the zoo but not in this index (not covered, or its build failed): read it now
     model = zoo.create(full, device="meta")
     args, kwargs = zoo.example_inputs(full, model, device="meta")
@@ -196,7 +207,7 @@ def _name_query(idx: ArchitectureIndex, name: str, k: int) -> list[Hit]:
     if g.method != "trace":
         warnings.warn(f"{full} could be traced only in part ({g.error}); the result comes "
                       "from what could be read", RetrievalWarning, stacklevel=3)
-    return idx.hits(idx.search @ idx.query_vector(g), k)
+    return idx.hits(idx.scores(idx.query_vector(g)), k)
 
 
 def _text_query(idx: ArchitectureIndex, text: str, k: int) -> list[Hit]:
@@ -206,7 +217,7 @@ def _text_query(idx: ArchitectureIndex, text: str, k: int) -> list[Hit]:
     from fastarch.retrieval.describe import embed_texts
 
     q = embed_texts([text])[0]
-    return idx.hits(idx.text @ q, k)
+    return idx.hits(idx.scores(q, text=True), k)
 
 
 def scores_matrix(idx: ArchitectureIndex) -> np.ndarray:
