@@ -98,8 +98,12 @@ def latency(args):
     print("| model | batch | pruned | dense ms | pruned ms | MACs ratio | latency ratio | "
           "latency / MAC reduction |")
     print("|---|---|---|---|---|---|---|---|")
+    batches = [int(b) for b in args.batches.split(",")]
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     for name, make in models.items():
-        for batch in (1, 32):
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        for batch in batches:
             r = latency_case(name, make, batch, size, args.seq, args.rounds, args.round_to)
             macs, ms = r["macs"], r["ms"]
             base_macs = macs["dense"]
@@ -268,6 +272,9 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--batches", default="1,32", help="--latency: comma list of batch sizes")
+    p.add_argument("--models", default="",
+                   help="--latency: comma list of model name prefixes (default: all four)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
