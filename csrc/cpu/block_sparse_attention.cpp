@@ -147,13 +147,43 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// 16 lanes of the same function: scalef does 2^round(t) (exact here, as the exponent-bits
+// product is), and a mask zeroes what fast_exp flushes (round(t) < -126). About a third of the
+// AVX2 version's instructions per element, which matters once the tile products are bf16 pair
+// products (the softmax rows were ~60% of the rest of a sliding-window call, perf, Zen 4).
+inline __m512 exp16(__m512 x) {
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+  const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, r), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(keep, p, r);
+}
+#endif
+
 // max(init, s[0..n))
 inline float row_max(const float* __restrict s, int64_t n, float init) {
   int64_t j = 0;
   float mx = init;
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 m = _mm512_set1_ps(init);
+    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+    mx = _mm512_reduce_max_ps(m);
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
-  if (n >= 8) {
-    __m256 m = _mm256_set1_ps(init);
+  if (n - j >= 8) {
+    __m256 m = _mm256_set1_ps(mx);
     for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
     mx = hmax8(m);
   }
@@ -166,6 +196,18 @@ inline float row_max(const float* __restrict s, int64_t n, float init) {
 inline float exp_sub_row(float* __restrict s, int64_t n, float sub) {
   int64_t j = 0;
   float sum = 0.f;
+#if defined(__AVX512F__)
+  {
+    const __m512 vs = _mm512_set1_ps(sub);
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vs));
+      _mm512_storeu_ps(s + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 vs = _mm256_set1_ps(sub);
   __m256 acc = _mm256_setzero_ps();
@@ -174,7 +216,7 @@ inline float exp_sub_row(float* __restrict s, int64_t n, float sub) {
     _mm256_storeu_ps(s + j, e);
     acc = _mm256_add_ps(acc, e);
   }
-  sum = hsum8(acc);
+  sum += hsum8(acc);
 #endif
   for (; j < n; ++j) {
     const float e = fast_exp(s[j] - sub);
@@ -938,10 +980,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         }
         for (int64_t u = kt * bs / 2; u < std::min(lk2, (kt + 1) * bs / 2); ++u) {  // V pairs
           const uint16_t* r0 = vr + (2 * u) * p.vs[2];
-          const uint16_t* r1 = 2 * u + 1 < Lk ? vr + (2 * u + 1) * p.vs[2] : nullptr;
           uint32_t* o = vd + (bh * lk2 + u) * D;
-          for (int64_t d = 0; d < D; ++d)
-            o[d] = uint32_t(r0[d]) | (r1 ? uint32_t(r1[d]) << 16 : 0u);
+          if (2 * u + 1 < Lk) {
+            const uint16_t* r1 = r0 + p.vs[2];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) o[d] = uint32_t(r0[d]) | (uint32_t(r1[d]) << 16);
+          } else {
+            for (int64_t d = 0; d < D; ++d) o[d] = r0[d];
+          }
         }
       }
     });
