@@ -180,6 +180,16 @@ def latency(index) -> dict:
     description = describe(graph_of_module(novel))
     assert description not in index.row_of_description, "the new graph's description is known"
     t_novel_text = median_ms(lambda: embed_texts([description]))
+    from fastarch.models.minilm import embed
+
+    threads = torch.get_num_threads()
+    t_on = {}
+    try:
+        for n in (1, 2):  # what embed_texts chooses between (describe.query_threads)
+            torch.set_num_threads(n)
+            t_on[n] = median_ms(lambda: embed([description]))
+    finally:
+        torch.set_num_threads(threads)
     q = index.search[0]
     t_scan = []
     for _ in range(200):
@@ -191,7 +201,8 @@ def latency(index) -> dict:
             "module: resnet18 built on meta": t_meta,
             "module: new graph (ResNet [1,2,1,1], description encoded by MiniLM)": t_novel,
             "- of which: graph read (meta forward, `graph_of_module`)": t_novel_graph,
-            "- of which: MiniLM encoding of its description (1 thread)": t_novel_text,
+            "- of which: MiniLM encoding of its description (`embed_texts`)": t_novel_text,
+            "- that encoding on 1 thread": t_on[1], "- that encoding on 2 threads": t_on[2],
             "scan + top-10 only": statistics.median(t_scan)}
 
 
@@ -637,9 +648,10 @@ LATENCY_NOTE = (
     "meta stand-ins of its parameters, `torch.func.functional_call`: its real CPU forward "
     "made the query ~2 s) and fuse the MiniLM embedding of its written description: a "
     "description already in the index (any zoo architecture) reuses the stored embedding, a "
-    "new one is encoded (one thread, ~75 tokens, the larger part of the new-graph row: two "
-    "threads are faster only on an idle CPU, and several times slower when another job keeps "
-    "the other core busy). The rest of a module query is the meta forward itself: the "
+    "new one is encoded (~75 tokens, the larger part of the new-graph row) on two threads "
+    "when a CPU is idle as the query starts and on one otherwise (`describe.query_threads`: "
+    "two threads are several times slower when another job keeps the other core busy). The "
+    "rest of a module query is the meta forward itself: the "
     "outputs of batch_norm, convolution, addmm and mean are made directly (same metadata, "
     "`retrieval/meta_shortcuts.py`) instead of by torch's Python meta kernels, and guessed "
     "inputs are made on meta, not filled on the CPU. Every "

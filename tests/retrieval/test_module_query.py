@@ -133,9 +133,13 @@ def test_guessed_inputs_are_made_on_the_models_device_when_meta_gives_way(monkey
     assert devices == ["meta", "cpu"] and g.method == "trace" and "linear" in g.labels
 
 
-def test_new_description_is_encoded_on_one_thread_and_the_count_is_restored(monkeypatch):
+@pytest.mark.parametrize("idle,torch_threads,expected", [
+    (0, 2, 1), (1, 2, 2), (3, 4, 2), (1, 1, 1), (0, 1, 1),
+], ids=["busy", "one-idle", "many-idle", "torch-one-thread", "busy-one-thread"])
+def test_query_is_encoded_on_two_threads_only_with_an_idle_cpu(monkeypatch, idle, torch_threads,
+                                                               expected):
     from fastarch.models import minilm
-    from fastarch.retrieval.describe import embed_texts
+    from fastarch.retrieval import describe
 
     seen = []
 
@@ -146,13 +150,43 @@ def test_new_description_is_encoded_on_one_thread_and_the_count_is_restored(monk
         return torch.zeros(len(texts), 384)
 
     monkeypatch.setattr(minilm, "embed", embed)
+    monkeypatch.setattr(describe, "_idle_cpus", lambda: idle)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        assert embed_texts(["a new description"]).shape == (1, 384)
-        assert seen == [1] and torch.get_num_threads() == 2
+        torch.set_num_threads(torch_threads)
+        assert describe.embed_texts(["a new description"]).shape == (1, 384)
+        assert seen == [expected] and torch.get_num_threads() == torch_threads
         with pytest.raises(RuntimeError, match="encoder failed"):
-            embed_texts(["fails"])
-        assert torch.get_num_threads() == 2
+            describe.embed_texts(["fails"])
+        assert torch.get_num_threads() == torch_threads  # restored after a failure too
     finally:
         torch.set_num_threads(before)
+
+
+def test_idle_cpus_reads_the_machine():
+    from fastarch.retrieval.describe import _idle_cpus
+
+    import os
+
+    idle = _idle_cpus()  # this test's own thread is running: at most all CPUs but one idle
+    assert isinstance(idle, int) and 0 <= idle <= max(0, (os.cpu_count() or 1) - 1)
+
+
+@pytest.mark.parametrize("runnable,own,cpus,idle", [
+    (1, 1, 2, 1),  # only this thread: the other CPU is idle
+    (2, 1, 2, 0),  # another process's task
+    (2, 2, 2, 1),  # this process's own OpenMP worker, still spinning
+    (3, 2, 2, 0),
+    (3, 1, 8, 5),
+], ids=["alone", "other-job", "own-worker", "own-worker-and-job", "8-cpus"])
+def test_idle_cpus_does_not_count_this_process(tmp_path, monkeypatch, runnable, own, cpus, idle):
+    import os
+
+    from fastarch.retrieval import describe
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.52 0.61 0.70 {runnable}/84 1234\n")
+    monkeypatch.setattr(describe, "_own_runnable_threads", lambda: own)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert describe._idle_cpus(str(loadavg)) == idle
+    assert describe._idle_cpus(str(tmp_path / "missing")) == 0

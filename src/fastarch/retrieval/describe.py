@@ -97,8 +97,57 @@ def describe(g: OpGraph) -> str:
     return text
 
 
+def _own_runnable_threads() -> int:
+    """Threads of this process that are running or runnable (this one included)."""
+    import os
+
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        n += stat[stat.rindex(")") + 2] == "R"
+    return n
+
+
+def _idle_cpus(loadavg: str = "/proc/loadavg") -> int:
+    """CPUs this process may use that no other process's task is running or waiting for
+    right now (``/proc/loadavg``; this process's own threads do not count: its OpenMP
+    workers spin for ~10 ms after a parallel region); 0 where that cannot be read."""
+    import os
+
+    try:
+        with open(loadavg) as f:
+            runnable = int(f.read().split()[3].split("/")[0])  # "0.52 0.61 0.70 2/84 1234"
+        cpus = len(os.sched_getaffinity(0))
+        others = runnable - (_own_runnable_threads() if runnable > 1 else 1)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0
+    return max(0, cpus - 1 - others)
+
+
+def query_threads() -> int:
+    """Threads for encoding a query (a text, a ~75-token description): two when a CPU is
+    idle at this moment, else one (never more than torch's own count).
+
+    Measured on the 2-core Zen 4 machine, 75 tokens: with the other core idle, 20-26 ms on
+    two threads against 31-35 ms on one; with a CPU-bound job on the other core every
+    parallel region waits for a time slice (~8 ms) and two threads took 100-550 ms against
+    33-46 ms on one. The tasks are counted when the query starts, so a job that starts
+    during the encoding can still slow that query. One and two threads give the same
+    embedding to float32 rounding: bit for bit for 208 of 209 texts checked (every 7th
+    description of the index and 5 text queries), within 1.1e-7 for the other.
+    """
+    import torch
+
+    return 2 if torch.get_num_threads() >= 2 and _idle_cpus() >= 1 else 1
+
+
 def embed_texts(texts: list[str]) -> np.ndarray:
-    """(N, 384) float32 MiniLM sentence embeddings (L2-normalised), offline."""
+    """(N, 384) float32 MiniLM sentence embeddings (L2-normalised), offline. A few texts (a
+    query) are encoded on :func:`query_threads` threads; torch's thread count is restored."""
     from fastarch.models.minilm import embed
 
     if not texts:
@@ -107,11 +156,7 @@ def embed_texts(texts: list[str]) -> np.ndarray:
 
     threads = torch.get_num_threads()
     if len(texts) <= 4:
-        # a query (a text, a ~75-token description) on one thread: two threads are faster
-        # only on an idle CPU (2-core Zen 4: 20 ms vs 26 ms), while a CPU-bound job on the
-        # other core makes every parallel region wait ~8 ms for a time slice (a 75-token
-        # encode: 77-190 ms on 2 threads vs 31-38 ms on 1; 33 ms vs ~900 ms measured before)
-        torch.set_num_threads(1)
+        torch.set_num_threads(query_threads())
     try:
         return embed(list(texts), batch_size=32).numpy().astype(np.float32)
     finally:
