@@ -651,13 +651,14 @@ LATENCY_NOTE = (
     "new one is encoded (~75 tokens, the larger part of the new-graph row) on two threads "
     "when a CPU is idle as the query starts and on one otherwise (`describe.query_threads`: "
     "two threads are several times slower when another job keeps the other core busy). The "
-    "rest of a module query is the meta forward itself: the "
-    "outputs of batch_norm, convolution, addmm and mean are made directly (same metadata, "
+    "rest of a module query is the meta forward itself: the outputs of batch_norm, "
+    "convolution, addmm and mean are made directly (same metadata, "
     "`retrieval/meta_shortcuts.py`) instead of by torch's Python meta kernels, and guessed "
-    "inputs are made on meta, not filled on the CPU. Every "
-    "query ends with the scan of the index, `ArchitectureIndex.scores` (an einsum on the "
-    "calling thread: numpy's threaded OpenBLAS gemv took ~8 ms with the other core busy and "
-    "its spinning workers slowed the next query's MiniLM encoding ~2x).")
+    "inputs are made on meta, not filled on the CPU. Every query ends with the scan of the "
+    "index, `ArchitectureIndex.scores` (a dot product per row on the calling thread: numpy's "
+    "threaded OpenBLAS gemv took ~8 ms with the other core busy and its spinning workers "
+    "slowed the next query's MiniLM encoding ~2x; on an idle machine it is 0.3 ms against "
+    "~0.9 ms, which is why name queries went from ~0.3 to ~1.5 ms).")
 
 
 def latency_only(a, argv) -> int:
