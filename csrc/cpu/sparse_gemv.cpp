@@ -679,6 +679,9 @@ int64_t dense_batch_above(at::ScalarType dt) {
 #endif
 }
 
+#if !defined(FASTARCH_BF16_DOT)
+// Built without the bf16 dot kernels (e.g. a portable -march) but running on a CPU that has
+// the instruction: its dense bf16 GEMM is the faster one for large, dense batches.
 bool cpu_has_bf16_dot() {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
   static const bool has = __builtin_cpu_supports("avx512bf16");
@@ -687,6 +690,7 @@ bool cpu_has_bf16_dot() {
   return false;
 #endif
 }
+#endif
 
 bool use_dense_product(at::ScalarType dt, int64_t B, double density) {
   if (B > dense_batch_above(dt) || density > dense_above(dt)) return true;
