@@ -179,15 +179,19 @@ def latency(index) -> dict:
     t_novel_graph = median_ms(lambda: graph_of_module(novel))
     description = describe(graph_of_module(novel))
     assert description not in index.row_of_description, "the new graph's description is known"
-    t_novel_text = median_ms(lambda: embed_texts([description]))
+    from fastarch.retrieval.describe import query_in_bf16
+
+    t_novel_text = median_ms(lambda: embed_texts([description], bf16=query_in_bf16()))
     from fastarch.models.minilm import embed
 
     threads = torch.get_num_threads()
+    precisions = ("bf16", "fp32") if query_in_bf16() else ("fp32",)
     t_on = {}
     try:
         for n in (1, 2):  # what embed_texts chooses between (describe.query_threads)
             torch.set_num_threads(n)
-            t_on[n] = median_ms(lambda: embed([description]))
+            for prec in precisions:  # bf16 is what a query uses where the CPU has bf16 dots
+                t_on[n, prec] = median_ms(lambda: embed([description], bf16=prec == "bf16"))
     finally:
         torch.set_num_threads(threads)
     q = index.search[0]
@@ -202,7 +206,8 @@ def latency(index) -> dict:
             "module: new graph (ResNet [1,2,1,1], description encoded by MiniLM)": t_novel,
             "- of which: graph read (meta forward, `graph_of_module`)": t_novel_graph,
             "- of which: MiniLM encoding of its description (`embed_texts`)": t_novel_text,
-            "- that encoding on 1 thread": t_on[1], "- that encoding on 2 threads": t_on[2],
+            **{f"- that encoding on {n} thread{'s' * (n > 1)}, {prec}": t
+               for (n, prec), t in t_on.items()},
             "scan + top-10 only": statistics.median(t_scan)}
 
 
@@ -648,9 +653,11 @@ LATENCY_NOTE = (
     "meta stand-ins of its parameters, `torch.func.functional_call`: its real CPU forward "
     "made the query ~2 s) and fuse the MiniLM embedding of its written description: a "
     "description already in the index (any zoo architecture) reuses the stored embedding, a "
-    "new one is encoded (~75 tokens, the larger part of the new-graph row) on two threads "
-    "when a CPU is idle as the query starts and on one otherwise (`describe.query_threads`: "
-    "two threads are several times slower when another job keeps the other core busy). The "
+    "new one is encoded (~75 tokens, the larger part of the new-graph row) in bf16 where the "
+    "CPU has bf16 dot products (`describe.query_in_bf16`; text queries stay fp32), on two "
+    "threads when a CPU is idle as the query starts and on one otherwise "
+    "(`describe.query_threads`: two threads are several times slower when another job keeps "
+    "the other core busy). The "
     "rest of a module query is the meta forward itself: the outputs of batch_norm, "
     "convolution, addmm and mean are made directly (same metadata, "
     "`retrieval/meta_shortcuts.py`) instead of by torch's Python meta kernels, and guessed "
