@@ -70,9 +70,10 @@ def test_sparse_gemv_dispatch_paths_agree(density):
 # registers, one template per batch size), batch > 4 (fp32 staging buffer), the < 4-row tail of
 # each, blocks skipped because no batch row is active, and an output wider than one 2048 tile.
 # bf16 on CPUs with the bf16 dot instruction: row pairs unpacked in the loop below batch 12,
-# packed per chunk from 12 on (odd batches leave a 1-row group), panels of 1024 columns and a
-# 2053-column output with a partial last tile.
-BRANCH_BATCHES = [1, 2, 3, 4, 5, 8, 11, 12, 13, 17]
+# packed per chunk from 12 on in 6-row groups (13..17 leave groups of 1..5 rows), panels of
+# 1024 columns and a 2053-column output with a partial last tile; above batch 128 a dense
+# union goes to at::mm.
+BRANCH_BATCHES = [1, 2, 3, 4, 5, 8, 11, 12, 13, 14, 15, 16, 17, 130]
 
 
 @needs_cpp
@@ -400,3 +401,22 @@ def test_reference_fallback_without_native_build():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 5, 13], ids=lambda b: f"B{b}")
+def test_sparse_gemv_index_propagates_nan_and_inf(batch, dtype):
+    # the index form has no threshold test: a NaN or inf coefficient must reach its output row
+    # (the bf16 paths round coefficients to bf16 without c10's NaN branch)
+    x, w, _ = _make(batch, 64, 70, dtype, seed=3)
+    w_t = fastarch.prepare_input_major(w)
+    x[batch - 1, 5] = float("nan")
+    if batch > 1:
+        x[0, 9] = float("inf")
+    idx = torch.arange(64)
+    got = fastarch.sparse_gemv_index(x, w_t, idx, None).float()
+    assert torch.isnan(got[batch - 1]).all()
+    if batch > 1:
+        assert not torch.isfinite(got[0]).any()
+        assert torch.isfinite(got[1:batch - 1]).all()
