@@ -380,6 +380,32 @@ inline void gemm_atb_acc(int m, int n, int k, const float* a, int lda, const flo
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define FASTARCH_ATTN_BF16_DOT 1
+// In-register transpose of a 16 x 16 block of 32-bit words: r[i] holds row i on entry and
+// column i on return (unpack 32 / 64-bit, then two rounds of 128-bit lane shuffles).
+inline void transpose16x16_epi32(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
 // bf16 tile products with vdpbf16ps (each fp32 lane adds a.even * b.even + a.odd * b.odd: two
 // multiply-adds, twice an fp32 FMA): C (R x 16V) (+)= mul * sum_t bcast(a[r][t]) * b[t][0..16V),
 // where a[r][t] and every lane of b[t] are bf16 pairs along the reduction. S = Q K^T takes Q rows
@@ -968,7 +994,26 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         const uint16_t* kr = ks + b * p.ks[0] + h * p.ks[1];
         const uint16_t* vr = vs + b * p.vs[0] + h * p.vs[1];
         uint32_t* kt_out = kd + w * D2 * bs;
-        for (int64_t j = 0; j < bs; ++j) {  // K tile rows -> (D/2, bs) pairs
+        // K tile rows -> (D/2, bs) pairs: a 32-bit transpose (each row's bf16 pairs are already
+        // adjacent), 16 keys x 16 pairs at a time in registers; the partial last block of keys
+        // and a D/2 that is not a multiple of 16 (D = 80, 112) take the scalar loop below.
+        const int64_t full = std::min<int64_t>(bs, std::max<int64_t>(0, Lk - kt * bs)) / 16 * 16;
+        const int64_t t16 = D2 / 16 * 16;
+        for (int64_t j0 = 0; j0 < full; j0 += 16) {
+          const uint16_t* r0 = kr + (kt * bs + j0) * p.ks[2];
+          for (int64_t t0 = 0; t0 < t16; t0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(r0 + i * p.ks[2] + 2 * t0);
+            transpose16x16_epi32(r);
+            for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt_out + (t0 + i) * bs + j0, r[i]);
+          }
+          for (int64_t j = j0; j < j0 + 16; ++j) {
+            const uint16_t* row = r0 + (j - j0) * p.ks[2];
+            for (int64_t t = t16; t < D2; ++t)
+              kt_out[t * bs + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+          }
+        }
+        for (int64_t j = full; j < bs; ++j) {
           const int64_t c = kt * bs + j;
           if (c < Lk) {
             const uint16_t* row = kr + c * p.ks[2];

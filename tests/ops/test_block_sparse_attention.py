@@ -169,11 +169,21 @@ def test_relative_bias_decode_and_bad():
         block_sparse_attention(q, k, v, bm, rel_bias=torch.randint(0, 3, (4, 21)))
 
 
-def test_strided_inputs():
-    # (B, L, H, D) memory viewed as (B, H, L, D): the layout Hugging Face models hand over.
-    q, k, v = (t.transpose(1, 2) for t in qkv(2, 50, 50, 4, 4, 64, torch.float32))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_inputs(dtype):
+    # (B, L, H, D) memory viewed as (B, H, L, D): the layout Hugging Face models hand over
+    # (bf16: K's rows are H * D apart when it is regrouped into pairs, 16 keys at a time)
+    q, k, v = (t.transpose(1, 2) for t in qkv(2, 50, 50, 4, 4, 64, dtype))
     assert not q.is_contiguous()
     check(q, k, v, create_block_mask(causal(), q_len=50, block_size=16))
+
+
+@pytest.mark.parametrize("d", [64, 80, 128], ids=lambda d: f"D{d}")
+def test_bf16_many_tiles_odd_length(d):
+    # several full 64-key tiles (K regrouped by 16 x 16 blocks; D=80 leaves 8 pairs per row to
+    # the scalar loop) and a partial last tile of 1 key
+    q, k, v = qkv(1, 4, 2, 257, 257, d, torch.bfloat16)
+    check(q, k, v, create_block_mask(sliding_window(100), q_len=257, block_size=64))
 
 
 def test_empty_rows_give_zeros():
