@@ -166,6 +166,18 @@ def latency(index) -> dict:
     torch.manual_seed(0)
     cpu_model = torchvision.models.resnet18()  # what a user passes: real weights on CPU
     t_mod = median_ms(lambda: retrieve(cpu_model, k=10, index=index))
+    # larger graphs (what a user's ViT or decoder costs): layer norms, GELUs, attention
+    import timm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vit = timm.create_model("vit_base_patch16_224")
+    t_vit = median_ms(lambda: retrieve(vit, k=10, index=index))
+    del vit
+    llama = LlamaForCausalLM(LlamaConfig(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=32000))
+    t_llama = median_ms(lambda: retrieve(llama, k=10, index=index))
+    del llama
     meta_model = zoo.create("torchvision/resnet18", device="meta")
     x = torch.zeros(1, 3, 224, 224, device="meta")
     t_meta = median_ms(lambda: retrieve(meta_model, k=10, index=index, example_inputs=x))
@@ -203,6 +215,8 @@ def latency(index) -> dict:
     return {"name": statistics.median(t_name), "text": statistics.median(t_text),
             "module: torchvision resnet18() with weights on CPU": t_mod,
             "module: resnet18 built on meta": t_meta,
+            "module: timm vit_base_patch16_224 with weights on CPU": t_vit,
+            "module: transformers Llama (8 layers x 512) with weights on CPU": t_llama,
             "module: new graph (ResNet [1,2,1,1], description encoded by MiniLM)": t_novel,
             "- of which: graph read (meta forward, `graph_of_module`)": t_novel_graph,
             "- of which: MiniLM encoding of its description (`embed_texts`)": t_novel_text,

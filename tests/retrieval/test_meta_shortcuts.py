@@ -147,6 +147,108 @@ def test_mean_dim_leaves_other_cases_to_torch():
     assert ms.mean_dim(_meta((2, 3), torch.long), [1]) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("shape,nd", [((2, 197, 768), 1), ((1, 7, 7, 96), 1), ((5,), 1),
+                                      ((3, 4, 6), 2), ((1, 1, 1), 3)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"n{v}")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_layer_norm(dtype, shape, nd, affine):
+    x = _meta(shape, dtype)
+    norm = list(shape[-nd:])
+    w, b = (_meta(norm, dtype), _meta(norm, dtype)) if affine else (None, None)
+    _same(ms.layer_norm(x, norm, w, b, 1e-6), aten.native_layer_norm.default(x, norm, w, b, 1e-6))
+
+
+def test_layer_norm_leaves_other_cases_to_torch():
+    x = _meta((2, 3, 4))
+    assert ms.layer_norm(x.transpose(0, 2), [2]) is None  # not contiguous
+    assert ms.layer_norm(x, [3]) is None  # does not match the trailing dims
+    assert ms.layer_norm(x, []) is None
+    assert ms.layer_norm(x, [4], _meta(4, torch.float16), None) is None  # mixed dtypes
+    assert ms.layer_norm(x, [4], _meta(5), None) is None
+    assert ms.layer_norm(_meta((2, 4), torch.long), [4]) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("shape", [(1, 12, 197, 197), (3, 5), (7,), ()], ids=str)
+def test_elementwise_and_softmax(dtype, shape):
+    x, y = _meta(shape, dtype), _meta(shape, dtype)
+    for approximate in ("none", "tanh"):
+        _same(ms.unary_like(x, approximate=approximate), aten.gelu.default(x, approximate=approximate))
+    dim = -1 if shape else 0
+    _same(ms.safe_softmax(x, dim), aten._safe_softmax.default(x, dim))
+    _same(ms.binary_same(x, y), aten.add.Tensor(x, y))
+    _same(ms.binary_same(x, y, alpha=2), aten.add.Tensor(x, y, alpha=2))
+    _same(ms.binary_same(x, y), aten.mul.Tensor(x, y))
+    for c in (0.125, 3, True):
+        if type(c) is bool:
+            assert ms.mul_scalar(x, c) is None
+        else:
+            _same(ms.mul_scalar(x, c), aten.mul.Scalar(x, c))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("a,b", [
+    ((2, 8, 5, 5), (2, 8, 1, 1)), ((2, 8, 1, 1), (2, 8, 5, 5)), ((3, 7, 16), (16,)),
+    ((16,), (3, 7, 16)), ((1, 1, 5, 8), (2, 4, 5, 8)), ((4, 1), (1, 6)), ((3, 1, 2), (1, 4, 1)),
+    ((), (2, 3)),
+], ids=lambda v: "x".join(map(str, v)) or "scalar")
+def test_broadcasting_add_mul(dtype, a, b):
+    x, y = _meta(a, dtype), _meta(b, dtype)
+    _same(ms.binary_same(x, y), aten.add.Tensor(x, y))
+    _same(ms.binary_same(x, y), aten.mul.Tensor(x, y))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("shape", [(2, 56, 56, 96), (4, 4), (7,)], ids=str)
+def test_other_unary_ops(dtype, shape):
+    x = _meta(shape, dtype)
+    for op in (aten.sigmoid.default, aten.silu.default, aten.neg.default):
+        _same(ms.unary_like(x), op(x))
+    for t in (x, _meta(shape, torch.bool)):
+        if len(shape) >= 2:
+            _same(ms.same_layout(t, 1), aten.tril.default(t, 1))
+        _same(ms.same_layout(t, [3], [0]), aten.roll.default(t, [3], [0]))
+    for e in (2, 0.5, -1):
+        _same(ms.pow_scalar(x, e), aten.pow.Tensor_Scalar(x, e))
+    for op in (aten.silu_.default, aten.relu_.default):
+        y = _meta(shape, dtype)
+        _same(ms.inplace_unary(y), op(y))
+        assert ms.inplace_unary(y) is y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("layout", ["heads", "channels_last", "transposed"])
+def test_add_mul_keep_a_shared_dense_layout(dtype, layout):
+    def make():
+        if layout == "heads":  # (B, L, H, D) memory seen as (B, H, L, D)
+            return _meta((2, 7, 4, 8), dtype).transpose(1, 2)
+        if layout == "channels_last":
+            return _meta((2, 8, 5, 5), dtype).to(memory_format=torch.channels_last)
+        return _meta((6, 3), dtype).t()
+    x, y = make(), make()
+    assert not x.is_contiguous()
+    _same(ms.binary_same(x, y), aten.add.Tensor(x, y))
+    _same(ms.binary_same(x, y), aten.mul.Tensor(x, y))
+
+
+def test_elementwise_leaves_other_cases_to_torch():
+    x = _meta((2, 3))
+    assert ms.unary_like(x.t()) is None  # not contiguous
+    assert ms.unary_like(_meta((2, 3), torch.long)) is None
+    assert ms.safe_softmax(x, -1, torch.float64) is None  # a cast
+    assert ms.safe_softmax(x.t(), 0) is None
+    assert ms.binary_same(x, _meta((4, 3))) is None  # shapes that do not broadcast
+    assert ms.binary_same(x, _meta((2, 3), torch.float16)) is None  # type promotion
+    assert ms.binary_same(x, x.t().contiguous().t()) is None  # two layouts: torch decides
+    assert ms.binary_same(x[:, ::2], x[:, ::2]) is None  # not dense
+    assert ms.same_layout(x.t()) is None
+    assert ms.mul_scalar(x, 1j) is None and ms.mul_scalar(x, torch.tensor(2.0)) is None
+    assert ms.mul_scalar(_meta((2, 3), torch.int32), 0.5) is None  # would promote
+    assert ms.pow_scalar(x, torch.tensor(2.0)) is None and ms.pow_scalar(x.t(), 2) is None
+    assert ms.inplace_unary(x.t()) is None
+
+
 class _Mixed(nn.Module):
     """Every op with a stand-in, and a few cases that go to torch (transposed conv, channels
     last, a training-mode norm in eval mode's place)."""
@@ -173,7 +275,9 @@ class _Mixed(nn.Module):
     _Mixed,
     lambda: pytest.importorskip("torchvision").models.resnet18(),
     lambda: pytest.importorskip("torchvision").models.mobilenet_v3_small(),
-], ids=["mixed", "resnet18", "mobilenet_v3_small"])
+    lambda: pytest.importorskip("timm").create_model("vit_tiny_patch16_224"),
+    lambda: pytest.importorskip("torchvision").models.convnext_tiny(),
+], ids=["mixed", "resnet18", "mobilenet_v3_small", "vit_tiny", "convnext_tiny"])
 def test_graph_is_the_same_with_and_without_the_shortcuts(monkeypatch, model_fn):
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -203,9 +307,27 @@ def test_shortcut_cases_cover_what_a_resnet_calls(monkeypatch):
             return out
         monkeypatch.setitem(graph_mod.META_SHORTCUTS, op, counted)
     extract_graph(model, (_meta((1, 3, 224, 224)),))
-    assert {str(op): c for op, c in calls.items()} == {
-        "aten.native_batch_norm.default": [20, 0], "aten.convolution.default": [20, 0],
-        "aten.addmm.default": [1, 0], "aten.mean.dim": [1, 0]}
+    conv_ops = {"aten.native_batch_norm.default": [20, 0], "aten.convolution.default": [20, 0],
+                "aten.addmm.default": [1, 0], "aten.mean.dim": [1, 0]}
+    assert {str(op): c for op, c in calls.items() if str(op) in conv_ops} == conv_ops
+
+
+def test_shortcut_cases_cover_what_a_vit_calls(monkeypatch):
+    """The same for the layer norms, GELUs, attention softmaxes and residual adds of a ViT."""
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        model = timm.create_model("vit_tiny_patch16_224").eval()
+    calls = {op: [0, 0] for op in ms.META_SHORTCUTS}
+    for op, fn in list(ms.META_SHORTCUTS.items()):
+        def counted(*a, _fn=fn, _op=op, **kw):
+            out = _fn(*a, **kw)
+            calls[_op][out is None] += 1
+            return out
+        monkeypatch.setitem(graph_mod.META_SHORTCUTS, op, counted)
+    extract_graph(model, (_meta((1, 3, 224, 224)),))
+    for name in ("aten.native_layer_norm.default", "aten.gelu.default", "aten.add.Tensor"):
+        made, left = next(c for op, c in calls.items() if str(op) == name)
+        assert made >= 12 and left == 0, (name, made, left)
 
 
 def test_cpu_tensors_go_to_torch():
