@@ -293,12 +293,8 @@ def test_graph_is_the_same_with_and_without_the_shortcuts(monkeypatch, model_fn)
     assert fast.flops > 0
 
 
-def test_shortcut_cases_cover_what_a_resnet_calls(monkeypatch):
-    """Every batch_norm / convolution / addmm / mean call of a ResNet read on meta is made by
-    a stand-in, not by torch's kernel (otherwise this reader is as slow as before)."""
-    tv = pytest.importorskip("torchvision")
-    with torch.device("meta"):
-        model = tv.models.resnet18().eval()
+def _count_shortcut_calls(monkeypatch, model):
+    """{op: [made by the stand-in, left to torch]} over one graph read of ``model`` on meta."""
     calls = {op: [0, 0] for op in ms.META_SHORTCUTS}
     for op, fn in list(ms.META_SHORTCUTS.items()):
         def counted(*a, _fn=fn, _op=op, **kw):
@@ -307,6 +303,16 @@ def test_shortcut_cases_cover_what_a_resnet_calls(monkeypatch):
             return out
         monkeypatch.setitem(graph_mod.META_SHORTCUTS, op, counted)
     extract_graph(model, (_meta((1, 3, 224, 224)),))
+    return calls
+
+
+def test_shortcut_cases_cover_what_a_resnet_calls(monkeypatch):
+    """Every batch_norm / convolution / addmm / mean call of a ResNet read on meta is made by
+    a stand-in, not by torch's kernel (otherwise this reader is as slow as before)."""
+    tv = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = tv.models.resnet18().eval()
+    calls = _count_shortcut_calls(monkeypatch, model)
     conv_ops = {"aten.native_batch_norm.default": [20, 0], "aten.convolution.default": [20, 0],
                 "aten.addmm.default": [1, 0], "aten.mean.dim": [1, 0]}
     assert {str(op): c for op, c in calls.items() if str(op) in conv_ops} == conv_ops
@@ -317,14 +323,7 @@ def test_shortcut_cases_cover_what_a_vit_calls(monkeypatch):
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
         model = timm.create_model("vit_tiny_patch16_224").eval()
-    calls = {op: [0, 0] for op in ms.META_SHORTCUTS}
-    for op, fn in list(ms.META_SHORTCUTS.items()):
-        def counted(*a, _fn=fn, _op=op, **kw):
-            out = _fn(*a, **kw)
-            calls[_op][out is None] += 1
-            return out
-        monkeypatch.setitem(graph_mod.META_SHORTCUTS, op, counted)
-    extract_graph(model, (_meta((1, 3, 224, 224)),))
+    calls = _count_shortcut_calls(monkeypatch, model)
     for name in ("aten.native_layer_norm.default", "aten.gelu.default", "aten.add.Tensor"):
         made, left = next(c for op, c in calls.items() if str(op) == name)
         assert made >= 12 and left == 0, (name, made, left)
