@@ -145,10 +145,147 @@ def _like(input):
     return torch.empty(input.shape, dtype=input.dtype, device="meta")
 
 
+def _contiguous_strides_ok(shape, stride) -> bool:
+    expected = 1
+    for n, st in zip(reversed(shape), reversed(stride)):
+        if n != 1:
+            if st != expected:
+                return False
+            expected *= n
+    return True
+
+
+def _channels_last_ok(shape, stride) -> bool:
+    if len(shape) != 4:
+        return False
+    expected = 1
+    for d in (1, 3, 2, 0):
+        if shape[d] != 1:
+            if stride[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def elementwise_strides(shape, operands) -> tuple:
+    """The strides torch's meta kernels give the output of an elementwise op of ``shape`` over
+    ``operands`` ((shape, stride) pairs broadcastable to it): each operand expanded as
+    ``Tensor.expand`` does, contiguous when they all are, channels last when they all are, and
+    otherwise the dimensions ordered by the operands' strides (the insertion sort of torch's
+    ``compute_elementwise_output_logical_to_physical_perm``), with dense strides in that order.
+    Checked against torch on random layouts in tests/retrieval/test_meta_shortcuts.py."""
+    nd = len(shape)
+    if nd <= 1:
+        return (1,) * nd
+    numel = 1
+    for n in shape:
+        numel *= n
+    strides = []
+    for s, st in operands:
+        off = nd - len(s)
+        full = [0] * nd
+        for i in range(nd - 1, -1, -1):
+            j = i - off
+            size = s[j] if j >= 0 else 1
+            stride = st[j] if j >= 0 else (shape[i + 1] * full[i + 1] if i + 1 < nd else 1)
+            full[i] = 0 if size != shape[i] else stride
+        strides.append(full)
+    contiguous = all(numel < 2 or _contiguous_strides_ok(shape, st) for st in strides)
+    channels_last = all(_channels_last_ok(shape, st) for st in strides)
+    if contiguous and not channels_last:
+        perm = list(range(nd - 1, -1, -1))  # fastest dimension first
+    elif channels_last and not contiguous:
+        perm = [1, 3, 2, 0]
+    else:
+        perm = list(range(nd - 1, -1, -1))
+
+        def should_swap(d0, d1):
+            for st in strides:
+                s0, s1 = st[d0], st[d1]
+                if s0 == 0 or s1 == 0:
+                    continue
+                if s0 != s1:
+                    return -1 if s0 < s1 else 1
+                if shape[d0] > shape[d1]:
+                    return 1
+            return 0
+
+        for i in range(1, nd):
+            d1 = i
+            for d0 in range(i - 1, -1, -1):
+                c = should_swap(perm[d0], perm[d1])
+                if c > 0:
+                    perm[d0], perm[d1] = perm[d1], perm[d0]
+                    d1 = d0
+                elif c < 0:
+                    break
+    out = [0] * nd
+    run = 1
+    for d in perm:
+        out[d] = run
+        run *= shape[d]
+    return tuple(out)
+
+
+def _elementwise_out(*tensors):
+    """The output of an elementwise op of meta tensors of one floating dtype (no type
+    promotion, no empty dimension), or None."""
+    dtype = None
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "meta":
+            return None
+        if not t.dtype.is_floating_point or (dtype is not None and t.dtype != dtype):
+            return None
+        dtype = t.dtype
+    shapes = [tuple(t.shape) for t in tensors]
+    nd = max(len(s) for s in shapes)
+    shape = [1] * nd
+    for s in shapes:
+        for i, n in enumerate(s, nd - len(s)):
+            if n == 0:
+                return None
+            if n != 1:
+                if shape[i] not in (1, n):
+                    return None  # does not broadcast: torch raises its own error
+                shape[i] = n
+    if len(tensors) == 1:
+        # one input: only the plainly contiguous one (its strides exactly the row-major ones,
+        # size-1 dims included); for other layouts torch's kernels differ in how they treat
+        # size-1 dims (random-layout test), so they decide
+        t = tensors[0]
+        standard, run = [], 1
+        for n in reversed(shapes[0]):
+            standard.append(run)
+            run *= n
+        return _like(t) if tuple(reversed(standard)) == t.stride() else None
+    stride = elementwise_strides(shape, [(s, t.stride()) for s, t in zip(shapes, tensors)])
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
 def unary_like(input, *args, **kwargs):
     """A unary elementwise op (``aten.gelu``, ``sigmoid``, ``silu``, ``neg``) of a contiguous
-    floating-point tensor: a contiguous tensor of the same shape and dtype."""
-    return _like(input) if _contiguous_float(input) else None
+    floating-point meta tensor: a contiguous tensor like it."""
+    return _elementwise_out(input)
+
+
+def binary_same(input, other, *args, **kwargs):
+    """``aten.add.Tensor`` / ``aten.mul.Tensor`` of two meta tensors of one floating dtype
+    (residual adds, gates, norm weights, rotary embeddings), broadcasting, any layouts. Type
+    promotion and a Python number as ``other`` go to torch."""
+    return _elementwise_out(input, other)
+
+
+def inplace_unary(input, *args, **kwargs):
+    """An in-place unary op (``aten.silu_``, ``aten.relu_``): torch returns ``input`` itself."""
+    ok = (isinstance(input, torch.Tensor) and input.device.type == "meta"
+          and input.dtype.is_floating_point)
+    return input if ok else None
+
+
+def pow_scalar(input, exponent):
+    """``aten.pow.Tensor_Scalar`` of a floating-point tensor by a real Python number (the
+    square of an RMS norm)."""
+    return _elementwise_out(input) if type(exponent) in (int, float) else None
 
 
 def same_layout(input, *args, **kwargs):
@@ -165,49 +302,9 @@ def safe_softmax(input, dim, dtype=None):
     return _like(input) if -input.dim() <= dim < max(1, input.dim()) else None
 
 
-def binary_same(input, other, *args, **kwargs):
-    """``aten.add.Tensor`` / ``aten.mul.Tensor`` of two contiguous tensors of one floating
-    dtype (residual adds, gates, norm weights, rotary embeddings), the shapes broadcasting
-    against each other: a contiguous tensor of the broadcast shape. Type promotion and other
-    layouts go to torch."""
-    if (isinstance(input, torch.Tensor) and isinstance(other, torch.Tensor)
-            and _on_meta(input, other) and input.dtype == other.dtype
-            and input.dtype.is_floating_point and input.shape == other.shape
-            and input.stride() == other.stride() and not input.is_contiguous()):
-        from torch._prims_common import is_non_overlapping_and_dense_or_false
-
-        # one shared dense layout (transposed heads, channels last): the output keeps it
-        if is_non_overlapping_and_dense_or_false(input):
-            return torch.empty_strided(input.shape, input.stride(), dtype=input.dtype,
-                                       device="meta")
-        return None
-    if not _contiguous_float(input, other) or input.dtype != other.dtype:
-        return None
-    if input.shape == other.shape:
-        return _like(input)
-    try:
-        shape = torch.broadcast_shapes(input.shape, other.shape)
-    except RuntimeError:
-        return None  # torch raises its own error
-    return torch.empty(shape, dtype=input.dtype, device="meta")
-
-
-def inplace_unary(input, *args, **kwargs):
-    """An in-place unary op (``aten.silu_``, ``aten.relu_``): torch returns ``input`` itself."""
-    return input if _contiguous_float(input) else None
-
-
-def pow_scalar(input, exponent):
-    """``aten.pow.Tensor_Scalar`` of a floating-point tensor by a real Python number (the
-    square of an RMS norm)."""
-    return _like(input) if _contiguous_float(input) and type(exponent) in (int, float) else None
-
-
 def mul_scalar(input, other):
-    """``aten.mul.Scalar`` of a contiguous floating-point tensor by a real Python number."""
-    if not _contiguous_float(input) or type(other) not in (int, float):
-        return None
-    return _like(input)
+    """``aten.mul.Scalar`` of a floating-point tensor by a real Python number."""
+    return _elementwise_out(input) if type(other) in (int, float) else None
 
 
 # aten op -> stand-in for its meta kernel (None: run the op)
