@@ -245,8 +245,8 @@ constexpr int64_t kPackPairs = 32;
 constexpr int kPackGroup = 6;          // packed: 6 batch rows x 64 columns = 24 accumulators
 constexpr int64_t kPackPanel = 1024;   // packed chunk: 32 pairs x 1024 columns = 128 KiB
 
-// Round to nearest even, as c10::BFloat16 does for every value but NaN (the coefficients here
-// never are: a NaN fails the threshold test and is zeroed); no branch.
+// Round to nearest even, as c10::BFloat16 does, without its branch: a NaN (the index form takes
+// coefficients without a threshold test) becomes c10's quiet NaN.
 inline uint32_t bf16_bits_rne(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
