@@ -19,6 +19,8 @@ from fastarch.pruning.graph import (
 )
 from fastarch.pruning.importance import IMPORTANCES, rank_uniform, score_units
 from fastarch.pruning.removal import drops_by_tensor, remove_units
+from fastarch.pruning.std_conv import fold_weight_standardization as fold_std_convs
+from fastarch.pruning.std_conv import unfold_weight_standardization as unfold_std_convs
 
 TARGETS = ("ratio", "params", "flops", "latency")
 
@@ -65,12 +67,17 @@ class PruneReport(SizeChange):
     graph: object = dataclasses.field(default=None, repr=False)  # the DependencyGraph used
     blocks: object = None  # the BlockPruneReport when whole blocks were removed (blocks=...)
     removed_units: list = dataclasses.field(default_factory=list, repr=False)  # its roots
+    folded: int = 0  # weight-standardised convs replaced by plain ones (fold_weight_standardization)
 
     def __str__(self) -> str:
         lines = [f"{self.size_summary()}, graph {self.graph_seconds:.2f} s, "
                  f"total {self.total_seconds:.2f} s"]
         if self.latency_before_ms is not None:
             lines.append(f"latency {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms")
+        if self.folded:
+            lines.append(f"  folded the weight standardisation of {self.folded} convs into plain "
+                         "convs (same inference output; training the model now trains plain "
+                         "convs)")
         for r in self.removed:
             lines.append(f"  removed {r['removed']}/{r['before']} {r['group']}")
         for where, reason in self.skipped:
@@ -438,7 +445,8 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
           verify: bool = True, loss_fn: Callable | None = None,
           prune_heads: bool = True, prune_channels: bool = True,
           exact_only: bool = False, graph: DependencyGraph | None = None,
-          blocks: int | float | None = None, block_importance: str = "cosine") -> PruneReport:
+          blocks: int | float | None = None, block_importance: str = "cosine",
+          fold_weight_standardization: bool = True) -> PruneReport:
     """Remove channels, neurons, attention heads and conv groups from ``model``, in place.
 
     The model is traced with the example inputs; channels that must go together (residual
@@ -475,10 +483,16 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
             ``ratio`` / ``target`` then apply to the model that is left (``ratio=0``: depth
             only). The block report is ``report.blocks``.
         block_importance: ``"cosine"`` (block influence) or ``"magnitude"``.
+        fold_weight_standardization: replace timm's weight-standardised convs (``StdConv2d``,
+            ``ScaledStdConv2d`` and their ``*Same`` variants: BiT, NF-ResNets, NFNets) by plain
+            convs with the weight they compute in inference, so that they can be pruned
+            (exactly, relative to the folded model); only done when something is then pruned.
+            The standardisation is fixed: training the pruned model trains plain convs.
+            ``False``: such convs are left whole, with the channels that feed them.
 
     Returns:
         a :class:`PruneReport` (removed groups, params and FLOPs before/after, modules not
-        handled with the reason).
+        handled with the reason, ``folded``: how many convs were folded).
 
     Example:
         >>> import torch, torchvision, fastarch
@@ -512,7 +526,8 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
         report = prune(model, example_inputs, ratio, importance, target, ignore, calib,
                        round_to=round_to, global_ranking=global_ranking, timeout=timeout,
                        verify=verify, loss_fn=loss_fn, prune_heads=prune_heads,
-                       prune_channels=prune_channels, exact_only=exact_only)
+                       prune_channels=prune_channels, exact_only=exact_only,
+                       fold_weight_standardization=fold_weight_standardization)
         report = _with_blocks(report, block_report)
         report.total_seconds = time.perf_counter() - t_start
         return report
@@ -555,10 +570,13 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
         model.train(was_training)
         return report
     t0 = time.perf_counter()
+    # undone below when nothing is pruned: a model that is not pruned is left as it was
+    swaps = fold_std_convs(model) if fold_weight_standardization else []
     try:
         if graph is None:
             graph = DependencyGraph(model, example_inputs, timeout=timeout)
     except GraphBuildError as exc:
+        unfold_std_convs(swaps)
         check_real_run()
         report.ok = False
         report.skipped.append(("<model>", str(exc)))
@@ -642,6 +660,10 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
         if n:
             report.removed.append({"group": g.describe(), "kind": g.kind, "before": g.size,
                                    "removed": n, "exact": g.exact})
+    if swaps and not roots:
+        unfold_std_convs(swaps)
+        swaps = []
+    report.folded = len({id(original) for _, _, original in swaps})
     report.shapes = changed if changed is not None else remove_units(model, graph, roots)
     report.graph, report.removed_units = graph, list(roots)
     report.ratio_used = r_used
@@ -684,10 +706,13 @@ def masked_copy(original: nn.Module, report: PruneReport) -> nn.Module:
     """A copy of the unpruned ``original`` with the removed units zeroed instead of removed.
 
     With ``exact_only=True`` it computes what the pruned model computes (the reference that the
-    tests compare the physically pruned model with)."""
+    tests compare the physically pruned model with). When :func:`prune` folded weight-standardised
+    convs (``report.folded``), the copy is folded the same way before masking."""
     from fastarch.pruning.removal import mask_units
 
     masked = copy.deepcopy(original)
+    if report.folded:
+        fold_std_convs(masked)
     if report.graph is not None:
         mask_units(masked, report.graph, report.removed_units)
     return masked

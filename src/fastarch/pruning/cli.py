@@ -43,6 +43,9 @@ def add_parser(subparsers) -> None:
                    help="rank units over all groups instead of per group")
     p.add_argument("--ignore", nargs="*", default=[], metavar="MODULE",
                    help="module names whose shapes must not change")
+    p.add_argument("--no-fold-std-conv", dest="fold_std_conv", action="store_false",
+                   help="leave timm's weight-standardised convs (BiT, NF-ResNets, NFNets) whole "
+                        "instead of folding them into plain convs and pruning them")
     p.add_argument("--seq-len", type=int, default=32, help="tokens of the example input (text models)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -150,7 +153,8 @@ def run(args) -> int:
         report = fastarch.prune(model, inputs, ratio=value, importance=args.criterion,
                                 target=target, ignore=args.ignore, round_to=args.round_to,
                                 global_ranking=args.global_ranking, blocks=args.blocks,
-                                block_importance=args.block_criterion)
+                                block_importance=args.block_criterion,
+                                fold_weight_standardization=args.fold_std_conv)
         what = f"{target} {value:g} ({args.criterion}" + (", global" if args.global_ranking
                                                          else "") + ")"
     if args.blocks is not None:
@@ -182,6 +186,9 @@ def run(args) -> int:
         print(f"removed {kind}: {removed:,} of {before:,} units in {groups} groups")
     if not report.removed:
         print("removed: nothing")
+    if report.folded:
+        print(f"folded: the weight standardisation of {report.folded} convs into plain convs "
+              "(same inference output; fine-tuning the model now trains plain convs)")
     if args.verbose:
         for r in report.removed:
             print(f"  {r['removed']}/{r['before']} {r['group']}")

@@ -604,6 +604,17 @@ class DependencyGraph:
             else:
                 dims = [dims[i] for i in args[1]]
             return ParamRef(first.name, tuple(dims))
+        if name in ("constant_pad_nd", "pad") and not isinstance(first, ParamRef):
+            # padding dims along which the label is constant (the spatial dims before a conv,
+            # timm's dynamic "SAME" padding) keeps every element in its channel: the label
+            # stands, broadcast. Run on the label tensor, the border would get label 0.
+            lab = self._tensor_label(args[0], env)
+            shape = _shape(args[0])
+            if lab is not None and shape is not None and lab.dim() == len(shape):
+                pad = args[1]
+                dims = [len(shape) - 1 - i // 2 for i in range(len(pad)) if pad[i] != 0]
+                if all(lab.shape[d] == 1 for d in dims):
+                    return lab
         new_args = []
         any_label = False
         for arg in args:
