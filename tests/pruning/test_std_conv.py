@@ -148,6 +148,21 @@ def test_nothing_pruned_leaves_std_convs():
         assert torch.equal(p, q), n
 
 
+def test_an_error_while_pruning_leaves_std_convs(monkeypatch):
+    """prune raising after the fold (here: in the importance scores) gives the model back as
+    it was given, not folded."""
+    import fastarch.pruning.api as api
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("scores failed")
+
+    monkeypatch.setattr(api, "score_units", fail)
+    model = StdModel().eval()
+    with pytest.raises(RuntimeError, match="scores failed"):
+        prune(model, torch.randn(1, 3, 32, 32), ratio=0.5)
+    assert len(_std_types(model)) == 4
+
+
 def _small_nfnet():
     """dm_nfnet_f0's config (ScaledStdConv2dSame with dynamic SAME padding, grouped convs,
     squeeze-excite, deep stem) at one block per stage and narrow widths."""

@@ -572,97 +572,101 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
     t0 = time.perf_counter()
     # undone below when nothing is pruned: a model that is not pruned is left as it was
     swaps = fold_std_convs(model) if fold_weight_standardization else []
-    try:
-        if graph is None:
-            graph = DependencyGraph(model, example_inputs, timeout=timeout)
-    except GraphBuildError as exc:
-        unfold_std_convs(swaps)
-        check_real_run()
-        report.ok = False
-        report.skipped.append(("<model>", str(exc)))
-        report.params_after, report.flops_after = report.params_before, report.flops_before
-        report.total_seconds = time.perf_counter() - t_start
-        model.train(was_training)
-        return report
-    report.graph_seconds = time.perf_counter() - t0
-    seen = set()
-    for where, reason in graph.problems:
-        if (where, reason) not in seen:
-            seen.add((where, reason))
-            report.skipped.append((where, reason))
-    groups = []
-    for g in graph.groups:
-        if g.kind == "heads" and not prune_heads or g.kind != "heads" and not prune_channels:
-            continue
-        if exact_only and not g.exact:
-            continue
-        hit = [p for p in ignored if any(_in_module(n, p) for n, _ in g.key)]
-        if hit:
-            report.skipped.append((hit[0], f"ignored: {g.describe()} left whole"))
-            continue
-        groups.append(g)
-    scores = score_units(graph, model, importance, example_inputs, calib, loss_fn)
-
-    def plan(r):
-        roots = plan_removal(graph, groups, scores, r, round_to, global_ranking)
-        return _hf_hidden_multiple(model, graph, groups, scores, roots)
-
-    if target == "ratio":
-        r_used = ratio
-        roots = plan(ratio)
-    else:
-        if target == "params":
-            goal = (1 - ratio) * report.params_before
-
-            def cost(r):
-                return _params_after(model, graph, plan(r))
-        elif target == "flops":
-            goal = (1 - ratio) * report.flops_before
-
-            def cost(r):
-                trial = copy.deepcopy(model)
-                remove_units(trial, graph, plan(r))
-                return count_flops(trial, example_inputs)
-        else:
-            # Each trial is timed against the unpruned model in the same breath (a ratio, not
-            # two absolute times taken seconds apart), so a burst of other work on the machine
-            # does not make an unpruned trial look as if it met the budget.
-            report.latency_before_ms = measure_latency_ms(model, example_inputs)
-            goal = 1 - ratio
-
-            def cost(r):
-                trial = copy.deepcopy(model)
-                remove_units(trial, graph, plan(r))
-                return latency_ratio(trial, model, example_inputs)
-        lo, hi = 0.0, 0.95
-        for _ in range(12 if target == "params" else 8):
-            mid = (lo + hi) / 2
-            if cost(mid) <= goal:
-                hi = mid
-            else:
-                lo = mid
-        r_used = hi
-        roots = plan(hi)
-        if cost(hi) > goal:
-            reason = f"{target} budget not reachable with the prunable groups; pruned as far as allowed"
-            report.skipped.append(("<model>", reason))
-    changed = flops_after = None
-    if verify:
-        err, changed, flops_after = _prune_in_place(model, graph, roots, example_inputs,
-                                                    ref_shapes, count=on_meta is None)
-        if err is not None:
+    try:  # an error on the way leaves the model unfolded, as it was given
+        try:
+            if graph is None:
+                graph = DependencyGraph(model, example_inputs, timeout=timeout)
+        except GraphBuildError as exc:
+            unfold_std_convs(swaps)
             check_real_run()
-            roots, _ = _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes,
-                                       report.skipped)
-    root_set = set(roots)
-    for g in groups:
-        n = sum(1 for r in g.units if r in root_set)
-        if n:
-            report.removed.append({"group": g.describe(), "kind": g.kind, "before": g.size,
-                                   "removed": n, "exact": g.exact})
-    if swaps and not roots:
+            report.ok = False
+            report.skipped.append(("<model>", str(exc)))
+            report.params_after, report.flops_after = report.params_before, report.flops_before
+            report.total_seconds = time.perf_counter() - t_start
+            model.train(was_training)
+            return report
+        report.graph_seconds = time.perf_counter() - t0
+        seen = set()
+        for where, reason in graph.problems:
+            if (where, reason) not in seen:
+                seen.add((where, reason))
+                report.skipped.append((where, reason))
+        groups = []
+        for g in graph.groups:
+            if g.kind == "heads" and not prune_heads or g.kind != "heads" and not prune_channels:
+                continue
+            if exact_only and not g.exact:
+                continue
+            hit = [p for p in ignored if any(_in_module(n, p) for n, _ in g.key)]
+            if hit:
+                report.skipped.append((hit[0], f"ignored: {g.describe()} left whole"))
+                continue
+            groups.append(g)
+        scores = score_units(graph, model, importance, example_inputs, calib, loss_fn)
+
+        def plan(r):
+            roots = plan_removal(graph, groups, scores, r, round_to, global_ranking)
+            return _hf_hidden_multiple(model, graph, groups, scores, roots)
+
+        if target == "ratio":
+            r_used = ratio
+            roots = plan(ratio)
+        else:
+            if target == "params":
+                goal = (1 - ratio) * report.params_before
+
+                def cost(r):
+                    return _params_after(model, graph, plan(r))
+            elif target == "flops":
+                goal = (1 - ratio) * report.flops_before
+
+                def cost(r):
+                    trial = copy.deepcopy(model)
+                    remove_units(trial, graph, plan(r))
+                    return count_flops(trial, example_inputs)
+            else:
+                # Each trial is timed against the unpruned model in the same breath (a ratio, not
+                # two absolute times taken seconds apart), so a burst of other work on the machine
+                # does not make an unpruned trial look as if it met the budget.
+                report.latency_before_ms = measure_latency_ms(model, example_inputs)
+                goal = 1 - ratio
+
+                def cost(r):
+                    trial = copy.deepcopy(model)
+                    remove_units(trial, graph, plan(r))
+                    return latency_ratio(trial, model, example_inputs)
+            lo, hi = 0.0, 0.95
+            for _ in range(12 if target == "params" else 8):
+                mid = (lo + hi) / 2
+                if cost(mid) <= goal:
+                    hi = mid
+                else:
+                    lo = mid
+            r_used = hi
+            roots = plan(hi)
+            if cost(hi) > goal:
+                reason = f"{target} budget not reachable with the prunable groups; pruned as far as allowed"
+                report.skipped.append(("<model>", reason))
+        changed = flops_after = None
+        if verify:
+            err, changed, flops_after = _prune_in_place(model, graph, roots, example_inputs,
+                                                        ref_shapes, count=on_meta is None)
+            if err is not None:
+                check_real_run()
+                roots, _ = _verified_roots(model, graph, groups, roots, example_inputs, ref_shapes,
+                                           report.skipped)
+        root_set = set(roots)
+        for g in groups:
+            n = sum(1 for r in g.units if r in root_set)
+            if n:
+                report.removed.append({"group": g.describe(), "kind": g.kind, "before": g.size,
+                                       "removed": n, "exact": g.exact})
+        if swaps and not roots:
+            unfold_std_convs(swaps)
+            swaps = []
+    except BaseException:
         unfold_std_convs(swaps)
-        swaps = []
+        raise
     report.folded = len({id(original) for _, _, original in swaps})
     report.shapes = changed if changed is not None else remove_units(model, graph, roots)
     report.graph, report.removed_units = graph, list(roots)
