@@ -291,3 +291,31 @@ def test_computed_conv_weight_is_not_pruned_blindly():
     fastarch.prune(pruned, x, ratio=0.5, fold_weight_standardization=False)
     assert pruned[2].weight.shape == model[2].weight.shape
     assert pruned[0].weight.shape == model[0].weight.shape  # feeds the standardised conv
+
+
+def test_check_model_tells_rounding_from_a_real_difference(monkeypatch):
+    """Over the bound in fp32, check_model measures the two models again in float64: rounding
+    then vanishes (the model passes), a real difference does not (it fails)."""
+    import fastarch.pruning.check as check
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10)).eval()
+    x = (torch.randn(2, 3, 16, 16),)
+    res = check.check_model(model, x, ratio=0.5, tol=1e-12)  # below fp32 rounding
+    assert res["ok"], res
+    assert res["max_diff"] > 1e-12 * 1.0 and res["max_diff_fp64"] <= 1e-12
+
+    real_masked_copy = check.masked_copy
+
+    def off_by_a_bit(model, report):  # a mask that is wrong by 1e-3 in one weight
+        m = real_masked_copy(model, report)
+        with torch.no_grad():
+            m[-1].bias[0] += 1e-3
+        return m
+
+    monkeypatch.setattr(check, "masked_copy", off_by_a_bit)
+    res = check.check_model(model, x, ratio=0.5, tol=1e-4)
+    assert not res["ok"] and "pruned != masked" in res["reason"]
+    assert res["max_diff_fp64"] == pytest.approx(1e-3, rel=1e-3)

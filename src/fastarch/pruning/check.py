@@ -16,12 +16,30 @@ def _outputs(model, inputs):
         return flatten_tensors(model(*inputs, **model_call_kwargs(model)))
 
 
+def _diff_in_float64(a: nn.Module, b: nn.Module, inputs: tuple) -> float | None:
+    """Max |a(x) - b(x)| with both models and the floating inputs in float64 (copies), or
+    None when a model does not run in float64."""
+    def to64(x):
+        return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    try:
+        a64, b64 = copy.deepcopy(a).double(), copy.deepcopy(b).double()
+        x64 = tuple(to64(x) for x in inputs)
+        ya, yb = _outputs(a64, x64), _outputs(b64, x64)
+        return max(float((x.double() - y.double()).abs().max()) for x, y in zip(ya, yb)) \
+            if ya else 0.0
+    except Exception:  # noqa: BLE001  (an op without float64 support: keep the fp32 verdict)
+        return None
+
+
 def check_model(model: nn.Module, inputs: tuple, ratio: float = 0.3, tol: float = 1e-4,
                 timeout: float = 60.0) -> dict:
     """Prune ``ratio`` of every group and check (1) the forward runs with the same output
     shapes, (2) pruning the exact groups equals the masked model within ``tol``, relative to
     the output's scale (max |y| of the masked model, at least 1: a deep random-weight network
     such as resnet152 has outputs of ~1e7, where fp32 rounding alone exceeds any absolute 1e-4).
+    A difference over the bound is measured again with both models in float64, where rounding
+    shrinks and a real mismatch does not (``max_diff_fp64``); that one decides.
 
     Returns a dict: ok, reason, removed (groups), param_reduction, max_diff, rel_diff, seconds."""
     t0 = time.perf_counter()
@@ -56,6 +74,14 @@ def check_model(model: nn.Module, inputs: tuple, ratio: float = 0.3, tol: float 
     res["max_diff"] = diff
     res["rel_diff"] = diff / scale
     res["exact_removed"] = len(rep2.removed)
+    if diff > tol * scale:
+        # Over the bound in fp32: the same two models in float64 tell rounding (which shrinks
+        # by ~1e9 there) from a real difference (which does not).
+        d64 = _diff_in_float64(exact, masked, inputs)
+        if d64 is not None:
+            res["max_diff_fp64"] = d64
+            if d64 <= tol * scale:
+                diff = d64
     if diff > tol * scale:
         res["reason"] = f"pruned != masked (max diff {diff:.2e}, output scale {scale:.2e})"
     elif res["removed"] == 0:
