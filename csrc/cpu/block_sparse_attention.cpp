@@ -999,6 +999,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         // and a D/2 that is not a multiple of 16 (D = 80, 112) take the scalar loop below.
         const int64_t full = std::min<int64_t>(bs, std::max<int64_t>(0, Lk - kt * bs)) / 16 * 16;
         const int64_t t16 = D2 / 16 * 16;
+        auto pairs_of_row = [&](const uint16_t* row, int64_t j, int64_t t_begin) {
+          for (int64_t t = t_begin; t < D2; ++t)
+            kt_out[t * bs + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+        };
         for (int64_t j0 = 0; j0 < full; j0 += 16) {
           const uint16_t* r0 = kr + (kt * bs + j0) * p.ks[2];
           for (int64_t t0 = 0; t0 < t16; t0 += 16) {
@@ -1007,18 +1011,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             transpose16x16_epi32(r);
             for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt_out + (t0 + i) * bs + j0, r[i]);
           }
-          for (int64_t j = j0; j < j0 + 16; ++j) {
-            const uint16_t* row = r0 + (j - j0) * p.ks[2];
-            for (int64_t t = t16; t < D2; ++t)
-              kt_out[t * bs + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
-          }
+          for (int64_t j = j0; j < j0 + 16; ++j) pairs_of_row(r0 + (j - j0) * p.ks[2], j, t16);
         }
         for (int64_t j = full; j < bs; ++j) {
           const int64_t c = kt * bs + j;
           if (c < Lk) {
-            const uint16_t* row = kr + c * p.ks[2];
-            for (int64_t t = 0; t < D2; ++t)
-              kt_out[t * bs + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+            pairs_of_row(kr + c * p.ks[2], j, 0);
           } else {
             for (int64_t t = 0; t < D2; ++t) kt_out[t * bs + j] = 0;
           }
