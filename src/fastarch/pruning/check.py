@@ -16,6 +16,12 @@ def _outputs(model, inputs):
         return flatten_tensors(model(*inputs, **model_call_kwargs(model)))
 
 
+def _max_diff(xs, ys, dtype=torch.float32) -> float:
+    """Max |x - y| over pairs of outputs, computed in ``dtype`` (0 for no outputs)."""
+    return max((float((x.to(dtype) - y.to(dtype)).abs().max()) for x, y in zip(xs, ys)),
+               default=0.0)
+
+
 def _diff_in_float64(a: nn.Module, b: nn.Module, inputs: tuple) -> float | None:
     """Max |a(x) - b(x)| with both models and the floating inputs in float64 (copies), or
     None when a model does not run in float64."""
@@ -25,9 +31,7 @@ def _diff_in_float64(a: nn.Module, b: nn.Module, inputs: tuple) -> float | None:
     try:
         a64, b64 = copy.deepcopy(a).double(), copy.deepcopy(b).double()
         x64 = tuple(to64(x) for x in inputs)
-        ya, yb = _outputs(a64, x64), _outputs(b64, x64)
-        return max(float((x.double() - y.double()).abs().max()) for x, y in zip(ya, yb)) \
-            if ya else 0.0
+        return _max_diff(_outputs(a64, x64), _outputs(b64, x64), torch.float64)
     except Exception:  # noqa: BLE001  (an op without float64 support: keep the fp32 verdict)
         return None
 
@@ -69,7 +73,7 @@ def check_model(model: nn.Module, inputs: tuple, ratio: float = 0.3, tol: float 
     rep2 = prune(exact, inputs, ratio=ratio, exact_only=True, graph=report.graph)
     masked = masked_copy(model, rep2)
     a, b = _outputs(exact, inputs), _outputs(masked, inputs)
-    diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b)) if a else 0.0
+    diff = _max_diff(a, b)
     scale = max([1.0] + [float(y.float().abs().max()) for y in b if y.numel()])
     res["max_diff"] = diff
     res["rel_diff"] = diff / scale
