@@ -185,14 +185,12 @@ def latency(index) -> dict:
     novel = ResNet(BasicBlock, [1, 2, 1, 1])
     t_novel = median_ms(lambda: retrieve(novel, k=10, index=index))
     # its two main parts: the graph read on meta, and MiniLM on the new description
-    from fastarch.retrieval.describe import describe, embed_texts
+    from fastarch.retrieval.describe import describe, embed_texts, query_in_bf16
     from fastarch.retrieval.retrieve import graph_of_module
 
     t_novel_graph = median_ms(lambda: graph_of_module(novel))
     description = describe(graph_of_module(novel))
     assert description not in index.row_of_description, "the new graph's description is known"
-    from fastarch.retrieval.describe import query_in_bf16
-
     t_novel_text = median_ms(lambda: embed_texts([description], bf16=query_in_bf16()))
     from fastarch.models.minilm import embed
 
@@ -673,8 +671,9 @@ LATENCY_NOTE = (
     "(`describe.query_threads`: two threads are several times slower when another job keeps "
     "the other core busy). The "
     "rest of a module query is the meta forward itself: the outputs of batch_norm, "
-    "convolution, addmm and mean are made directly (same metadata, "
-    "`retrieval/meta_shortcuts.py`) instead of by torch's Python meta kernels, and guessed "
+    "convolution, addmm, mean, layer_norm, SDPA's softmax and the common elementwise ops are "
+    "made directly (same metadata, `retrieval/meta_shortcuts.py`) instead of by torch's Python "
+    "meta kernels, and guessed "
     "inputs are made on meta, not filled on the CPU. Every query ends with the scan of the "
     "index, `ArchitectureIndex.scores` (a dot product per row on the calling thread: numpy's "
     "threaded OpenBLAS gemv took ~8 ms with the other core busy and its spinning workers "
