@@ -68,16 +68,23 @@ def test_meta_reading_gives_way_when_the_forward_needs_values():
     assert g.method == "trace" and "linear" in g.labels
 
 
-def test_known_description_reuses_the_stored_text(small_text_index, small_records, monkeypatch):
-    from fastarch.retrieval import describe as describe_mod
-    from fastarch.retrieval.graph import OpGraph
+@pytest.fixture
+def text_fused_index(small_text_index):
+    """The small index with its text fused at 0.3 into the search vectors, as the shipped one
+    does (its own copy of the feature space: the shared fixture is left as it is)."""
     from fastarch.retrieval.index import ArchitectureIndex
 
-    idx = ArchitectureIndex(small_text_index.entries, small_text_index.emb,
-                            small_text_index.text, small_text_index.space,
-                            small_text_index.meta)
-    idx.space.text_weight = 0.3
-    idx.search = idx.space.fuse(idx.emb, idx.text)
+    space = copy.copy(small_text_index.space)
+    space.text_weight = 0.3
+    return ArchitectureIndex(small_text_index.entries, small_text_index.emb,
+                             small_text_index.text, space, small_text_index.meta)
+
+
+def test_known_description_reuses_the_stored_text(text_fused_index, small_records, monkeypatch):
+    from fastarch.retrieval import describe as describe_mod
+    from fastarch.retrieval.graph import OpGraph
+
+    idx = text_fused_index
     calls = []
     real = describe_mod.embed_texts
     monkeypatch.setattr(describe_mod, "embed_texts",
@@ -199,11 +206,10 @@ def test_idle_cpus_does_not_count_this_process(tmp_path, monkeypatch, runnable, 
     (None, True, True), ("0", True, False), (None, False, False), ("1", False, False),
 ], ids=["bf16-cpu", "env-off", "no-bf16-cpu", "env-on-no-bf16-cpu"])
 def test_new_descriptions_are_encoded_in_bf16_only_on_bf16_cpus(
-        monkeypatch, small_text_index, small_records, env, has_bf16, expected):
+        monkeypatch, text_fused_index, small_records, env, has_bf16, expected):
     from fastarch.models import minilm
     from fastarch.retrieval import describe
     from fastarch.retrieval.graph import OpGraph
-    from fastarch.retrieval.index import ArchitectureIndex
 
     seen = []
     monkeypatch.setattr(minilm, "embed",
@@ -215,10 +221,7 @@ def test_new_descriptions_are_encoded_in_bf16_only_on_bf16_cpus(
     else:
         monkeypatch.setenv("FASTARCH_QUERY_BF16", env)
     assert describe.query_in_bf16() is expected
-    idx = ArchitectureIndex(small_text_index.entries, small_text_index.emb,
-                            small_text_index.text, copy.copy(small_text_index.space),
-                            small_text_index.meta)
-    idx.space.text_weight = 0.3  # fuse text, as the shipped index does
+    idx = text_fused_index
     g = OpGraph.from_dict(small_records["torchvision/resnet50"])
     g.params *= 3  # a description the index does not hold
     idx.query_vector(g)
