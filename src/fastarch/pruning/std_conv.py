@@ -29,12 +29,6 @@ def _std_conv_types() -> tuple:
     return tuple(getattr(mod, n) for n in _TIMM_CLASSES if hasattr(mod, n))
 
 
-def is_weight_standardized(module: nn.Module) -> bool:
-    """Whether ``module`` is one of timm's weight-standardised convolutions (exact type: a
-    subclass may compute its weight differently)."""
-    return type(module) in _std_conv_types()
-
-
 def standardized_weight(module: nn.Module) -> torch.Tensor:
     """The weight ``module.forward`` convolves with: the same ``F.batch_norm`` call as timm's
     (biased variance, ``eps``; ``gain * scale`` as the affine weight for the Scaled variants),
