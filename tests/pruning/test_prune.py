@@ -319,3 +319,55 @@ def test_check_model_tells_rounding_from_a_real_difference(monkeypatch):
     res = check.check_model(model, x, ratio=0.5, tol=1e-4)
     assert not res["ok"] and "pruned != masked" in res["reason"]
     assert res["max_diff_fp64"] == pytest.approx(1e-3, rel=1e-3)
+
+
+class GroupNormNet(nn.Module):
+    """conv -> GroupNorm -> conv, the GroupNorm as a module (``num_groups`` attribute) or as a
+    functional call with the group count written in the code."""
+
+    def __init__(self, groups, functional=False, affine=True):
+        super().__init__()
+        self.functional = functional
+        self.c1 = nn.Conv2d(3, 24, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, 24, affine=affine)
+        self.c2 = nn.Conv2d(24, 5, 3)
+        with torch.no_grad():  # distinct per-group magnitudes, so the ranking matters
+            self.c1.weight.mul_(torch.linspace(0.2, 2.0, 24).view(24, 1, 1, 1))
+            if affine:
+                self.norm.weight.uniform_(0.5, 1.5)
+                self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y = F.group_norm(y, 6) if self.functional else self.norm(y)
+        return self.c2(F.relu(y))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_loses_whole_groups_exactly(affine):
+    model = GroupNormNet(6, affine=affine).eval()
+    x = torch.randn(2, 3, 9, 9)
+    report = _equal_masked(model, x, ratio=0.5)
+    assert report.removed[0]["kind"] == "groups" and report.removed[0]["exact"]
+    # 3 of 6 groups of 4 channels removed; the group size is unchanged
+    assert model.c1.out_channels == 12 and model.norm.num_channels == 12
+    assert model.norm.num_groups == 3
+    assert run(model, x).shape == (2, 5, 7, 7)
+
+
+def test_group_norm_with_one_group_is_not_exact():
+    # one group normalises over all channels: removing some changes the statistics
+    model = GroupNormNet(1).eval()
+    x = torch.randn(2, 3, 9, 9)
+    report = prune(copy.deepcopy(model), x, ratio=0.5)
+    assert report.removed and not report.removed[0]["exact"]
+    assert not prune(model, x, ratio=0.5, exact_only=True).removed
+
+
+def test_group_norm_with_a_constant_group_count_is_left_whole():
+    model = GroupNormNet(6, functional=True).eval()
+    x = torch.randn(2, 3, 9, 9)
+    report = prune(model, x, ratio=0.5)
+    assert model.c1.out_channels == 24
+    assert any("group count" in reason for _, reason in report.skipped)
+    assert run(model, x).shape == (2, 5, 7, 7)

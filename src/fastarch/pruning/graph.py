@@ -327,6 +327,7 @@ class DependencyGraph:
         self.attention: list[AttentionSite] = []
         self.splits: list[tuple[str, torch.Tensor, int, int]] = []  # module, label, dim, pieces
         self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
+        self.group_norms: list[tuple[str, list[int], int]] = []  # module, channel ids, groups
         ep = export_model(model, example_inputs, timeout)
         self.ep = ep
         sig = ep.graph_signature
@@ -965,17 +966,43 @@ class DependencyGraph:
         x = self._tensor_label(node.args[0], env)
         groups = node.args[1]
         params = [self.label_of(a, env) for a in node.args[2:4]]
-        if x is not None and groups > 1:
-            # channels of one normalisation group go together
-            flat = self.full(x, _shape(node.args[0]))
-            flat = self.canon(flat)
-            if flat is not None and varying_dims(flat) == [1]:
-                ids = flat.reshape(-1)
-                per = ids.numel() // groups
-                for g in range(groups):
-                    self.uf.union_all(ids[g * per:(g + 1) * per])
-                self.constraints.append((flat, 1, where))  # the group count is a constant
-        return self._norm(node, env, where, 1, params, groups == 1)
+        if x is None or groups == 1:
+            # one group normalises over every channel, as LayerNorm does: removing channels
+            # changes the statistics, so the removal is not exact
+            return self._norm(node, env, where, 1, params, False)
+        flat = self.canon(self.full(x, _shape(node.args[0])))
+        owner = self._group_norm_owner(where, groups)
+        if owner is None:
+            self.block(x, "group_norm whose group count is a constant of the code (no "
+                          "num_groups attribute to update)", where)
+            return self._norm(node, env, where, 1, params, True)
+        if flat is None or varying_dims(flat) != [1]:
+            # channel labels that also vary along other dims: the channels stay as they are
+            self.constraints.append((self.full(x, _shape(node.args[0])), 1, where))
+            return self._norm(node, env, where, 1, params, True)
+        ids = flat.reshape(-1)
+        per = ids.numel() // groups
+        for g in range(groups):
+            part = ids[g * per:(g + 1) * per]
+            if bool((part < 0).any()):
+                self.block(part, "a GroupNorm group holding channels that cannot be removed", where)
+            else:
+                # a normalisation group is removed whole or not at all; removing whole groups
+                # leaves the others' statistics as they were, so it is exact
+                self.uf.union_all(part)
+        self.group_norms.append((owner, ids.tolist(), groups))
+        return self._norm(node, env, where, 1, params, True)
+
+    def _group_norm_owner(self, where: str, groups: int) -> str | None:
+        """The module whose ``num_groups`` attribute this group_norm call reads, when there is one
+        (nn.GroupNorm and its subclasses); None when the count is a constant of the code."""
+        try:
+            mod = self.model.get_submodule(where) if where else self.model
+        except AttributeError:
+            return None
+        if getattr(mod, "num_groups", None) != groups:
+            return None
+        return where
 
     def _op_embedding(self, node, env, where):
         w = self._param_arg(node, 0, env)
@@ -1108,6 +1135,9 @@ class DependencyGraph:
                 pd = self.param_dims.get((name, 0))
                 if pd is not None:
                     grouped_roots.update(root_of[pd.start:pd.start + pd.size])
+        for _, ids, groups in self.group_norms:
+            if len(ids) > groups:  # a unit holds a whole normalisation group of channels
+                grouped_roots.update(root_of[i] for i in ids)
         by_key: dict[tuple, list[int]] = {}
         for r, pos in units.items():
             if r in blocked_roots or r not in has_out:

@@ -88,6 +88,7 @@ def remove_units(model: nn.Module, graph: DependencyGraph, roots) -> dict[str, t
         _fix_module_attrs(model.get_submodule(mod_name) if mod_name else model, graph, mod_name)
     _fix_attention_attrs(model, graph, roots)
     _fix_split_attrs(model, graph, roots)
+    _fix_group_norm_attrs(model, graph, roots)
     return changed
 
 
@@ -170,3 +171,17 @@ def _fix_split_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
         new = sum(1 for i in flat if i < 0 or find(i) not in removed)
         if new != old:
             _set_matching(mod, WIDTH_ATTRS + ("embed_dim",), old, new)
+
+
+def _fix_group_norm_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
+    """GroupNorms lose whole groups (the graph unites each group's channels): the group count
+    drops with the channel count, the channels per group stay."""
+    find = graph.uf.find
+    removed = {find(r) for r in roots}
+    for where, ids, groups in graph.group_norms:
+        mod = model.get_submodule(where) if where else model
+        per = len(ids) // groups
+        kept = sum(1 for i in ids if find(i) not in removed)
+        if kept != len(ids):
+            mod.num_groups = kept // per
+            mod.num_channels = kept
