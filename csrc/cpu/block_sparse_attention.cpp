@@ -646,7 +646,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
   const float* relh = p.rel ? p.rel + h * (2 * p.rel_r + 1) : nullptr;
   const int64_t bd = p.Bd == 1 ? 0 : b;
 
-  const int64_t ldS = p.group * bs;  // row stride of the score buffer
+  const int64_t ldS = (p.group + 1) * bs;  // row stride of the score buffer (longest run)
   thread_local std::vector<int64_t> kts, slots;
   merged_tiles(p, row, kts, slots);
   for (int64_t t = t0; t < t1;) {
@@ -655,6 +655,12 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     // mask is applied to the partial tiles of the run only.
     int64_t g = 1;
     while (g < p.group && t + g < t1 && kts[t + g] == kt + g) ++g;
+    // A lone tile right after a full run joins it (the buffers hold group + 1 tiles): a run of its
+    // own would cost a second pass over the accumulator for a 1-tile-deep P V product. A sliding
+    // window row (5 tiles at window 256, block 64, D 64) is then one run instead of 4 + 1.
+    if (g == p.group && t + g < t1 && kts[t + g] == kt + g &&
+        (t + g + 1 == t1 || kts[t + g + 1] != kt + g + 1))
+      ++g;
     const int64_t tfirst = t;
     t += g;
     const int64_t c0 = kt * bs, n = std::min(g * bs, p.Lk - c0);
@@ -1070,7 +1076,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const int64_t nch = nsplit == 1 ? std::max<int64_t>(1, std::min(threads, total)) : total;
     const int64_t stride = nsplit == 1 ? nch : total;
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-      const int64_t gb = p.group * bs;
+      const int64_t gb = (p.group + 1) * bs;  // the longest run (attend_tiles)
       std::vector<float> scratch(size_t(2 * bs * D + 2 * gb * D + bs * gb + 2 * bs));
       float* qbuf = scratch.data();
       float* kbuf = qbuf + bs * D;

@@ -186,6 +186,21 @@ def test_bf16_many_tiles_odd_length(d):
     check(q, k, v, create_block_mask(sliding_window(100), q_len=257, block_size=64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("mask", ["causal", "window"])
+def test_lone_tile_joins_the_run_before_it(mask, d, dtype):
+    # Runs of consecutive key tiles hold up to 16384 / D keys (4 tiles of 64 at D 64, 2 at D 128);
+    # a lone tile right after a full run joins it. Causal at 300 keys: query tile 4 sees tiles
+    # 0-4, the last one partial and 44 keys long; the 256-key window at 400: rows of 5 tiles with
+    # partial tiles at both ends.
+    n = 300 if mask == "causal" else 400
+    fn = causal() if mask == "causal" else sliding_window(256)
+    q, k, v = qkv(1, 2, 1, n, n, d, dtype)
+    check(q, k, v, create_block_mask(fn, q_len=n, block_size=64))
+
+
 def test_empty_rows_give_zeros():
     # Queries 0..9 may see nothing; the others see the first 20 keys.
     spec = from_function(lambda b, h, qi, ki: (qi >= 10) & (ki < 20))
