@@ -92,6 +92,20 @@ def test_sparse_gemv_kernel_branches(batch, dtype):
                sg.sparse_gemv_index_reference(x, w_t, bias, idx), dtype)
 
 
+@needs_cpp
+@pytest.mark.parametrize("batch", [12, 19, 64], ids=lambda b: f"B{b}")
+def test_sparse_gemv_bf16_packed_chunks(batch):
+    # The packed bf16 path takes the active rows 64 pairs (128 rows) at a time: 263 inputs with
+    # 9 inactive in every batch row leave 127 pairs (an odd row paired with itself), i.e. one
+    # full chunk and a partial one, over a 1100-column output (two panels, a partial tile).
+    x, w, bias = _make(batch, 263, 1100, torch.bfloat16, seed=batch)
+    x[:, 100:109] = 0
+    w_t = fastarch.prepare_input_major(w)
+    for t in (0.0, 0.5):
+        _close(fastarch.sparse_gemv(x, w_t, bias, t), sg.sparse_gemv_reference(x, w_t, bias, t),
+               torch.bfloat16)
+
+
 _FORCED_DENSE = """
 import torch, fastarch
 from fastarch.ops import sparse_gemv as sg
