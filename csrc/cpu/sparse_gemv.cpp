@@ -502,6 +502,42 @@ inline void dot_rows_bf16(const c10::BFloat16* row, const c10::BFloat16* x, int6
   }
 }
 
+// out[r * ldo + b] = sum_k rows[r][k] * x[b, k] for 4 rows at once: each 32-k step of x is loaded
+// once for the 4 rows (the one-row tile loads the whole input again per row, which made the
+// gate / up products of sparse_mlp at batch 8 load-bound on x rather than on the weight).
+template <int NB>
+inline void dot_rows4_tile(const uint16_t* const* rows, const uint16_t* __restrict x, int64_t ldx,
+                           int64_t n, float* __restrict out, int64_t ldo) {
+  __m512 c[4][NB];
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) c[r][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 32) {
+    const __mmask32 m = tail_mask(n - k);
+    __m512bh w[4];
+    for (int r = 0; r < 4; ++r) w[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, rows[r] + k);
+    for (int b = 0; b < NB; ++b) {
+      const __m512bh xb = (__m512bh)_mm512_maskz_loadu_epi16(m, x + b * ldx + k);
+      for (int r = 0; r < 4; ++r) c[r][b] = _mm512_dpbf16_ps(c[r][b], w[r], xb);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int b = 0; b < NB; ++b) out[r * ldo + b] = _mm512_reduce_add_ps(c[r][b]);
+}
+
+// out (4, B) = the B dot products of each of the 4 rows.
+inline void dot_rows4_bf16(const uint16_t* const* rows, const c10::BFloat16* x, int64_t B,
+                           int64_t n, float* out) {
+  const uint16_t* xu = reinterpret_cast<const uint16_t*>(x);
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) dot_rows4_tile<4>(rows, xu + b * n, n, n, out + b, B);
+  switch (B - b) {
+    case 3: dot_rows4_tile<3>(rows, xu + b * n, n, n, out + b, B); break;
+    case 2: dot_rows4_tile<2>(rows, xu + b * n, n, n, out + b, B); break;
+    case 1: dot_rows4_tile<1>(rows, xu + b * n, n, n, out + b, B); break;
+    default: break;
+  }
+}
+
 // FASTARCH_GEMV_BF16_DOT=0 turns the bf16-dot kernels off (the widening kernels run instead), for
 // same-machine comparisons and to test those paths on such CPUs.
 bool bf16_dot_enabled() {
@@ -958,22 +994,51 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
         const auto* xv = reinterpret_cast<const c10::BFloat16*>(xb.data_ptr<scalar_t>());
         const auto* wib = reinterpret_cast<const c10::BFloat16*>(wi);
         const auto* wub = reinterpret_cast<const c10::BFloat16*>(wu);
+        const auto* wiu = reinterpret_cast<const uint16_t*>(wi);
+        const auto* wuu = reinterpret_cast<const uint16_t*>(wu);
         at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
-          std::vector<float> g(B), u(B);
-          for (int64_t k = k0; k < k1; ++k) {
-            const int64_t j = rows[k];
-            dot_rows_bf16(wib + j * hidden, xv, B, hidden, g.data());
-            bool any = false;
-            for (int64_t b = 0; b < B; ++b) {
-              g[b] = apply_act(act, bi ? g[b] + bi[j] : g[b]);
-              any = any || std::fabs(g[b]) > t;
+          std::vector<float> g(4 * B), u(4 * B);
+          // neurons k .. k + nr - 1: gate rows' activations in g (row-major (nr, B)) -> h
+          auto finish = [&](int64_t k, int64_t nr) {
+            bool any[4] = {false, false, false, false};
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t j = rows[k + r];
+              for (int64_t b = 0; b < B; ++b) {
+                float& gv = g[r * B + b];
+                gv = apply_act(act, bi ? gv + bi[j] : gv);
+                any[r] = any[r] || std::fabs(gv) > t;
+              }
             }
-            if (wub && any) dot_rows_bf16(wub + j * hidden, xv, B, hidden, u.data());
-            for (int64_t b = 0; b < B; ++b) {
-              float v = 0.f;
-              if (std::fabs(g[b]) > t) v = wu ? g[b] * (bu ? u[b] + bu[j] : u[b]) : g[b];
-              h[b * K + k] = v;
+            if (wub) {  // up rows only for neurons some batch row keeps
+              if (nr == 4 && any[0] && any[1] && any[2] && any[3]) {
+                const uint16_t* ur[4];
+                for (int r = 0; r < 4; ++r) ur[r] = wuu + rows[k + r] * hidden;
+                dot_rows4_bf16(ur, xv, B, hidden, u.data());
+              } else {
+                for (int64_t r = 0; r < nr; ++r)
+                  if (any[r]) dot_rows_bf16(wub + rows[k + r] * hidden, xv, B, hidden, &u[r * B]);
+              }
             }
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t j = rows[k + r];
+              for (int64_t b = 0; b < B; ++b) {
+                const float gv = g[r * B + b];
+                float v = 0.f;
+                if (std::fabs(gv) > t) v = wu ? gv * (bu ? u[r * B + b] + bu[j] : u[r * B + b]) : gv;
+                h[b * K + k + r] = v;
+              }
+            }
+          };
+          int64_t k = k0;
+          for (; k + 4 <= k1; k += 4) {
+            const uint16_t* gr[4];
+            for (int r = 0; r < 4; ++r) gr[r] = wiu + rows[k + r] * hidden;
+            dot_rows4_bf16(gr, xv, B, hidden, g.data());
+            finish(k, 4);
+          }
+          for (; k < k1; ++k) {
+            dot_rows_bf16(wib + rows[k] * hidden, xv, B, hidden, g.data());
+            finish(k, 1);
           }
         });
         return;

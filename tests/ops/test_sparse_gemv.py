@@ -214,6 +214,23 @@ def test_sparse_mlp_cpu(case, dtype, mode):
     _close(got, _mlp_ref(a, index, threshold), dtype)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [2, 7, 8], ids=lambda b: f"B{b}")
+def test_sparse_mlp_cpu_neuron_groups(batch, dtype):
+    # bf16 batches take the gate / up rows 4 neurons at a time: 42 neurons leave a rest of 2,
+    # and neurons whose gate is 0 in every batch row (rows 5 and 9 zeroed) skip their up row
+    # inside a group of 4, which then falls back to one row at a time for the up products.
+    a = _mlp((batch, 70, 42, True, "silu", True), dtype, seed=batch)
+    a["w_in"][[5, 9]] = 0
+    a["b_in"][[5, 9]] = 0
+    for index in (None, torch.tensor([9, 0, 5, 6, 7, 8, 41, 40, 3])):
+        got = fastarch.sparse_mlp(a["x"], a["w_in"], a["w_out_t"], w_up=a["w_up"],
+                                  b_in=a["b_in"], b_up=a["b_up"], b_out=a["b_out"],
+                                  neuron_index=index, threshold=0.01, activation="silu")
+        _close(got, _mlp_ref(a, index, 0.01), dtype)
+
+
 # ---- Triton (interpreted on CPU) -------------------------------------------------------------------
 def _triton_ready():
     return native.triton_available() and (
