@@ -118,6 +118,13 @@ for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3
         got = fastarch.sparse_gemv(x, w_t, bias, 0.4).float()
         want = sg.sparse_gemv_reference(x, w_t, bias, 0.4).float()
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+        w = w_t.t().contiguous()  # gather_gemv: (out, in) rows, dense above a fraction of them
+        for idx in (torch.tensor([32, 0, 5, 5, 17]), torch.arange(33).flip(0)):
+            for bb in (bias, None):
+                got = fastarch.gather_gemv(x, w, idx, bb).float()
+                want = sg.gather_gemv_reference(x, w, bb, idx).float()
+                torch.testing.assert_close(got, want, rtol=tol,
+                                           atol=tol * max(1.0, want.abs().max().item()))
 print("ok")
 """
 
@@ -126,9 +133,11 @@ print("ok")
 @pytest.mark.parametrize("env", [{"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "0"},
                                  {"FASTARCH_GEMV_DENSE_ABOVE": "-1"},
                                  {"FASTARCH_GEMV_DENSE_BATCH_ABOVE": "100000"},
-                                 {"FASTARCH_GEMV_BF16_DOT": "0"}],
+                                 {"FASTARCH_GEMV_BF16_DOT": "0"},
+                                 {"FASTARCH_GATHER_DENSE_ABOVE": "0"},
+                                 {"FASTARCH_GATHER_DENSE_ABOVE": "2"}],
                          ids=["dense-by-batch", "dense-by-density", "kernel-always",
-                              "no-bf16-dot"])
+                              "no-bf16-dot", "gather-dense", "gather-kernel"])
 def test_sparse_gemv_dispatch_branches_forced(env):
     # the thresholds are read once per process, so each forced branch runs in its own process
     out = subprocess.run([sys.executable, "-c", _FORCED_DENSE], env=dict(os.environ, **env),
