@@ -1137,7 +1137,7 @@ class DependencyGraph:
                     grouped_roots.update(root_of[pd.start:pd.start + pd.size])
         for _, ids, groups in self.group_norms:
             if len(ids) > groups:  # a unit holds a whole normalisation group of channels
-                grouped_roots.update(root_of[i] for i in ids)
+                grouped_roots.update(root_of[i] for i in ids if i >= 0)
         by_key: dict[tuple, list[int]] = {}
         for r, pos in units.items():
             if r in blocked_roots or r not in has_out:

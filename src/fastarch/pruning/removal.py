@@ -181,7 +181,7 @@ def _fix_group_norm_attrs(model: nn.Module, graph: DependencyGraph, roots) -> No
     for where, ids, groups in graph.group_norms:
         mod = model.get_submodule(where) if where else model
         per = len(ids) // groups
-        kept = sum(1 for i in ids if find(i) not in removed)
+        kept = sum(1 for i in ids if i < 0 or find(i) not in removed)
         if kept != len(ids):
             mod.num_groups = kept // per
             mod.num_channels = kept
