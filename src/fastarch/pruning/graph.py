@@ -970,15 +970,15 @@ class DependencyGraph:
             # one group normalises over every channel, as LayerNorm does: removing channels
             # changes the statistics, so the removal is not exact
             return self._norm(node, env, where, 1, params, False)
-        flat = self.canon(self.full(x, _shape(node.args[0])))
-        owner = self._group_norm_owner(where, groups)
-        if owner is None:
+        if not self._reads_num_groups(where, groups):
             self.block(x, "group_norm whose group count is a constant of the code (no "
                           "num_groups attribute to update)", where)
             return self._norm(node, env, where, 1, params, True)
+        full = self.full(x, _shape(node.args[0]))
+        flat = self.canon(full)
         if flat is None or varying_dims(flat) != [1]:
             # channel labels that also vary along other dims: the channels stay as they are
-            self.constraints.append((self.full(x, _shape(node.args[0])), 1, where))
+            self.constraints.append((full, 1, where))
             return self._norm(node, env, where, 1, params, True)
         ids = flat.reshape(-1)
         per = ids.numel() // groups
@@ -990,19 +990,18 @@ class DependencyGraph:
                 # a normalisation group is removed whole or not at all; removing whole groups
                 # leaves the others' statistics as they were, so it is exact
                 self.uf.union_all(part)
-        self.group_norms.append((owner, ids.tolist(), groups))
+        self.group_norms.append((where, ids.tolist(), groups))
         return self._norm(node, env, where, 1, params, True)
 
-    def _group_norm_owner(self, where: str, groups: int) -> str | None:
-        """The module whose ``num_groups`` attribute this group_norm call reads, when there is one
-        (nn.GroupNorm and its subclasses); None when the count is a constant of the code."""
+    def _reads_num_groups(self, where: str, groups: int) -> bool:
+        """Whether this group_norm call reads the ``num_groups`` attribute of the module it runs
+        in (nn.GroupNorm and its subclasses), which removal can update; False when the count is a
+        constant of the code."""
         try:
             mod = self.model.get_submodule(where) if where else self.model
         except AttributeError:
-            return None
-        if getattr(mod, "num_groups", None) != groups:
-            return None
-        return where
+            return False
+        return getattr(mod, "num_groups", None) == groups
 
     def _op_embedding(self, node, env, where):
         w = self._param_arg(node, 0, env)
