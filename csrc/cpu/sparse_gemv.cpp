@@ -866,11 +866,15 @@ at::Tensor sparse_gemv_index_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
 }
 
 // ---- gather_gemv ---------------------------------------------------------------------------------
+// rows per gather_gemv task: at least ~1M multiply-adds each (see rows_axpy)
+inline int64_t gather_grain(int64_t in, int64_t B) {
+  return std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, in * B));
+}
+
 template <typename T>
 void gather_rows_dot(const float* xf, int64_t B, int64_t in, const T* w, const int64_t* rows,
                      int64_t K, float* y) {
-  // grain: at least ~1M multiply-adds per task (see rows_axpy)
-  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, in * B));
+  const int64_t grain = gather_grain(in, B);
   // bf16 / fp16 rows are widened to fp32 once (F16C / shifts, into L1) and dotted from there: the
   // mixed-type dot was 0.11-0.2x of F.linear for fp16 on Zen 4 at batches 1-64 (2026-12-02).
   constexpr bool kWiden = !std::is_same_v<T, float>;
@@ -933,12 +937,11 @@ at::Tensor gather_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w,
     // (as sparse_mlp's gate / up rows)
     at::Tensor xb = x_in.contiguous();
     const auto* xv = xb.data_ptr<c10::BFloat16>();
-    const auto* wu = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+    const auto* wb = w.data_ptr<c10::BFloat16>();
+    const auto* wu = reinterpret_cast<const uint16_t*>(wb);
     const int64_t* rows = idx.data_ptr<int64_t>();
     float* yp = y.data_ptr<float>();
-    const int64_t grain =
-        std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, in * B));
-    at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+    at::parallel_for(0, K, gather_grain(in, B), [&](int64_t k0, int64_t k1) {
       std::vector<float> o(4 * B);
       int64_t k = k0;
       for (; k + 4 <= k1; k += 4) {
@@ -949,8 +952,7 @@ at::Tensor gather_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w,
           for (int64_t b = 0; b < B; ++b) yp[b * K + k + r] = o[r * B + b];
       }
       for (; k < k1; ++k) {
-        dot_rows_bf16(reinterpret_cast<const c10::BFloat16*>(wu + rows[k] * in), xv, B, in,
-                      o.data());
+        dot_rows_bf16(wb + rows[k] * in, xv, B, in, o.data());
         for (int64_t b = 0; b < B; ++b) yp[b * K + k] = o[b];
       }
     });
