@@ -915,6 +915,35 @@ double gather_dense_above(at::ScalarType dt, int64_t B) {
   return kNever;  // not measured: the kernel
 }
 
+// y[:, k] = full[:, idx[k]] for a (B, N) result. index_select along dim 1 takes ~3 ns per bf16
+// element here (a (64, 14336) gather cost 3 ms, 8% of the bf16 F.linear it follows); a plain
+// copy loop over the rows is several times faster, and all the rows in order need no copy at all.
+at::Tensor gather_columns(const at::Tensor& full, const at::Tensor& idx) {
+  const int64_t B = full.size(0), N = full.size(1), K = idx.numel();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  bool identity = K == N;
+  for (int64_t k = 0; identity && k < K; ++k) identity = ip[k] == k;
+  if (identity) return full;
+  at::Tensor y = at::empty({B, K}, full.options());
+  auto copy = [&](auto tag) {
+    using E = decltype(tag);
+    const E* src = static_cast<const E*>(full.data_ptr());
+    E* dst = static_cast<E*>(y.data_ptr());
+    at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)),
+                     [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const E* s = src + b * N;
+        E* d = dst + b * K;
+        for (int64_t k = 0; k < K; ++k) d[k] = s[ip[k]];
+      }
+    });
+  };
+  if (full.element_size() == 2) copy(uint16_t{});
+  else if (full.element_size() == 4) copy(uint32_t{});
+  else return full.index_select(1, idx);
+  return y;
+}
+
 at::Tensor gather_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w,
                            const std::optional<at::Tensor>& bias, const at::Tensor& index) {
   check_2d(x_in, "x");
@@ -928,7 +957,7 @@ at::Tensor gather_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w,
   const int64_t K = idx.numel();
   if (K > 0 && double(K) > gather_dense_above(x_in.scalar_type(), B) * double(out)) {
     at::Tensor full = bias.has_value() ? at::linear(x_in, w, *bias) : at::linear(x_in, w);
-    return full.index_select(1, idx);
+    return gather_columns(full.contiguous(), idx);
   }
   at::Tensor y = at::empty({B, K}, x_in.options().dtype(at::kFloat));
 #if defined(FASTARCH_BF16_DOT)

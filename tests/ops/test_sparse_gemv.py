@@ -119,7 +119,8 @@ for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3
         want = sg.sparse_gemv_reference(x, w_t, bias, 0.4).float()
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
         w = w_t.t().contiguous()  # gather_gemv: (out, in) rows, dense above a fraction of them
-        for idx in (torch.tensor([32, 0, 5, 5, 17]), torch.arange(33).flip(0)):
+        for idx in (torch.tensor([32, 0, 5, 5, 17]), torch.arange(33).flip(0), torch.arange(33),
+                torch.arange(32), torch.arange(1, 33)):  # all rows in order: no copy
             for bb in (bias, None):
                 got = fastarch.gather_gemv(x, w, idx, bb).float()
                 want = sg.gather_gemv_reference(x, w, bb, idx).float()
