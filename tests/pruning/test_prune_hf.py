@@ -96,3 +96,18 @@ def test_llama_hidden_width_runs():
     prune(model, (IDS,), ratio=0.25, prune_heads=False)
     assert model.model.embed_tokens.embedding_dim == 48 and model.config.hidden_size == 48
     assert logits(model, IDS).shape == (1, 7, 97)
+
+
+def test_llama_hidden_width_keeps_round_to_and_head_multiple():
+    # 6 query heads are left and the residual width must stay a multiple of them (the HF
+    # config's rule) and of round_to: 80 after rounding to 16 is not a multiple of 6, so the
+    # width kept is 96 (lcm 48), not 84
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+                                   vocab_size=97, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    prune(model, (IDS,), ratio=0.4, round_to=16)
+    heads, hidden = model.config.num_attention_heads, model.config.hidden_size
+    assert heads == 6 and hidden == 96
+    assert model.model.embed_tokens.embedding_dim == hidden
+    assert logits(model, IDS).shape == (1, 7, 97)

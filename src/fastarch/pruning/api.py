@@ -299,9 +299,12 @@ def plan_removal(graph: DependencyGraph, groups, scores, ratio: float, round_to:
     return roots
 
 
-def _hf_hidden_multiple(model, graph, groups, scores, roots):
+def _hf_hidden_multiple(model, graph, groups, scores, roots, round_to: int = 1):
     """Hugging Face configs require hidden_size % num_attention_heads == 0: keep a few more
-    residual channels when the plan would break that."""
+    residual channels when the plan would break that. With ``round_to`` the width kept is a
+    multiple of both where the group allows it (a 512-wide Llama pruned 30% with 6 heads left
+    and ``round_to=16`` keeps 384 channels, not 372), so ``round_to`` holds for the hidden
+    size too."""
     cfg = getattr(model, "config", None)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if cfg is None or emb is None or not graph.attention or \
@@ -319,7 +322,9 @@ def _hf_hidden_multiple(model, graph, groups, scores, roots):
             continue
         dropped = sorted((r for r in g.units if r in removed), key=lambda r: -scores.get(r, 0.0))
         kept = g.size - len(dropped)
-        while kept % multiple and dropped:
+        step = math.lcm(multiple, round_to)
+        step = step if -(-kept // step) * step <= g.size else multiple
+        while kept % step and dropped:
             removed.discard(dropped.pop(0))
             kept += 1
     return [r for r in roots if find(r) in removed]
@@ -606,7 +611,8 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
 
         def plan(r):
             roots = plan_removal(graph, groups, scores, r, round_to, global_ranking)
-            return _hf_hidden_multiple(model, graph, groups, scores, roots)
+            return _hf_hidden_multiple(model, graph, groups, scores, roots,
+                                       1 if global_ranking else round_to)
 
         if target == "ratio":
             r_used = ratio
