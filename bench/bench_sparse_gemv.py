@@ -114,6 +114,32 @@ def mlp_case(hidden, inter, dtype, batch, sparsity, rounds):
     return interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
 
 
+GATHER_SHAPES = {"14336x4096 (8B up/gate)": (14336, 4096), "8192x2048 (1B up/gate)": (8192, 2048)}
+GATHER_FRACTIONS = (1.0, 0.8, 0.5, 0.3)
+
+
+def gather_case(out_f, in_f, dtype, batch, fraction, rounds):
+    """F.linear over every row vs gather_gemv over a sorted random subset of the output rows
+    (Deja Vu style: only the rows a predictor lists), weights in the (out, in) layout of both."""
+    ws, _ = _gemv_weights(out_f, in_f, dtype)
+    n = len(ws)
+    xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(n)]
+    keep = max(1, int(round(fraction * out_f)))
+    idxs = [torch.randperm(out_f)[:keep].sort().values for _ in range(n)]
+    i = {"d": 0, "s": 0}
+
+    def dense():
+        i["d"] = (i["d"] + 1) % n
+        return F.linear(xs[i["d"]], ws[i["d"]])
+
+    def gathered():
+        i["s"] = (i["s"] + 1) % n
+        k = i["s"]
+        return fastarch.gather_gemv(xs[k], ws[k], idxs[k])
+
+    return interleaved({"dense": dense, "fastarch": gathered}, rounds=rounds)
+
+
 def _fmt_row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -132,6 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mlp", action="store_true", help="skip the sparse_mlp table")
     ap.add_argument("--no-gemv", action="store_true", help="skip the sparse_gemv table")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
+    ap.add_argument("--gather", action="store_true",
+                    help="add the gather_gemv table (listed output rows vs F.linear over all rows)")
     args = ap.parse_args(argv)
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -193,6 +221,24 @@ def main(argv=None) -> int:
                 row = _fmt_row([name, str(dtype).split(".")[-1], batch, f"{dense_ms:.2f}"] + cells)
                 lines.append(row)
                 print(row, flush=True)
+    if args.gather:
+        lines += ["", "### gather_gemv (only the listed output rows) vs F.linear over all rows", "",
+                  _fmt_row(["shape", "dtype", "batch", "dense ms"]
+                           + [f"rows={f:g}" for f in GATHER_FRACTIONS]),
+                  _fmt_row(["---"] * (4 + len(GATHER_FRACTIONS)))]
+        print("\n".join(lines[-4:]), flush=True)
+        for name, (o, i) in GATHER_SHAPES.items():
+            for dtype in dtypes:
+                for batch in batches:
+                    cells, dense_ms = [], None
+                    for frac in GATHER_FRACTIONS:
+                        res = gather_case(o, i, dtype, batch, frac, rounds)
+                        dense_ms = res["dense"] * 1e3 if dense_ms is None else dense_ms
+                        cells.append(f"{res['dense'] / res['fastarch']:.2f}x")
+                    row = _fmt_row([name, str(dtype).split(".")[-1], batch, f"{dense_ms:.2f}"]
+                                   + cells)
+                    lines.append(row)
+                    print(row, flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n\nCommand: `python bench/bench_sparse_gemv.py "
