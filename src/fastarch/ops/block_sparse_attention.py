@@ -299,6 +299,21 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     q, k, v, *rest = args
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the backward op has no derivative of its own, so
+        # differentiate the reference (it holds the (Lq, Lk) scores: memory grows with Lq * Lk)
+        want = [i for i in (0, 1, 2, rel_at) if ctx.needs_input_grad[i]]
+        ref_out, ref_lse = block_sparse_attention_reference(*args)
+        outs, cot = [ref_out], [grad_out]
+        if grad_lse is not None:
+            seen = torch.isfinite(ref_lse)  # rows that see nothing have lse -inf and no gradient
+            outs.append(torch.where(seen, ref_lse, 0.0))
+            cot.append(torch.where(seen, grad_lse, 0.0))
+        got = torch.autograd.grad(outs, [args[i] for i in want], cot, create_graph=True,
+                                  allow_unused=True)
+        for i, g in zip(want, got):
+            grads[i] = g
+        return tuple(grads)
     dq, dk, dv, drel = torch.ops.fastarch.block_sparse_attention_backward(
         grad_out.contiguous(), grad_lse, q, k, v, out, lse, *rest)
     for i, g in ((0, dq), (1, dk), (2, dv), (rel_at, drel)):

@@ -124,6 +124,15 @@ def _register_vjp_autograd(info: OpInfo) -> None:
         grads: list = [None] * len(args)
         if not want:
             return tuple(grads)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): differentiate the reference on the saved
+            # inputs themselves, so the gradients carry their graph back to them and grad_out
+            out = info.reference(*args)
+            got = torch.autograd.grad(out, [args[i] for i in want], grad_out, create_graph=True,
+                                      allow_unused=True)
+            for i, g in zip(want, got):
+                grads[i] = g
+            return tuple(grads)
         with torch.enable_grad():
             leaves = []
             for i in want:
