@@ -40,8 +40,13 @@ def _tile(acc, m_i, l_i, q, kt, rows, dcols, K, V, kbase, vbase, skl, svl, Lk, D
         s = tl.dot(q, tl.trans(k))
     s = s * scale
     if HAS_SOFTCAP:
-        # softcap * tanh(s / softcap), tanh(x) = 2 sigmoid(2x) - 1
-        s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)
+        # softcap * tanh(s / softcap), tanh(x) = 2 sigmoid(2x) - 1, which cancels for small |x|:
+        # there the odd series to x^9 (as the CPU kernel)
+        x = s / softcap
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315
+                                                                    + x2 * (62.0 / 2835)))))
+        s = softcap * tl.where(tl.abs(x) < 0.3, series, 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0)
     qpos = rows + q_offset
     if HAS_ALIBI:
         s = s + slope * (cols[None, :] - qpos[:, None]).to(tl.float32)

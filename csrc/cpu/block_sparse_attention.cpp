@@ -49,6 +49,8 @@ namespace fastarch {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row sums l are tested as !(l <= 0): a row that saw a NaN score has l = NaN and must give NaN
+// (as SDPA and the reference do), not the zeros of a row that saw nothing.
 
 
 template <typename T>
@@ -89,6 +91,7 @@ inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n,
 // exp(x) for x <= ~88, vectorisable: 2^t = 2^round(t) * 2^f, |f| <= 1/2, Taylor degree 7
 // (relative error ~1e-8 before rounding). Returns exactly 0 below 2^-126 (and for -inf).
 inline float fast_exp(float x) {
+  if (x != x) return x;  // NaN in, NaN out (a NaN score must reach the output, as in SDPA)
   float t = x * 1.4426950408889634f;
   t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
   const float r = std::nearbyint(t);
@@ -114,7 +117,8 @@ inline float fast_exp(float x) {
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 exp8(__m256 x) {
   __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
-  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  // (max / min return their second operand when one is NaN: t comes second, so NaN stays NaN)
+  t = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), t));
   const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, r), _mm256_set1_ps(0.6931471805599453f));
   __m256 p = _mm256_set1_ps(1.f / 5040.f);
@@ -154,7 +158,8 @@ inline float hsum8(__m256 v) {
 // products (the softmax rows were ~60% of the rest of a sliding-window call, perf, Zen 4).
 inline __m512 exp16(__m512 x) {
   __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+  // (max / min return their second operand when one is NaN: t comes second, so NaN stays NaN)
+  t = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), t));
   const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, r), _mm512_set1_ps(0.6931471805599453f));
   __m512 p = _mm512_set1_ps(1.f / 5040.f);
@@ -165,7 +170,7 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  const __mmask16 keep = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const __mmask16 keep = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);  // NaN kept
   return _mm512_maskz_scalef_ps(keep, p, r);
 }
 #endif
@@ -556,8 +561,13 @@ inline void score_mods_row(const Params& p, float* __restrict s, int64_t n, int6
     const float cap = p.softcap, inv_cap = 1.f / p.softcap;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      // tanh(x) = 1 - 2 / (exp(2x) + 1)
-      const float th = 1.f - 2.f / (fast_exp(2.f * s[j] * inv_cap) + 1.f);
+      // tanh(x) = 1 - 2 / (exp(2x) + 1), which cancels for small |x| (a cap of 1e6 over scores
+      // of ~10 lost all but a few bits): there the odd series to x^9 (error < 6e-8 relative
+      // below 0.3)
+      const float x = s[j] * inv_cap, x2 = x * x;
+      const float series =
+          x * (1.f + x2 * (-1.f / 3 + x2 * (2.f / 15 + x2 * (-17.f / 315 + x2 * (62.f / 2835)))));
+      const float th = std::fabs(x) < 0.3f ? series : 1.f - 2.f / (fast_exp(2.f * x) + 1.f);
       s[j] = cap * th;
       if (tanh_out) tanh_out[j] = th;
     }
@@ -783,8 +793,19 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
   TORCH_CHECK(k_in.size(3) == D && v_in.size(3) == D, "fastarch: q, k, v must share the head dim");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastarch: query heads (", Hq,
               ") must be a multiple of key/value heads (", Hkv, ")");
+  TORCH_CHECK(D >= 1, "fastarch: the head dim (q.size(3)) must be >= 1, got ", D);
   TORCH_CHECK(block_size >= 1 && block_size <= 256, "fastarch: block_size must be in [1, 256]");
-  TORCH_CHECK(softcap >= 0, "fastarch: softcap must be >= 0");
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap),
+              "fastarch: softcap must be finite and >= 0, got ", softcap);
+  TORCH_CHECK(std::isfinite(scale), "fastarch: scale must be finite, got ", scale);
+  // positions are int64 sums of these and of lengths: keep them far from overflow
+  constexpr int64_t kPosLimit = int64_t(1) << 40;
+  for (auto [v, n] : {std::pair<int64_t, const char*>{q_offset, "q_offset"},
+                      {window_left, "window_left"}, {window_right, "window_right"},
+                      {prefix_len, "prefix_len"}}) {
+    TORCH_CHECK(v > -kPosLimit && v < kPosLimit, "fastarch: ", n, " = ", v,
+                " is outside (-2^40, 2^40)");
+  }
   const int64_t bs = block_size;
   const int64_t Qt = (Lq + bs - 1) / bs, Kt = (Lk + bs - 1) / bs;
 
@@ -903,6 +924,10 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
                     q_doc_ids->size(1) == Lq && kv_doc_ids->size(1) == Lk,
                 "fastarch: q_doc_ids / kv_doc_ids must have shapes (B, Lq) / (B, Lk), got ",
                 q_doc_ids->sizes(), " and ", kv_doc_ids->sizes());
+    TORCH_CHECK(at::isIntegralType(q_doc_ids->scalar_type(), /*includeBool=*/false) &&
+                    at::isIntegralType(kv_doc_ids->scalar_type(), /*includeBool=*/false),
+                "fastarch: q_doc_ids / kv_doc_ids must be integer tensors, got ",
+                q_doc_ids->scalar_type(), " and ", kv_doc_ids->scalar_type());
     qd = q_doc_ids->to(at::kLong).contiguous();
     kd = kv_doc_ids->to(at::kLong).contiguous();
     p.q_doc = qd.data_ptr<int64_t>();
@@ -1104,8 +1129,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         for (int64_t i = 0; i < m; ++i) {
           const int64_t o = ((b * Hq + h) * Lq + r0 + i);
           const float l = lr[i];
-          store_row<scalar_t>(acc + i * D, op + o * D, D, l > 0 ? 1.f / l : 0.f);
-          lp[o] = l > 0 ? mr[i] + std::log(l) : kNegInf;
+          store_row<scalar_t>(acc + i * D, op + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
+          lp[o] = !(l <= 0.f) ? mr[i] + std::log(l) : kNegInf;
         }
       }
     });
@@ -1124,15 +1149,15 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             std::fill(tmp.begin(), tmp.end(), 0.f);
             for (int64_t s = 0; s < nsplit; ++s) {
               const int64_t w = item * nsplit + s;
-              const float a = pl[w * bs + i] > 0 ? std::exp(pm[w * bs + i] - mref) : 0.f;
+              const float a = !(pl[w * bs + i] <= 0.f) ? std::exp(pm[w * bs + i] - mref) : 0.f;
               if (a == 0.f) continue;
               l += a * pl[w * bs + i];
               const float* src = pacc.data() + (w * bs + i) * D;
               for (int64_t d = 0; d < D; ++d) tmp[d] += a * src[d];
             }
             const int64_t o = ((b * Hq + h) * Lq + r0 + i);
-            store_row<scalar_t>(tmp.data(), op + o * D, D, l > 0 ? 1.f / l : 0.f);
-            lp[o] = l > 0 ? mx + std::log(l) : kNegInf;
+            store_row<scalar_t>(tmp.data(), op + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
+            lp[o] = !(l <= 0.f) ? mx + std::log(l) : kNegInf;
           }
         }
       });

@@ -98,6 +98,9 @@ void nm_dispatch(const T* x, const T* v, const uint8_t* i, const T* b, T* y, int
 at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                          const std::optional<at::Tensor>& bias, int64_t n, int64_t m) {
   TORCH_CHECK(x.dim() == 2, "nm_linear: x must be 2-D (B, in)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "nm_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(),
               "nm_linear: values and indices must be 2-D with the same shape");
   TORCH_CHECK(indices.scalar_type() == at::kByte, "nm_linear: indices must be uint8");

@@ -679,6 +679,9 @@ void check_2d(const at::Tensor& t, const char* name) {
 }
 
 void check_weight(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kHalf,
+              "fastarch: x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "fastarch: ", name, " has dtype ",
               w.scalar_type(), " but x has dtype ", x.scalar_type());
   TORCH_CHECK(w.device() == x.device(), "fastarch: ", name, " is on ", w.device(),

@@ -368,8 +368,61 @@ def test_bad_input():
         block_sparse_attention(q, k, v, "causal")
     with pytest.raises(ValueError, match="softcap"):
         block_sparse_attention(q, k, v, bm, softcap=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        block_sparse_attention(q, k, v, bm, softcap=float("inf"))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            block_sparse_attention(q, k, v, bm, scale=bad)
+    with pytest.raises(ValueError, match="head dim >= 1"):
+        block_sparse_attention(q[..., :0], k[..., :0], v[..., :0], bm)
     with pytest.raises(ValueError, match="alibi_slopes"):
         block_sparse_attention(q, k, v, bm, alibi_slopes=torch.ones(3))
+
+
+def test_native_kernel_checks_scalars():
+    # what the wrapper rejects, the raw op rejects too (it is callable on its own)
+    q, k, v = qkv(1, 2, 2, 32, 32, 64, torch.float32)
+    bm = create_block_mask(document(lengths=[10, 22]), q_len=32, block_size=16)
+    base = list(_op_args(q, k, v, bm))
+    n = len(base)
+    cases = [({0: q[..., :0], 1: k[..., :0], 2: v[..., :0]}, "head dim"),
+             ({n - 2: float("inf")}, "scale must be finite"),
+             ({n - 1: float("nan")}, "softcap must be finite"),
+             ({n - 6: 2 ** 62}, "q_offset"),
+             ({n - 5: -(2 ** 50)}, "window_left"),
+             ({9: bm.q_doc_ids.float() + 0.5, 10: bm.kv_doc_ids.float()}, "integer tensors")]
+    for change, msg in cases:
+        args = list(base)
+        for i, val in change.items():
+            args[i] = val
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.fastarch.block_sparse_attention(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("lk", [9, 200, 3000], ids=lambda n: f"Lk{n}")
+def test_nan_reaches_the_rows_that_see_it(lk, dtype):
+    # A NaN key gives NaN in every row that may attend to it (as SDPA and the reference do),
+    # and leaves the rows that may not (masked before the softmax) as they were.
+    lq = 1 if lk == 3000 else lk  # 3000 keys, one query: the decode path, split over the keys
+    q, k, v = qkv(1, 2, 2, lq, lk, 64, dtype)
+    k[0, 0, lk // 3] = float("nan")
+    bm = create_block_mask(causal(), q_len=lq, kv_len=lk, q_offset=lk - lq)
+    out, lse = block_sparse_attention(q, k, v, bm, return_lse=True)
+    ref_out, ref_lse = reference(q, k, v, bm)
+    assert ref_out[0, 0].isnan().any() and not ref_out[0, 1].isnan().any()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("cap", [0.5, 50.0, 1e4, 1e6, 1e8])
+def test_softcap_large_caps_stay_accurate(cap):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1) cancels when s / cap is small: at a cap of 1e6 the output
+    # was off by 0.06, at 1e8 by 2.8; a huge cap must give plain attention's answer
+    q, k, v = qkv(1, 1, 1, 33, 33, 16, torch.float32)
+    check(q * 2, k * 2, v, create_block_mask(full(), q_len=33), softcap=cap)
 
 
 def test_native_kernel_checks_indices():
@@ -392,6 +445,7 @@ TRITON_CASES = {
                             50, 50, {}),
     "strided-fp32-D96-alibi-softcap": (strided(8), torch.float32, 96, 40, 40,
                                        {"alibi": True, "softcap": 3.0}),
+    "full-fp32-D64-softcap1e6": (full(), torch.float32, 64, 20, 20, {"softcap": 1e6}),
     "decode-Lq3-Lk100-D128": (causal(), torch.float32, 128, 3, 100, {}),
     "empty-rows": (from_function(lambda b, h, qi, ki: (qi >= 10) & (ki < qi)), torch.float32, 64,
                    33, 33, {}),

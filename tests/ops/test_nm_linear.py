@@ -107,3 +107,5 @@ def test_out_of_range_index_rejected_by_kernel():
     i[0, 0] = 7
     with pytest.raises(RuntimeError, match="indices"):
         torch.ops.fastarch.nm_linear(x, v, i, b, 2, 4)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.fastarch.nm_linear(x.double(), v.double(), i, b.double(), 2, 4)

@@ -418,6 +418,16 @@ def test_cpp_checks_guard_direct_op_calls():
         torch.ops.fastarch.sparse_gemv_index(x, w.t().contiguous(), None, torch.tensor([8]))
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.fastarch.gather_gemv(x, w, None, torch.tensor([4]))
+    # float64 (which the wrappers refuse) went through float-only loads and gave garbage
+    xd, wd = x.double(), w.double()
+    idx = torch.tensor([0, 2])
+    for call in (lambda: torch.ops.fastarch.sparse_gemv(xd.expand(2, 8), wd.t().contiguous(), None, 0.0),
+                 lambda: torch.ops.fastarch.sparse_gemv_index(xd, wd.t().contiguous(), None, idx),
+                 lambda: torch.ops.fastarch.gather_gemv(xd, wd, None, idx),
+                 lambda: torch.ops.fastarch.sparse_mlp(xd, wd, None, wd, None, None, None, idx,
+                                                       0.0, "silu")):
+        with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
+            call()
     with pytest.raises(RuntimeError, match="threshold"):
         torch.ops.fastarch.sparse_gemv(x, w.t().contiguous(), None, -1.0)
 

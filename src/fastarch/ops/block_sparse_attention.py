@@ -415,10 +415,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_qkv(q, k, v)
     _check_block_mask(block_mask, q, k)
     d = q.shape[-1]
+    if d < 1:
+        raise ValueError(f"q, k, v must have a head dim >= 1, got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     softcap = float(softcap)
-    if not softcap >= 0.0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be finite and >= 0, got {softcap}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (q.shape[1],):
             raise ValueError(f"alibi_slopes must be a tensor of shape ({q.shape[1]},)")
