@@ -38,7 +38,7 @@ import math
 import torch
 
 from fastarch import native
-from fastarch.ops.registry import OpInfo, register_op
+from fastarch.ops.registry import OpInfo, fake_checks, register_op
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_DIMS = (64, 80, 96, 128)  # tested; any D works on CPU
@@ -192,7 +192,23 @@ def block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_kv
     return out.to(q.dtype), lse.expand(q.shape[:3]).contiguous()
 
 
+_TENSOR_ARGS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                "tile_masks", "tile_mask_index", "q_doc_ids", "kv_doc_ids", "alibi_slopes",
+                "rel_bias")  # the tensors after (q, k, v), in the schema's order
+
+
+def _attention_fake_checks(op, q, k, v, args, more=None):
+    ok = q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+    named = {"k": k, "v": v, **dict(zip(_TENSOR_ARGS, args)), **(more or {})}
+    fake_checks(op, q, named, [(ok, "q, k, v must be 4-D (B, H, L, D)")] + ([
+        (k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], "q, k, v must share the head dim"),
+        (q.shape[3] >= 1, "the head dim must be >= 1"),
+        (k.shape[0] == q.shape[0] and v.shape[:3] == k.shape[:3],
+         "k and v must share q's batch and each other's heads and length")] if ok else []))
+
+
 def _fake(q, k, v, *args):
+    _attention_fake_checks("block_sparse_attention", q, k, v, args)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -253,6 +269,8 @@ def block_sparse_attention_backward_reference(grad_out, grad_lse, q, k, v, out, 
 
 
 def _backward_fake(grad_out, grad_lse, q, k, v, out, lse, *args):
+    _attention_fake_checks("block_sparse_attention_backward", q, k, v, args,
+                           {"grad_out": grad_out, "grad_lse": grad_lse, "out": out, "lse": lse})
     rel = args[_REL]
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
@@ -417,11 +435,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     d = q.shape[-1]
     if d < 1:
         raise ValueError(f"q, k, v must have a head dim >= 1, got {d}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)  # symbolic under dynamic shapes; finite for d >= 1
+    else:
+        scale = float(scale)
+        if not -math.inf < scale < math.inf:  # (comparisons, not math.isfinite: dynamo folds them)
+            raise ValueError(f"scale must be finite, got {scale}")
     softcap = float(softcap)
-    if not (softcap >= 0.0 and math.isfinite(softcap)):
+    if not 0.0 <= softcap < math.inf:
         raise ValueError(f"softcap must be finite and >= 0, got {softcap}")
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape != (q.shape[1],):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastarch import native
-from fastarch.ops.registry import OpInfo, register_op
+from fastarch.ops.registry import OpInfo, fake_checks, register_op
 
 PATTERNS = ((2, 4), (4, 8), (1, 4), (2, 8))
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,6 +40,12 @@ def nm_linear_reference(x, values, indices, bias, n, m):
 
 
 def _nm_linear_fake(x, values, indices, bias, n, m):
+    ok = x.dim() == 2 and values.dim() == 2 and n > 0 and m > n
+    fake_checks("nm_linear", x, {"values": values, "indices": indices, "bias": bias},
+                [(ok, "x and values must be 2-D, the pattern n:m with 0 < n < m")] + (
+                    [(values.shape[1] % n == 0 and x.shape[1] == values.shape[1] // n * m,
+                      f"x has {x.shape[1]} features, the {n}:{m} values stand for "
+                      f"{values.shape[1] // n * m}")] if ok else []))
     return x.new_empty((x.shape[0], values.shape[0]))
 
 

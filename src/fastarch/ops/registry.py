@@ -150,6 +150,19 @@ def _register_vjp_autograd(info: OpInfo) -> None:
     )
 
 
+def fake_checks(op: str, x: torch.Tensor, others: dict, shape_checks=()) -> None:
+    """What a fake (meta) kernel must refuse before it makes an output: tensors on another
+    device than ``x`` (one meta argument among CPU ones sends the call to the fake kernel, whose
+    uninitialised output would otherwise come back as the answer) and, through ``torch._check``
+    (symbolic shapes allowed), the shape rules of ``shape_checks``: (condition, message) pairs."""
+    for name, t in others.items():
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise RuntimeError(f"fastarch::{op}: {name} is on {t.device} but the first input is "
+                               f"on {x.device}")
+    for cond, msg in shape_checks:
+        torch._check(cond, lambda msg=msg: f"fastarch::{op}: {msg}")
+
+
 def op_backends(name: str) -> dict[str, str]:
     """Which backend serves each device for op `name` on this machine."""
     info = OPS[name]

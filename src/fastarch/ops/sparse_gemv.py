@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastarch import native
-from fastarch.ops.registry import OpInfo, register_op
+from fastarch.ops.registry import OpInfo, fake_checks, register_op
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 _ACT_ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -95,20 +95,37 @@ def sparse_mlp_reference(x, w_in, w_up, w_out_t, b_in, b_up, b_out, neuron_index
 
 
 # ---- fake kernels ------------------------------------------------------------------------------------
+def _gemv_fake_checks(op, x, w, in_dim, tensors, extra=()):
+    ok2 = x.dim() == 2 and w.dim() == 2
+    fake_checks(op, x, tensors, [(ok2, "x and the weight must be 2-D")] + (
+        [(x.shape[1] == w.shape[in_dim], f"x has {x.shape[1]} features, the weight "
+          f"{w.shape[in_dim]}")] + list(extra) if ok2 else []))
+
+
 def _sparse_gemv_fake(x, w_t, bias, threshold):
+    _gemv_fake_checks("sparse_gemv", x, w_t, 0, {"w_t": w_t, "bias": bias})
     return x.new_empty((x.shape[0], w_t.shape[1]))
 
 
 def _sparse_gemv_index_fake(x, w_t, bias, index):
+    _gemv_fake_checks("sparse_gemv_index", x, w_t, 0, {"w_t": w_t, "bias": bias, "index": index},
+                      [(index.dim() == 1, "index must be 1-D")])
     return x.new_empty((x.shape[0], w_t.shape[1]))
 
 
 def _gather_gemv_fake(x, w, bias, index):
+    _gemv_fake_checks("gather_gemv", x, w, 1, {"w": w, "bias": bias, "index": index},
+                      [(index.dim() == 1, "index must be 1-D")])
     return x.new_empty((x.shape[0], index.shape[0]))
 
 
 def _sparse_mlp_fake(x, w_in, w_up, w_out_t, b_in, b_up, b_out, neuron_index, threshold,
                      activation):
+    _gemv_fake_checks("sparse_mlp", x, w_in, 1, {
+        "w_in": w_in, "w_up": w_up, "w_out_t": w_out_t, "b_in": b_in, "b_up": b_up,
+        "b_out": b_out, "neuron_index": neuron_index},
+        [(w_out_t.dim() == 2 and w_out_t.shape[0] == w_in.shape[0],
+          "w_out_t must be (neurons, out) with w_in's neurons")])
     return x.new_empty((x.shape[0], w_out_t.shape[1]))
 
 
