@@ -109,3 +109,14 @@ def test_out_of_range_index_rejected_by_kernel():
         torch.ops.fastarch.nm_linear(x, v, i, b, 2, 4)
     with pytest.raises(RuntimeError, match="x must be float32"):
         torch.ops.fastarch.nm_linear(x.double(), v.double(), i, b.double(), 2, 4)
+
+
+def test_a_position_listed_twice_adds_up():
+    # hand-made metadata can list one position twice in a group: kernel and reference agree
+    # that the weight there is the sum of both values
+    x = torch.arange(8.0).view(1, 8)
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    indices = torch.tensor([[1, 1, 0, 3]], dtype=torch.uint8)
+    want = torch.tensor([[1 * 3.0 + 4 * 3.0 + 7 * 4.0]])
+    torch.testing.assert_close(nm_linear_reference(x, values, indices, None, 2, 4), want)
+    torch.testing.assert_close(nm_linear(x, values, indices, None, 2, 4), want)

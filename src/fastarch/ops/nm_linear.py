@@ -23,11 +23,12 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---- reference (the spec; fp32) -----------------------------------------------------------------
 def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Dense (out, in) weight from N:M ``values`` / ``indices``."""
+    """Dense (out, in) weight from N:M ``values`` / ``indices``. A position listed twice in one
+    group (never made by :func:`nm_compress`) holds the sum of its values, as the kernels read it."""
     out, kept = values.shape
     groups = kept // n
     dense = values.new_zeros((out, groups, m))
-    dense.scatter_(2, indices.long().reshape(out, groups, n), values.reshape(out, groups, n))
+    dense.scatter_add_(2, indices.long().reshape(out, groups, n), values.reshape(out, groups, n))
     return dense.reshape(out, groups * m)
 
 
