@@ -90,8 +90,11 @@ def test_gradient_wrt_x():
         ({"values": torch.randn(8, 8, dtype=torch.float64)}, TypeError, "values"),
         ({"bias": torch.randn(3)}, ValueError, "bias"),
         ({"x": torch.zeros(2, 16, dtype=torch.int32)}, TypeError, "x"),
+        ({"x": torch.tensor(1.0)}, ValueError, "x: last dim"),
+        ({"bias": [0.0] * 8}, TypeError, "bias must be a tensor"),
     ],
-    ids=["pattern", "x-width", "indices-dtype", "values-dtype", "bias-shape", "x-dtype"],
+    ids=["pattern", "x-width", "indices-dtype", "values-dtype", "bias-shape", "x-dtype", "x-0d",
+         "bias-list"],
 )
 def test_bad_inputs(change, err, match):
     x, v, i, b = _make(2, 8, 16, 2, 4, torch.float32)
@@ -120,3 +123,9 @@ def test_a_position_listed_twice_adds_up():
     want = torch.tensor([[1 * 3.0 + 4 * 3.0 + 7 * 4.0]])
     torch.testing.assert_close(nm_linear_reference(x, values, indices, None, 2, 4), want)
     torch.testing.assert_close(nm_linear(x, values, indices, None, 2, 4), want)
+
+
+def test_zero_input_features():
+    v, i = nm_compress(torch.randn(4, 0), 2, 4)
+    y = nm_linear(torch.randn(3, 0), v, i, torch.ones(4), 2, 4)
+    torch.testing.assert_close(y, torch.ones(3, 4))

@@ -410,6 +410,19 @@ def test_bad_inputs_name_the_argument():
             fastarch.sparse_gemv(x, w_t.cuda())
 
 
+def test_zero_input_features_give_the_bias():
+    # in_features = 0: every output is its bias (reshape(-1, 0) used to fail on such inputs)
+    x, b = torch.randn(3, 0), torch.randn(5)
+    want = b.expand(3, 5)
+    torch.testing.assert_close(fastarch.sparse_gemv(x, torch.randn(0, 5), b, 0.0), want)
+    torch.testing.assert_close(
+        fastarch.sparse_gemv_index(x, torch.randn(0, 5), torch.empty(0, dtype=torch.long), b), want)
+    torch.testing.assert_close(fastarch.gather_gemv(x, torch.randn(5, 0), torch.tensor([4, 1]), b),
+                               b[[4, 1]].expand(3, 2))
+    torch.testing.assert_close(fastarch.sparse_mlp(x, torch.randn(4, 0), torch.randn(4, 5)),
+                               torch.zeros(3, 5))
+
+
 @needs_cpp
 def test_cpp_checks_guard_direct_op_calls():
     # The raw op (no Python wrapper) must refuse out-of-range indices, never read out of bounds.

@@ -112,14 +112,17 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     if values.shape[1] % n:
         raise ValueError(f"values: its second dim must be a multiple of n ({n})")
     in_features = values.shape[1] // n * m
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x: last dim must be in_features={in_features}, got {x.shape[-1]}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x: last dim must be in_features={in_features}, got shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
     if bias is not None and (bias.shape != (values.shape[0],) or bias.dtype != x.dtype):
         raise ValueError(f"bias must have shape ({values.shape[0]},) and x's dtype")
     if len({t.device for t in (x, values, indices)} | ({bias.device} if bias is not None else set())) > 1:
         raise ValueError("x, values, indices and bias must be on the same device")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).contiguous()
+    x2 = (x.reshape(1, in_features) if x.dim() == 1 else x.flatten(0, -2)).contiguous()
     y = torch.ops.fastarch.nm_linear(x2, values.contiguous(), indices.contiguous(), bias, n, m)
     return y.reshape(*lead, values.shape[0])
 

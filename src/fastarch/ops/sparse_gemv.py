@@ -273,7 +273,8 @@ def _flatten(x: torch.Tensor, in_features: int, name: str = "x"):
         raise ValueError(
             f"{name} must have {in_features} features in its last dim, got shape {tuple(x.shape)}"
         )
-    return x.reshape(-1, in_features), x.shape[:-1]
+    # (flatten, not reshape(-1, n): that fails on empty inputs when n is 0)
+    return (x.reshape(1, in_features) if x.dim() == 1 else x.flatten(0, -2)), x.shape[:-1]
 
 
 def prepare_input_major(weight: torch.Tensor) -> torch.Tensor:
