@@ -82,7 +82,18 @@ class MaskSpec:
             bb = b if docs.shape[0] > 1 else torch.zeros_like(b)
             ok = ok & (docs[bb, q_idx] == docs[bb, kv_idx])
         if self.mask_mod is not None:
-            ok = ok & self.mask_mod(b, h, q_idx, kv_idx)
+            got = self.mask_mod(b, h, q_idx, kv_idx)
+            # On index tensors an integer result means "non-zero = may attend" (as bool() of
+            # it); a float result is an error. The bounds trace passes its own objects here.
+            if isinstance(got, torch.Tensor) and got.dtype != torch.bool:
+                if got.dtype.is_floating_point or got.dtype.is_complex:
+                    raise TypeError(f"the mask function of {self.name!r} must return a bool "
+                                    f"tensor (True = may attend), got {got.dtype}")
+                got = got != 0
+            elif isinstance(got, float):
+                raise TypeError(f"the mask function of {self.name!r} must return a bool tensor "
+                                f"(True = may attend), got float")
+            ok = ok & got
         return ok
 
     def __repr__(self) -> str:
@@ -220,12 +231,36 @@ def from_function(fn: MaskMod, *, per_batch: bool = False, per_head: bool = Fals
                     relative=relative, mod_block=int(block), period=int(period))
 
 
+def attn_mask_4d(attn_mask: torch.Tensor, batch: int, heads: int, q_len: int,
+                 kv_len: int) -> torch.Tensor:
+    """An SDPA-style ``attn_mask`` (bool, True = attend, or additive float: ``-inf`` / the
+    dtype's min = masked; broadcastable to ``(batch, heads, q_len, kv_len)``, keys past
+    ``kv_len`` ignored) as a bool ``(B', H', q_len, kv_len)`` with B' in (1, batch) and H' in
+    (1, heads); anything else is a clear error rather than a wrong mask."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError("attn_mask must be bool (True = attend) or an additive float mask, got "
+                        f"{attn_mask.dtype}")
+    if not 2 <= attn_mask.dim() <= 4:
+        raise ValueError(f"attn_mask must have 2 to 4 dims, got shape {tuple(attn_mask.shape)}")
+    if attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    m = attn_mask[..., :kv_len]
+    m = m.view((1,) * (4 - m.dim()) + tuple(m.shape))  # torch broadcasting: leading dims are 1
+    want = (batch, heads, q_len, kv_len)
+    if any(s not in (1, w) for s, w in zip(m.shape, want)):
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(batch, heads, q_len, kv_len) = {want}")
+    return m.expand(m.shape[0], m.shape[1], q_len, kv_len)
+
+
 def from_dense(mask: torch.Tensor, q_offset: int = 0, name: str = "dense") -> MaskSpec:
     """A boolean mask tensor ``(Lq, Lk)``, ``(B, Lq, Lk)`` or ``(B, H, Lq, Lk)`` (True = attend);
     its row i is the query at position ``i + q_offset``."""
     if mask.dtype != torch.bool or mask.dim() not in (2, 3, 4):
         raise ValueError("mask must be a bool tensor of 2, 3 or 4 dims")
-    m4 = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m4 = mask if mask.dim() == 4 else mask.unsqueeze(1) if mask.dim() == 3 else mask[None, None]
 
     def mod(b, h, q, kv):
         bb = b if m4.shape[0] > 1 else torch.zeros_like(b)

@@ -107,9 +107,8 @@ class BlockSparseAttention(nn.Module):
     def _dense_block_mask(self, q, k, attn_mask):
         b, hq, lq = q.shape[:3]
         lk = k.shape[2]
-        if attn_mask.dtype != torch.bool:  # additive float mask: -inf / min = masked
-            attn_mask = attn_mask > torch.finfo(attn_mask.dtype).min / 2
-        spec = M.and_masks(self.mask, M.from_dense(attn_mask[..., :lk], q_offset=lk - lq))
+        dense = M.attn_mask_4d(attn_mask, b, hq, lq, lk)
+        spec = M.and_masks(self.mask, M.from_dense(dense, q_offset=lk - lq))
         return create_block_mask(spec, q_len=lq, kv_len=lk, batch=b, heads=hq,
                                  block_size=self.block_size, q_offset=lk - lq, device=q.device,
                                  cache=False)

@@ -22,6 +22,8 @@ class KeyBlockSummary:
     """Per-block channel min / max of the keys ``(B, Hkv, Kt, D)``, extended as keys arrive."""
 
     def __init__(self, block_size: int = 64):
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         self.block_size = block_size
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
@@ -224,12 +226,11 @@ class TopKAttention(torch.nn.Module):
         from fastarch.attention.block_mask import create_block_mask
         from fastarch.ops.block_sparse_attention import dense_mask
 
-        if attn_mask.dtype != torch.bool:  # additive float mask: -inf / min = masked
-            attn_mask = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        b, hq = q.shape[:2]
+        dense = M.attn_mask_4d(attn_mask, b, hq, lq, lk)
         allowed = dense_mask(lq, lk, *bm.op_args(), bm.block_size, bm.q_offset, bm.window_left,
                              bm.window_right, bm.prefix_len)
-        allowed = allowed & attn_mask[..., :lk]
-        b, hq = q.shape[:2]
+        allowed = allowed & dense
         return create_block_mask(M.from_dense(allowed, q_offset=lk - lq, name=self.name),
                                  q_len=lq, kv_len=lk, batch=b, heads=hq,
                                  block_size=self.block_size, q_offset=lk - lq, device=q.device,

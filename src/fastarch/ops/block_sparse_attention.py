@@ -77,6 +77,15 @@ class BlockMask:
     tile_masks: torch.Tensor | None = None  # (P, bs, bs) bool
     tile_mask_index: torch.Tensor | None = None  # like kv_indices, -1 = no bitmap
 
+    def __post_init__(self):
+        # plain ints are range-checked; symbolic ones (built inside torch.compile) pass through
+        for name, lo, hi in (("block_size", 1, 256), ("q_len", 0, None), ("kv_len", 0, None)):
+            val = getattr(self, name)
+            if not isinstance(val, (int, torch.SymInt)) or isinstance(val, bool) or (
+                    isinstance(val, int) and (val < lo or (hi is not None and val > hi))):
+                rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+                raise ValueError(f"BlockMask: {name} must be an int {rng}, got {val!r}")
+
     @property
     def num_q_tiles(self) -> int:
         return -(-self.q_len // self.block_size)
