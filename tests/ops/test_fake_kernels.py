@@ -82,3 +82,13 @@ def test_all_meta_gives_the_output_shapes():
     out, lse = ops.block_sparse_attention(*[t.to(M) if isinstance(t, torch.Tensor) else t
                                             for t in _attn_args()])
     assert out.shape == (1, 2, 9, 16) and lse.shape == (1, 2, 9) and lse.dtype == torch.float32
+
+
+def test_wrappers_on_meta_inputs():
+    # (their index range check reads values, which meta tensors do not have)
+    x = torch.randn(3, 8, device=M)
+    idx = torch.tensor([1, 2], device=M)
+    assert fastarch.gather_gemv(x, torch.randn(5, 8, device=M), idx).shape == (3, 2)
+    assert fastarch.sparse_gemv_index(x, torch.randn(8, 5, device=M), idx).shape == (3, 5)
+    assert fastarch.sparse_mlp(x, torch.randn(6, 8, device=M), torch.randn(6, 5, device=M),
+                               neuron_index=idx).shape == (3, 5)
