@@ -2,6 +2,7 @@
 
     python bench/bench_sparse_gemv.py             # tables -> bench/results/sparse_gemv.md
     python bench/bench_sparse_gemv.py --quick     # fewer shapes and rounds
+    python bench/bench_sparse_gemv.py --gather --no-gemv --no-mlp   # gather_gemv (listed rows)
     pytest bench/bench_sparse_gemv.py --benchmark-only    # pytest-benchmark view
 
 Each kernel and its baseline run in interleaved rounds (bench/timing.py); weights are cycled
