@@ -61,6 +61,8 @@ def latency_models(size):
         "vit_small_patch16_224": lambda: timm.create_model(
             "vit_small_patch16_224", pretrained=False, img_size=size),
         "llama-shaped (512 x 4 layers)": _decoder,
+        "llama-shaped (1024 x 8 layers)": lambda: _decoder(hidden=1024, layers=8, inter=2816,
+                                                           heads=16, kv=4),
     }
 
 
@@ -75,14 +77,15 @@ def latency_case(name, make, batch, size, seq, rounds, round_to, ratios=(0.3, 0.
     else:
         x = (torch.randn(batch, 3, size, size),)
         small = (torch.randn(1, 3, size, size),)
-    base_macs = count_flops(model, small) / 2
+    # MACs on the inputs that are timed (a meta-device pass: shapes only, cheap at any batch)
+    base_macs = count_flops(model, x) / 2
     variants = {"dense": model}
     macs = {"dense": base_macs}
     for ratio in ratios:
         pruned = copy.deepcopy(model)
         prune(pruned, small, ratio=ratio, round_to=round_to)
         variants[ratio] = pruned
-        macs[ratio] = count_flops(pruned, small) / 2
+        macs[ratio] = count_flops(pruned, x) / 2
     calls = {k: (lambda mod=m, x=x: mod(*x)) for k, m in variants.items()}
     with torch.no_grad():
         ms = {k: 1000 * v for k, v in interleaved(calls, rounds=rounds, warmup=1).items()}
