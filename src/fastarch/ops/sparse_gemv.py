@@ -295,6 +295,10 @@ def sparse_gemv(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = 
         bias: optional ``(out,)``.
         threshold: channels with ``|x| <= threshold`` are skipped; must be ``>= 0``.
 
+    The weight is taken to be finite: the row of a skipped channel is usually not read, so an
+    inf / NaN there reaches the output only on the paths that read every row (large batches),
+    where the masked product ``0 * inf`` gives NaN as in the reference.
+
     Example:
         >>> w_t = prepare_input_major(linear.weight)
         >>> y = sparse_gemv(x, w_t, linear.bias, threshold=0.05)
