@@ -371,3 +371,14 @@ def test_group_norm_with_a_constant_group_count_is_left_whole():
     assert model.c1.out_channels == 24
     assert any("group count" in reason for _, reason in report.skipped)
     assert run(model, x).shape == (2, 5, 7, 7)
+
+
+def test_ignore_names_are_checked():
+    model = Zoo().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="'nope', which is not a module"):
+        prune(model, x, ratio=0.5, ignore=["nope"])
+    prune(model, x, ratio=0.5, ignore="a")  # one name, not its characters
+    assert model.a.out_channels == 16
+    with pytest.raises(ValueError, match="calib is empty"):
+        prune(Zoo().eval(), x, ratio=0.5, importance="activation", calib=[])

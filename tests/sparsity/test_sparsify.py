@@ -223,3 +223,21 @@ def test_sparsified_model_compiles_without_graph_breaks():
         assert explain.graph_break_count == 0, explain.break_reasons
         compiled = torch.compile(layer.mlp, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_calib_forms():
+    # one tensor / one dict is one batch (it was iterated by rows / keys); empty is an error
+    for calib in (_ids(), {"input_ids": _ids()}):
+        report = fastarch.sparsify(_hf("llama"), sparsity=0.5, calib=calib)
+        assert report.calibration == "1 calibration batches" and report.modules
+    with pytest.raises(ValueError, match="calib is empty"):
+        fastarch.sparsify(_hf("llama"), sparsity=0.5, calib=[])
+
+
+def test_timm_vit_synthetic_calib_uses_the_model_image_size():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, depth=1, num_classes=5).eval()
+    with pytest.warns(UserWarning, match="synthetic"):
+        report = fastarch.sparsify(model, sparsity=0.4)
+    assert len(report.modules) == 2

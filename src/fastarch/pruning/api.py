@@ -246,9 +246,16 @@ def _check_args(model, example_inputs, ratio, importance, target, round_to, patt
 
 def _ignored_prefixes(model: nn.Module, ignore) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
+    known = set(names.values())
     out = []
+    if isinstance(ignore, (str, nn.Module)):  # one name or module, not an iterable of them
+        ignore = [ignore]
     for item in ignore or ():
         if isinstance(item, str):
+            if item not in known:
+                close = sorted(n for n in known if n.endswith("." + item))[:3]
+                hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                raise ValueError(f"ignore lists {item!r}, which is not a module of model{hint}")
             out.append(item)
         elif isinstance(item, nn.Module):
             if id(item) not in names:
@@ -508,6 +515,9 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
     """
     t_start = time.perf_counter()
     example_inputs = _check_args(model, example_inputs, ratio, importance, target, round_to, pattern)
+    if isinstance(calib, (list, tuple)) and not calib:
+        raise ValueError("calib is empty: give at least one batch, or None to score on "
+                         "example_inputs")
     block_report = None
     from fastarch.pruning.depth import BLOCK_IMPORTANCES, prune_blocks
 

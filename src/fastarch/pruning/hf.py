@@ -183,6 +183,8 @@ def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
     missing = [m for m in missing if m not in tied]
     if unexpected:
         raise ValueError(f"path: unexpected weights {unexpected[:5]}")
+    if missing:  # a weight the rebuilt model has and the checkpoint lacks would stay as built
+        raise ValueError(f"path: the checkpoint lacks weights of the rebuilt model {missing[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()

@@ -60,6 +60,20 @@ class SparsityReport:
         return "\n".join(lines)
 
 
+def _calib_list(calib) -> list:
+    """calib as a list of batches; one tensor or one dict is one batch, not rows or keys."""
+    if isinstance(calib, (torch.Tensor, dict)):
+        return [calib]
+    try:
+        out = list(calib)
+    except TypeError:
+        raise TypeError("calib must be an iterable of batches (tensors, tuples or dicts of model "
+                        f"inputs), got {type(calib).__name__}") from None
+    if not out:
+        raise ValueError("calib is empty: give at least one batch, or None for synthetic inputs")
+    return out
+
+
 def _default_calibration(model: nn.Module, kind: adapters.ModelKind, seed: int = 0):
     """Synthetic batches when the caller gives none (real text or images calibrate better)."""
     g = torch.Generator().manual_seed(seed)
@@ -70,6 +84,9 @@ def _default_calibration(model: nn.Module, kind: adapters.ModelKind, seed: int =
                 for _ in range(4)]
     if kind.family == "timm":
         size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+        img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img is not None:  # built with another img_size than its pretrained config's
+            size = (size[0], *(tuple(img) if isinstance(img, (tuple, list)) else (img, img)))
         return [torch.randn(2, *size, generator=g).to(device) for _ in range(2)]
     raise ValueError("calib is required for a model fastarch does not know")
 
@@ -142,7 +159,7 @@ def _apply_teal(model, kind, sparsity, calib, scope, refine, report):
         calib = _default_calibration(model, kind)
         report.calibration = "synthetic calibration"
     else:
-        calib = list(calib)
+        calib = _calib_list(calib)
         report.calibration = f"{len(calib)} calibration batches"
     was_training = model.training
     model.eval()
