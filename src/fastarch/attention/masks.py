@@ -85,15 +85,12 @@ class MaskSpec:
             got = self.mask_mod(b, h, q_idx, kv_idx)
             # On index tensors an integer result means "non-zero = may attend" (as bool() of
             # it); a float result is an error. The bounds trace passes its own objects here.
-            if isinstance(got, torch.Tensor) and got.dtype != torch.bool:
-                if got.dtype.is_floating_point or got.dtype.is_complex:
-                    raise TypeError(f"the mask function of {self.name!r} must return a bool "
-                                    f"tensor (True = may attend), got {got.dtype}")
-                got = got != 0
-            elif isinstance(got, float):
+            tensor = isinstance(got, torch.Tensor)
+            if isinstance(got, float) or tensor and (got.dtype.is_floating_point
+                                                     or got.dtype.is_complex):
                 raise TypeError(f"the mask function of {self.name!r} must return a bool tensor "
-                                f"(True = may attend), got float")
-            ok = ok & got
+                                f"(True = may attend), got {got.dtype if tensor else 'float'}")
+            ok = ok & (got != 0 if tensor and got.dtype != torch.bool else got)
         return ok
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastarch import native
-from fastarch.ops.registry import OpInfo, fake_checks, register_op
+from fastarch.ops.registry import OpInfo, fake_checks, flatten_rows, register_op
 
 PATTERNS = ((2, 4), (4, 8), (1, 4), (2, 8))
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,7 +122,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
     if len({t.device for t in (x, values, indices)} | ({bias.device} if bias is not None else set())) > 1:
         raise ValueError("x, values, indices and bias must be on the same device")
     lead = x.shape[:-1]
-    x2 = (x.reshape(1, in_features) if x.dim() == 1 else x.flatten(0, -2)).contiguous()
+    x2 = flatten_rows(x, in_features).contiguous()
     y = torch.ops.fastarch.nm_linear(x2, values.contiguous(), indices.contiguous(), bias, n, m)
     return y.reshape(*lead, values.shape[0])
 

@@ -124,23 +124,17 @@ def _register_vjp_autograd(info: OpInfo) -> None:
         grads: list = [None] * len(args)
         if not want:
             return tuple(grads)
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): differentiate the reference on the saved
-            # inputs themselves, so the gradients carry their graph back to them and grad_out
-            out = info.reference(*args)
-            got = torch.autograd.grad(out, [args[i] for i in want], grad_out, create_graph=True,
-                                      allow_unused=True)
-            for i, g in zip(want, got):
-                grads[i] = g
-            return tuple(grads)
+        # create_graph=True (double backward) runs this with grad enabled: differentiate the
+        # reference on the saved inputs themselves, so the gradients carry their graph back to
+        # them and to grad_out; otherwise on detached copies, a graph of the reference alone
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            leaves = []
-            for i in want:
-                leaf = args[i].detach().requires_grad_(True)
-                args[i] = leaf
-                leaves.append(leaf)
+            if not create_graph:
+                for i in want:
+                    args[i] = args[i].detach().requires_grad_(True)
             out = info.reference(*args)
-            got = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+            got = torch.autograd.grad(out, [args[i] for i in want], grad_out,
+                                      create_graph=create_graph, allow_unused=True)
         for i, g in zip(want, got):
             grads[i] = g
         return tuple(grads)
@@ -161,6 +155,12 @@ def fake_checks(op: str, x: torch.Tensor, others: dict, shape_checks=()) -> None
                                f"on {x.device}")
     for cond, msg in shape_checks:
         torch._check(cond, lambda msg=msg: f"fastarch::{op}: {msg}")
+
+
+def flatten_rows(x: torch.Tensor, features: int) -> torch.Tensor:
+    """``x (..., features)`` as ``(rows, features)`` for the 2-D ops; ``flatten``, not
+    ``reshape(-1, features)``, which fails on empty inputs when ``features`` is 0."""
+    return x.reshape(1, features) if x.dim() == 1 else x.flatten(0, -2)
 
 
 def op_backends(name: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastarch import native
-from fastarch.ops.registry import OpInfo, fake_checks, register_op
+from fastarch.ops.registry import OpInfo, fake_checks, flatten_rows, register_op
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 _ACT_ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -273,8 +273,7 @@ def _flatten(x: torch.Tensor, in_features: int, name: str = "x"):
         raise ValueError(
             f"{name} must have {in_features} features in its last dim, got shape {tuple(x.shape)}"
         )
-    # (flatten, not reshape(-1, n): that fails on empty inputs when n is 0)
-    return (x.reshape(1, in_features) if x.dim() == 1 else x.flatten(0, -2)), x.shape[:-1]
+    return flatten_rows(x, in_features), x.shape[:-1]
 
 
 def prepare_input_major(weight: torch.Tensor) -> torch.Tensor:
