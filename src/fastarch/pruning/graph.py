@@ -328,6 +328,9 @@ class DependencyGraph:
         self.splits: list[tuple[str, torch.Tensor, int, int]] = []  # module, label, dim, pieces
         self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
         self.group_norms: list[tuple[str, list[int], int]] = []  # module, channel ids, groups
+        self.split_ids: set[int] = set()  # channels whose dim was cut into several (heads)
+        # parameter label, activation label it is broadcast against, module
+        self.shared_params: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         ep = export_model(model, example_inputs, timeout)
         self.ep = ep
         sig = ep.graph_signature
@@ -539,6 +542,7 @@ class DependencyGraph:
             if lab is not None and all(i != j for j, _, _ in param_items):
                 off = len(out_shape) - lab.dim()
                 act_vary.update(off + d for d in varying_dims(lab))
+        shared = []
         for i, raw, lab in param_items:
             off = len(out_shape) - lab.dim()
             pv = {off + d for d in varying_dims(lab)}
@@ -547,6 +551,12 @@ class DependencyGraph:
             if has_act and not pv <= act_vary:
                 self.block(lab)
                 items[i] = (None, items[i][1])
+            elif has_act and pv and pv < act_vary and self._from_split(items, param_items):
+                # broadcast along a labelled dim (Qwen3's q_norm weight, shared by every head):
+                # whether it goes with the channels or stays whole depends on units that are
+                # only known after propagation (see _resolve_shared)
+                shared.append(lab)
+                items[i] = (None, (1,) * len(items[i][1]) if items[i][1] is not None else None)
         labelled = [lab for lab, _ in items if lab is not None]
         if not labelled:
             return None
@@ -572,7 +582,11 @@ class DependencyGraph:
                 out[only_f] = f[only_f]
         out = self.canon(out)
         if out is None:
+            for lab in shared:
+                self.block(lab)
             return None
+        for lab in shared:
+            self.shared_params.append((lab, out, where))
         vary = varying_dims(out)
         for lab, shp in items:
             # an input with no channel labels but full extent along a labelled dim (a constant,
@@ -673,7 +687,13 @@ class DependencyGraph:
         result = node.target(*new_args, **kwargs)
         if isinstance(result, (list, tuple)):
             return [self.canon(r) for r in result]
-        return self.canon(result)
+        out = self.canon(result)
+        if name in ("view", "reshape", "_unsafe_view", "unflatten") and out is not None and \
+                isinstance(src, torch.Tensor) and \
+                len(varying_dims(out)) > len(varying_dims(self.canon(src))):
+            # one channel dim cut into several (heads x head dim, groups x channels)
+            self.split_ids.update(torch.unique(out[out >= 0]).tolist())
+        return out
 
     @staticmethod
     def _touched_dims(name, args, src):
@@ -728,12 +748,14 @@ class DependencyGraph:
         dims = sorted({d % lab.dim() for d in dims})
         vary = set(varying_dims(lab))
         reduced_vary = [d for d in dims if d in vary]
-        if reduced_vary and name in INEXACT_REDUCTIONS:
-            self.inexact.update(torch.unique(lab[lab >= 0]).tolist())
         out = lab
         if reduced_vary and not (vary - set(dims)):
             out = None  # a statistic over all channels (e.g. RMSNorm): carries no channel
+            if name in INEXACT_REDUCTIONS:  # removing channels changes it
+                self.inexact.update(torch.unique(lab[lab >= 0]).tolist())
         else:
+            # a statistic per unit (Qwen3's q_norm over one head's channels): the constraint
+            # keeps each reduced row inside one unit, which goes whole, so the others are exact
             for d in reduced_vary:
                 self.constraints.append((lab, d, where))
             for d in dims:
@@ -865,6 +887,8 @@ class DependencyGraph:
             if ids.numel():
                 self.uf.union_all(ids)
                 unit[i] = ids[0]
+        if a is not None and b is not None and len(batch) >= 2 and not a_m and not b_n:
+            self._eager_attention_site(unit.reshape(batch), flat_b, sa[-1], where)
         unit = unit.reshape(batch + [1, 1]) if batch else unit.reshape(1, 1)
         if a_m or b_n:
             lab = (A[..., :, :1] if a_m else B[..., :1, :]).contiguous()
@@ -1058,6 +1082,27 @@ class DependencyGraph:
                           out.expand(out.shape[:-1] + (sv[-1],)))
         return self.canon(out.contiguous())
 
+    def _eager_attention_site(self, unit, flat_b, head_dim, where):
+        """Q K^T written as a matmul of two activations (HF "eager" attention, timm without
+        fused_attn): each (batch, head) slice became one unit with its contracted channels, so
+        heads are units as with SDPA; record the site so that head counts are updated too. K was
+        repeated per query head (repeat_kv): heads with the same K labels share a K/V head."""
+        heads = unit.reshape(-1, unit.shape[-1])[0]
+        hq = heads.numel()
+        keys = flat_b.reshape(-1, hq, *flat_b.shape[1:])[0, :, :, 0]  # K channel labels per head
+        groups = []
+        for h in range(hq):
+            if h == 0 or not torch.equal(keys[h], keys[h - 1]):
+                groups.append(h)
+        hk = len(groups)
+        if hk == 0 or hq % hk or groups != list(range(0, hq, hq // hk)):
+            hk, groups = hq, list(range(hq))  # not a repeat_kv pattern: count the heads as seen
+        q_rep = heads.tolist()
+        if hk == 1 and hq > 1:
+            return  # every head shares one K: one unit (nothing to remove), no head count
+        self.attention.append(AttentionSite(where, hq, hk, head_dim, q_rep,
+                                            [q_rep[g] for g in groups]))
+
     @staticmethod
     def _shared_kv(Kh, Vh) -> bool:
         """One K/V head serves every query head (MQA), given directly or repeated (repeat_kv)."""
@@ -1090,7 +1135,42 @@ class DependencyGraph:
         flat = label.reshape(-1).tolist()
         return torch.tensor([self.uf.find(i) if i >= 0 else -1 for i in flat]).reshape(label.shape)
 
+    def _from_split(self, items, param_items) -> bool:
+        """Whether every activation channel here comes from one channel dim cut into several
+        (a head split): only there can a parameter broadcast along the other dims be shared by
+        units. Tokens labelled differently (a concatenated class token) are not such dims."""
+        roots = {self.uf.find(i) for i in self.split_ids}
+        skip = {j for j, _, _ in param_items}
+        for j, (lab, _) in enumerate(items):
+            if lab is None or j in skip:
+                continue
+            ids = torch.unique(lab[lab >= 0]).tolist()
+            if not ids or any(self.uf.find(i) not in roots for i in ids):
+                return False
+        return True
+
+    def _resolve_shared(self) -> None:
+        """A parameter broadcast along a dim where its activation is labelled. Where the units
+        (as propagation left them) are whole along the parameter's own dims, each unit is a
+        slice along the broadcast dims and all of them share the parameter (a per-head-dim
+        norm weight applied to every head): it stays whole. Otherwise it is an ordinary
+        per-channel parameter: it goes with the channels, and ties them across the broadcast
+        dims (one channel of every group)."""
+        for plab, alab, where in self.shared_params:
+            nd = max(plab.dim(), alab.dim())
+            P = plab.reshape((1,) * (nd - plab.dim()) + tuple(plab.shape))
+            A = alab.reshape((1,) * (nd - alab.dim()) + tuple(alab.shape))
+            own = [d for d in range(nd) if P.shape[d] > 1]
+            P, A = torch.broadcast_tensors(P, A)
+            roots = self._roots(A.contiguous())
+            if all(bool((roots == roots.narrow(d, 0, 1)).all()) for d in own):
+                self.block(plab)
+            else:
+                both = (P >= 0) & (A >= 0)
+                self.uf.union_pairs(P[both], A[both])
+
     def _apply_constraints(self) -> None:
+        self._resolve_shared()
         for label, dim, where in self.constraints:
             roots = self._roots(label)
             if roots.shape[dim] > 1 and not bool((roots == roots.narrow(dim, 0, 1)).all()):
