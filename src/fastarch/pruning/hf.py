@@ -32,6 +32,17 @@ def _int_attrs(mod: nn.Module) -> dict:
     return out
 
 
+def _scalar_buffers(model: nn.Module) -> dict:
+    """Every one-element buffer that ``state_dict`` leaves out (non-persistent), by name."""
+    out = {}
+    for path, mod in model.named_modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            buf = mod._buffers.get(name)
+            if buf is not None and buf.numel() == 1 and not buf.is_complex():
+                out[f"{path}.{name}" if path else name] = buf.item()
+    return out
+
+
 def update_config(model: nn.Module, graph, shapes: dict) -> None:
     cfg = model.config
     touched = {n.rpartition(".")[0] for n in shapes}
@@ -47,9 +58,13 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
         except AttributeError:
             continue
         record["attrs"][path] = _int_attrs(mod)
+    # scalars kept out of the checkpoint but built from the config: Gemma's embed_scale is
+    # sqrt(hidden) of the model that was pruned, not of the pruned config
+    record["scalars"] = _scalar_buffers(model)
     prev = getattr(cfg, "fastarch_pruned", None)
     if isinstance(prev, dict):  # pruned twice: merge
         prev["shapes"].update(record["shapes"])
+        prev.setdefault("scalars", {}).update(record["scalars"])
         for k, v in record["attrs"].items():
             prev["attrs"].setdefault(k, {}).update(v)
         record = prev
@@ -140,7 +155,36 @@ def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
             mod._parameters[attr] = new
         else:
             mod._buffers[attr] = new
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in record.get("scalars", {}).items():
+            if name in buffers and buffers[name].numel() == 1:
+                buffers[name].fill_(value)
     return model
+
+
+def _checkpoint_names(model: nn.Module, state: dict) -> dict:
+    """Checkpoint names as the model calls them: transformers renames some weights on load
+    (GPT-NeoX's ``embed_out`` is ``lm_head``) and back on save. Renames only; a checkpoint
+    that needs its weights converted (fused MoE experts) is refused by name."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers before 5 renamed nothing
+        return state
+    transforms = get_model_conversion_mapping(model)
+    if not transforms:
+        return state
+    renames = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out = {}
+    for key, value in state.items():
+        new, converted = rename_source_key(key, renames, converters)
+        if converted is not None:
+            raise ValueError(f"path: weight {key!r} must be converted on load "
+                             f"({type(model).__name__}); load_pruned only renames weights")
+        out[new] = value
+    return out
 
 
 def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
@@ -178,6 +222,7 @@ def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
         state.update(load_file(f))
     if not state:
         state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu")
+    state = _checkpoint_names(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied]
