@@ -120,11 +120,35 @@ def _timm_spec(mlp: nn.Module) -> MLPSpec | None:
                    activation=act, act_child="act", dropout_child="drop2")
 
 
+def _under(name: str, root: str) -> bool:
+    return not root or name == root or name.startswith(root + ".")
+
+
+def language_root(model: nn.Module) -> str:
+    """Where the language model sits in a Hugging Face model: "" for a plain decoder or encoder,
+    ``model.language_model`` for a multimodal one (whose vision tower is not sparsified)."""
+    if describe_model(model).family != "hf":
+        return ""
+    get = getattr(model, "get_decoder", None)
+    try:
+        dec = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model without a decoder to give
+        dec = None
+    if isinstance(dec, nn.Module):
+        for name, mod in model.named_modules():
+            if mod is dec:
+                return name
+    return ""
+
+
 def mlp_modules(model: nn.Module) -> list[tuple[str, nn.Module, MLPSpec | None, str]]:
     """(qualified name, module, spec or None, reason if None) for every MLP of a known model."""
     kind = describe_model(model)
+    root = language_root(model)
     found = []
     for name, mod in model.named_modules():
+        if not _under(name, root):
+            continue
         cls = type(mod).__name__
         if kind.model_type in GATED_HF_TYPES and cls.endswith("MLP"):
             spec = _gated_spec(mod)
@@ -144,9 +168,13 @@ def _is_linear(m: nn.Module) -> bool:
 
 
 def _block_list(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The longest nn.ModuleList / nn.Sequential of blocks: a transformer's layer stack."""
+    """The longest nn.ModuleList / nn.Sequential of blocks in the language model: a
+    transformer's layer stack."""
     best = None
+    root = language_root(model)
     for name, mod in model.named_modules():
+        if not _under(name, root):
+            continue
         if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 1:
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
@@ -163,9 +191,16 @@ def linear_modules(model: nn.Module, scope: str) -> list[tuple[str, nn.Module]]:
     prefix = blocks[0] + "." if blocks[0] else ""
     if not kind.known:
         scope = "all"  # fastarch cannot tell the MLPs of a model it does not know
+    # the blocks are the stack's most common kind of element holding linears: a stem or a head
+    # kept in the same nn.Sequential (unknown models) is not one of them
+    holders = [(child, type(m)) for child, m in blocks[1].named_children()
+               if _is_linear(m) or any(_is_linear(x) for x in m.modules())]
+    classes = [c for _, c in holders]
+    common = max(classes, key=classes.count) if classes else None
+    keep = tuple(prefix + child for child, c in holders if c is common)
     out = []
     for name, mod in model.named_modules():
-        if not _is_linear(mod) or not name.startswith(prefix):
+        if not _is_linear(mod) or not any(name == k or name.startswith(k + ".") for k in keep):
             continue
         if scope == "all":
             out.append((name, mod))
