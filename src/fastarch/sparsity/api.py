@@ -198,7 +198,22 @@ def _apply_coreinfer(model, kind, sparsity, report):
         report.modules.append(ModuleEntry(name, "mlp", keep=core.keep, total=core.inter))
     if not report.modules:
         warnings.warn("fastarch.sparsify: no MLP could be swapped; model unchanged", stacklevel=3)
+        return
+    if not any(h is _new_prompt for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_new_prompt, with_kwargs=True)
     report.calibration = "core neurons chosen at each prefill"
+
+
+def _new_prompt(model, args, kwargs):
+    """Before a call that starts a sequence (no KV cache, or an empty one), every CoreInfer MLP
+    forgets the last prompt's core neurons: a one-token prompt then chooses its own."""
+    past = kwargs.get("cache")  # transformers >= 5.2x; past_key_values before
+    if past is None:
+        past = kwargs.get("past_key_values")
+    if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):
+        for mod in model.modules():
+            if isinstance(mod, CoreNeuronMLP):
+                mod.reset()
 
 
 @torch.no_grad()
@@ -232,4 +247,8 @@ def densify(model: nn.Module) -> int:
                                           requires_grad=lin.weight.requires_grad)
             adapters.set_submodule(model, name, original)
             restored += 1
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _new_prompt:  # by identity: a deep copy's handle would point at the original
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
     return restored

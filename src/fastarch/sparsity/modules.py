@@ -156,9 +156,9 @@ class CoreNeuronMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 3 else x.shape[0]
         if tokens > 1 or self.core.numel() == 0:
+            # a prefill, or the first step of a one-token prompt: dense, and its core is chosen
             h = self.spec.hidden(self.original, x)
-            if tokens > 1:
-                self._choose_core(h)
+            self._choose_core(h)
             return self.spec.output(self.original, h)
         y = ops.sparse_mlp(
             x, self._w_in(), self._w_out_t(), w_up=self._w_up(), b_in=self._bias(self.spec.w_in),
@@ -166,6 +166,10 @@ class CoreNeuronMLP(nn.Module):
             neuron_index=self.core, activation=self.spec.activation,
         )
         return self.spec.finish(self.original, y)
+
+    def reset(self) -> None:
+        """Forget the core neurons: the next call chooses them again (a new prompt)."""
+        self.core = self.core.new_empty(0)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}/{self.inter} core neurons, activation={self.spec.activation}"
