@@ -161,6 +161,40 @@ def test_coreinfer_decode_uses_core_neurons(model_type):
         torch.testing.assert_close(model(input_ids=prompt).logits, dense(input_ids=prompt).logits)
 
 
+def test_coreinfer_new_prompt_chooses_new_core_neurons(monkeypatch):
+    """A second generate (here with a one-token prompt) must not decode with the last prompt's
+    core neurons: its first step runs densely and chooses its own. The decode steps of one
+    generate keep them."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _hf("llama")
+    fastarch.sparsify(model, sparsity=0.5, method="coreinfer")
+    fresh = copy.deepcopy(model)  # never saw a prompt
+    mlp = next(m for m in model.modules() if isinstance(m, CoreNeuronMLP))
+    chosen = []
+    choose = CoreNeuronMLP._choose_core
+    monkeypatch.setattr(CoreNeuronMLP, "_choose_core",
+                        lambda self, h: (chosen.append(h.shape[-2]), choose(self, h))[1])
+    with torch.no_grad():
+        model.generate(_ids(1, 12, seed=3), max_new_tokens=3, do_sample=False, min_new_tokens=3)
+        assert chosen == [12, 12]  # the prefill, in each of the two MLPs; no decode step
+        first = mlp.core.clone()
+        one = _ids(1, 1, seed=5)
+        a = model.generate(one, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+        b = fresh.generate(one, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert not torch.equal(mlp.core, first)
+    assert torch.equal(a, b)
+    # decode steps (a cache that is not empty) keep the prompt's core neurons
+    with torch.no_grad():
+        out = model(input_ids=_ids(1, 6, seed=6), use_cache=True)
+        core = mlp.core.clone()
+        model(input_ids=_ids(1, 1, seed=7), past_key_values=out.past_key_values)
+    assert torch.equal(mlp.core, core)
+    fastarch.densify(model)
+    assert not model._forward_pre_hooks
+
+
 def test_coreinfer_zero_sparsity_generates_like_dense():
     import copy
 
@@ -185,6 +219,52 @@ def test_unknown_model_is_reported_and_unchanged():
     # opting in applies TEAL to the linears of the layer stack
     report = fastarch.sparsify(model, sparsity=0.5, calib=[torch.randn(4, 8)], allow_unknown=True)
     assert len(report.modules) == 2
+
+
+class _Block(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return x + self.fc2(self.fc1(x).relu())
+
+
+def test_unknown_model_stem_and_head_are_left_dense():
+    """One nn.Sequential holding a stem, the blocks and a head: only the blocks are the stack."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _Block(), _Block(), _Block(), nn.Linear(16, 4))
+    report = fastarch.sparsify(model, sparsity=0.5, calib=[torch.randn(32, 8)],
+                               allow_unknown=True)
+    assert sorted(e.name for e in report.modules) == sorted(
+        f"{i}.fc{j}" for i in (1, 2, 3) for j in (1, 2))
+    assert type(model[0]) is nn.Linear and type(model[4]) is nn.Linear
+
+
+@pytest.mark.parametrize("method", ["teal", "coreinfer"])
+def test_multimodal_gemma3_sparsifies_the_language_model_only(method):
+    text = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, vocab_size=211)
+    # a vision tower with more layers than the language model: the longest stack
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=3, num_attention_heads=2,
+                                             image_size=32, patch_size=8)
+    cfg = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                    mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    ids = _ids(t=16)
+    want = _out(model, ids)
+    report = fastarch.sparsify(model, sparsity=0.5, method=method, calib=[{"input_ids": ids}])
+    names = [e.name for e in report.modules]
+    assert names and all(n.startswith("model.language_model.layers.") for n in names)
+    assert not report.unsupported
+    assert not any(isinstance(m, (SparseLinear, CoreNeuronMLP))
+                   for m in model.model.vision_tower.modules())
+    assert _out(model, ids).shape == want.shape
+    fastarch.densify(model)
+    torch.testing.assert_close(_out(model, ids), want)
 
 
 def test_bad_arguments():
