@@ -108,10 +108,50 @@ def test_timm_vit_equal_to_original():
         p.numel() for p in original.parameters())
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_default_variant_is_the_models_own(name):
+    cls, cfg, variant = hf_models()[name]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    original = copy.deepcopy(model)
+    ids = torch.randint(1, 96, (2, 23))
+    assert use_attention(model).variant == variant
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model(ids)), _out(original(ids)), atol=2e-5, rtol=2e-5)
+
+
+def test_causal_on_an_encoder_warns():
+    cls, cfg, _ = hf_models()["bert"]
+    with pytest.warns(UserWarning, match="attends both ways"):
+        use_attention(cls(cfg).eval(), "causal")
+
+
+@pytest.mark.parametrize("name,layout", [("resnet18", "no attention module"),
+                                         ("swin_tiny_patch4_window7_224", "WindowAttention")])
+def test_timm_without_vit_attention_reported_and_unchanged(name, layout):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="model unchanged"):
+        report = use_attention(model)
+    assert not report and any(layout in reason for _, reason in report.skipped)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("block_size", [0, -16, 2.5, True])
+def test_bad_block_size(block_size):
+    cls, cfg, _ = hf_models()["llama-gqa4"]
+    with pytest.raises(ValueError, match="block_size"):
+        use_attention(cls(cfg).eval(), block_size=block_size)
+    with pytest.raises(ValueError, match="block_size"):
+        BlockSparseAttention("causal", block_size=block_size)
+
+
 def test_unsupported_model_reported_and_unchanged():
     model = nn.Sequential(nn.Linear(4, 4))
     before = copy.deepcopy(model.state_dict())
-    report = use_attention(model, "causal")
+    with pytest.warns(UserWarning, match="model unchanged"):
+        report = use_attention(model, "causal")
     assert not report and "neither" in report.skipped[0][1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(TypeError, match="model must be"):

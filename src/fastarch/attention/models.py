@@ -181,8 +181,10 @@ def _use_timm(model, attn, report) -> None:
         return
     for name, m in list(model.named_modules()):
         if type(m) is not TimmViTAttention:
-            if type(m).__name__ == "Attention" and "timm" in type(m).__module__:
-                reason = f"{type(m).__module__}.Attention has another layout than ViT's"
+            cls = type(m).__name__
+            if cls.endswith("Attention") and "timm" in type(m).__module__:
+                # Swin's WindowAttention, attention of other layouts
+                reason = f"{type(m).__module__}.{cls} is not timm's ViT Attention"
                 report.skipped.append((name, reason))
             continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
@@ -190,7 +192,14 @@ def _use_timm(model, attn, report) -> None:
         report.swapped.append(name)
 
 
-def use_attention(model: nn.Module, variant="causal", *,
+def _is_encoder(model) -> bool:
+    """BERT and timm ViTs attend both ways; the decoders attend causally."""
+    if _is_hf(model):
+        return getattr(model.config, "model_type", None) == "bert"
+    return True  # timm: only its ViTs are swapped
+
+
+def use_attention(model: nn.Module, variant=None, *,
                   block_size: int = 64) -> AttentionSwapReport:
     """Run the attention of ``model`` on the fastarch block-sparse kernel with ``variant``.
 
@@ -202,7 +211,8 @@ def use_attention(model: nn.Module, variant="causal", *,
 
     Args:
         model: the model, modified in place.
-        variant: ``"causal"``, ``"full"``, ``"sliding_window:W"``, ``"local:W"``,
+        variant: None (the default) for the model's own pattern: ``"causal"`` in decoders,
+            ``"full"`` in BERT and ViT. Or ``"causal"``, ``"full"``, ``"sliding_window:W"``, ``"local:W"``,
             ``"prefix_lm:P"``, ``"strided:S"``, ``"fixed:S"``, a :class:`MaskSpec`, or
             ``"topk:K"`` / a :class:`TopKAttention`: data-dependent selection of the K best key
             blocks per query tile (Quest-style, shared by a GQA group; causal in decoders,
@@ -218,6 +228,10 @@ def use_attention(model: nn.Module, variant="causal", *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if variant is None:
+        variant = "full" if _is_encoder(model) else "causal"
     attn = _make_attention(variant, block_size)
     report = AttentionSwapReport(variant=attn.name if isinstance(attn, TopKAttention)
                                  else attn.mask.name)
@@ -229,6 +243,16 @@ def use_attention(model: nn.Module, variant="causal", *,
         reason = (f"{type(model).__name__} is neither a supported Hugging Face nor a timm ViT "
                   "model")
         report.skipped.append(("", reason))
+    if not report.swapped:
+        if not report.skipped:
+            report.skipped.append(("", f"{type(model).__name__} has no attention module that "
+                                   "fastarch can run"))
+        warnings.warn(f"fastarch.use_attention: model unchanged ({report.skipped[0][1]})",
+                      stacklevel=2)
+    elif variant == "causal" and _is_encoder(model):
+        warnings.warn("fastarch.use_attention: 'causal' on a model that attends both ways "
+                      f"({type(model).__name__}): its outputs change; None keeps its own "
+                      "pattern", stacklevel=2)
     return report
 
 

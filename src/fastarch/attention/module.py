@@ -79,6 +79,8 @@ class BlockSparseAttention(nn.Module):
     def __init__(self, variant="causal", *, block_size: int = DEFAULT_BLOCK_SIZE,
                  softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
         super().__init__()
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         self.mask = resolve_variant(variant)
         self.block_size = block_size
         self.softcap = softcap
