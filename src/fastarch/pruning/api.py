@@ -314,12 +314,14 @@ def _hf_hidden_multiple(model, graph, groups, scores, roots, round_to: int = 1):
     size too."""
     cfg = getattr(model, "config", None)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if cfg is None or emb is None or not graph.attention or \
+    if cfg is None or emb is None or \
             not isinstance(getattr(cfg, "num_attention_heads", None), int):
         return roots
     find = graph.uf.find
     removed = {find(r) for r in roots}
-    multiple = 1
+    # no attention site found (Bloom's baddbmm on merged batch x heads): the config's head
+    # count stays, and the hidden size must remain a multiple of it
+    multiple = 1 if graph.attention else max(cfg.num_attention_heads, 1)
     for site in graph.attention:
         q_new = sum(1 for i in site.q_head_ids if i < 0 or find(i) not in removed)
         multiple = math.lcm(multiple, max(q_new, 1))

@@ -49,7 +49,7 @@ SHAPE_OPS = {
     "squeeze", "unsqueeze", "expand", "cat", "stack", "select", "slice", "narrow", "unbind",
     "split", "split_with_sizes", "chunk", "repeat", "roll", "flip", "movedim", "tensor_split",
     "view_as", "reshape_as", "expand_as", "index_select", "constant_pad_nd", "pad", "swapaxes",
-    "hstack", "vstack", "unfold",
+    "hstack", "vstack", "unfold", "numpy_T", "mT",
 }
 # ops whose output keeps the channel dims of the input (spatial work only)
 CHANNEL_PRESERVING = {
@@ -329,6 +329,7 @@ class DependencyGraph:
         self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
         self.group_norms: list[tuple[str, list[int], int]] = []  # module, channel ids, groups
         self.split_ids: set[int] = set()  # channels whose dim was cut into several (heads)
+        self.param_derived: set[str] = set()  # nodes computed from parameters alone
         # parameter label, activation label it is broadcast against, module
         self.shared_params: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         ep = export_model(model, example_inputs, timeout)
@@ -532,9 +533,14 @@ class DependencyGraph:
             if isinstance(arg, torch.fx.Node) and isinstance(_val(arg), torch.Tensor):
                 raw = self.label_of(arg, env)
                 lab = self._tensor_label(arg, env)
-                if isinstance(raw, ParamRef) and lab is not None:
+                if (isinstance(raw, ParamRef) or arg.name in self.param_derived) and \
+                        lab is not None:
                     param_items.append((len(items), raw, lab))
                 items.append((lab, _shape(arg)))
+        if param_items and len(param_items) == sum(lab is not None for lab, _ in items):
+            # computed from parameters only (Gemma's 1 + weight, a weight cast to float): still
+            # a parameter to the activation it meets
+            self.param_derived.add(node.name)
         # a parameter that varies along fewer labelled dims than the activation it scales (a
         # per-head-dim norm weight shared by all heads) is a constant there, not a channel source
         act_vary = set()
@@ -609,10 +615,12 @@ class DependencyGraph:
         args = list(node.args)
         # a parameter going through transpose/permute/view stays a ParamRef where possible
         first = self.label_of(args[0], env) if args and isinstance(args[0], torch.fx.Node) else None
-        if isinstance(first, ParamRef) and name in ("t", "transpose", "permute"):
+        if isinstance(first, ParamRef) and name in ("t", "transpose", "permute", "numpy_T", "mT"):
             dims = list(first.dims)
-            if name == "t":
+            if name in ("t", "numpy_T"):  # Tensor.T (Falcon's linear) reverses every dim
                 dims = dims[::-1]
+            elif name == "mT":
+                dims[-2:] = dims[-2:][::-1]
             elif name == "transpose":
                 a, b = args[1] % len(dims), args[2] % len(dims)
                 dims[a], dims[b] = dims[b], dims[a]
@@ -1067,6 +1075,9 @@ class DependencyGraph:
             q_rep.append(int(ids[ids >= 0][0]) if bool((ids >= 0).any()) else -1)
         for g in range(hk):
             kv_rep.append(q_rep[g * rep])
+        if hk == hq and hq > 1:  # K/V repeated per query head before the call (repeat_kv)
+            groups = self._kv_groups(torch.cat([Kh, Vh], dim=1))
+            hk, kv_rep = len(groups), [q_rep[g] for g in groups]
         self.attention.append(AttentionSite(where, hq, hk, sq[-1], q_rep, kv_rep))
         out_shape = _shape(node)
         lab = torch.tensor(q_rep).reshape(hq, 1, 1)
@@ -1090,18 +1101,24 @@ class DependencyGraph:
         heads = unit.reshape(-1, unit.shape[-1])[0]
         hq = heads.numel()
         keys = flat_b.reshape(-1, hq, *flat_b.shape[1:])[0, :, :, 0]  # K channel labels per head
-        groups = []
-        for h in range(hq):
-            if h == 0 or not torch.equal(keys[h], keys[h - 1]):
-                groups.append(h)
-        hk = len(groups)
-        if hk == 0 or hq % hk or groups != list(range(0, hq, hq // hk)):
-            hk, groups = hq, list(range(hq))  # not a repeat_kv pattern: count the heads as seen
+        groups = self._kv_groups(keys)
         q_rep = heads.tolist()
-        if hk == 1 and hq > 1:
-            return  # every head shares one K: one unit (nothing to remove), no head count
-        self.attention.append(AttentionSite(where, hq, hk, head_dim, q_rep,
+        # (every head sharing one K, MQA, made all of them one unit: nothing is removed, but the
+        # site still tells the head count, which the hidden size must stay a multiple of)
+        self.attention.append(AttentionSite(where, hq, len(groups), head_dim, q_rep,
                                             [q_rep[g] for g in groups]))
+
+    @staticmethod
+    def _kv_groups(keys) -> list[int]:
+        """The first query head of each K/V head, from K's labels per query head: K repeated
+        for its group (repeat_kv) shows the same labels in consecutive heads."""
+        hq = keys.shape[0]
+        groups = [h for h in range(hq) if h == 0 or not torch.equal(keys[h], keys[h - 1])]
+        hk = len(groups)
+        if hk == 0 or hq % hk or groups != list(range(0, hq, hq // hk)) or \
+                not bool((keys >= 0).all()):
+            return list(range(hq))  # not a repeat_kv pattern: count the heads as seen
+        return groups
 
     @staticmethod
     def _shared_kv(Kh, Vh) -> bool:
