@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim",
+               "word_embed_proj_dim")  # OPT builds project_in / out where it differs
 FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
@@ -32,14 +33,20 @@ def _int_attrs(mod: nn.Module) -> dict:
     return out
 
 
-def _scalar_buffers(model: nn.Module) -> dict:
-    """Every one-element buffer that ``state_dict`` leaves out (non-persistent), by name."""
+SMALL_BUFFER = 4096  # elements: rotary frequencies and scales, not causal-mask buffers
+
+
+def _small_buffers(model: nn.Module) -> dict:
+    """The small buffers that ``state_dict`` leaves out (non-persistent) and a fresh build
+    computes from the config, by name: [shape, values]."""
     out = {}
     for path, mod in model.named_modules():
         for name in getattr(mod, "_non_persistent_buffers_set", ()):
             buf = mod._buffers.get(name)
-            if buf is not None and buf.numel() == 1 and not buf.is_complex():
-                out[f"{path}.{name}" if path else name] = buf.item()
+            if buf is not None and 0 < buf.numel() <= SMALL_BUFFER and (
+                    buf.is_floating_point() or buf.dtype in (torch.int32, torch.int64)):
+                out[f"{path}.{name}" if path else name] = [
+                    list(buf.shape), buf.detach().cpu().reshape(-1).tolist()]
     return out
 
 
@@ -47,6 +54,9 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
     cfg = model.config
     touched = {n.rpartition(".")[0] for n in shapes}
     touched.update(site.module for site in graph.attention)
+    # and every other module: a fresh build sizes some from the config even where pruning
+    # kept them (Persimmon's per-head q_layernorm from hidden // heads, Bloom's head_dim)
+    touched.update(n for n, _ in model.named_modules())
     record = {"shapes": {n: list(new) for n, (_, new) in shapes.items()}, "attrs": {}}
     # a smaller hidden size also changes, in a fresh build, weights that kept their width (an
     # MQA c_attn sized hidden + 2 * head_dim): record every parameter's shape
@@ -60,11 +70,12 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
         record["attrs"][path] = _int_attrs(mod)
     # scalars kept out of the checkpoint but built from the config: Gemma's embed_scale is
     # sqrt(hidden) of the model that was pruned, not of the pruned config
-    record["scalars"] = _scalar_buffers(model)
+    # (and Falcon's rotary frequencies, of the head size the config no longer gives)
+    record["buffers"] = _small_buffers(model)
     prev = getattr(cfg, "fastarch_pruned", None)
     if isinstance(prev, dict):  # pruned twice: merge
         prev["shapes"].update(record["shapes"])
-        prev.setdefault("scalars", {}).update(record["scalars"])
+        prev.setdefault("buffers", {}).update(record["buffers"])
         for k, v in record["attrs"].items():
             prev["attrs"].setdefault(k, {}).update(v)
         record = prev
@@ -156,10 +167,13 @@ def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
         else:
             mod._buffers[attr] = new
     buffers = dict(model.named_buffers(remove_duplicate=False))
-    with torch.no_grad():
-        for name, value in record.get("scalars", {}).items():
-            if name in buffers and buffers[name].numel() == 1:
-                buffers[name].fill_(value)
+    for name, (shape, values) in record.get("buffers", {}).items():
+        old = buffers.get(name)
+        if old is None:
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        mod._buffers[attr] = torch.tensor(values, dtype=old.dtype, device=old.device).reshape(shape)
     return model
 
 
