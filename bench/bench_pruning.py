@@ -210,6 +210,11 @@ def sweep(args):
 
         def build(n):
             return timm.create_model(n, pretrained=False), 0
+    if args.models:  # name patterns (fnmatch), for a targeted re-check
+        import fnmatch
+
+        pats = [m.strip() for m in args.models.split(",") if m.strip()]
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
     names = names[args.offset:args.offset + args.limit] if args.limit else names[args.offset:]
     names = names[::args.stride] if args.stride > 1 else names
     ok = 0
@@ -277,7 +282,8 @@ def main(argv=None):
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--batches", default="1,32", help="--latency: comma list of batch sizes")
     p.add_argument("--models", default="",
-                   help="--latency: comma list of model name prefixes (default: all four)")
+                   help="--latency: comma list of model name prefixes (default: all four); "
+                        "--sweep: comma list of name patterns (fnmatch) to check")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
