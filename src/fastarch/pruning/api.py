@@ -16,6 +16,7 @@ from fastarch.pruning.graph import (
     flatten_tensors,
     gc_paused,
     model_call_kwargs,
+    positional_inputs,
 )
 from fastarch.pruning.importance import IMPORTANCES, rank_uniform, score_units
 from fastarch.pruning.removal import drops_by_tensor, remove_units
@@ -228,8 +229,11 @@ def _check_args(model, example_inputs, ratio, importance, target, round_to, patt
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        example_inputs = positional_inputs(model, example_inputs)
     if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+        raise TypeError("example_inputs must be a tensor, a tuple of tensors or a dict of "
+                        "keyword arguments")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
             or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
@@ -472,7 +476,8 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
 
     Args:
         model: any ``nn.Module`` (torchvision, timm, Hugging Face, your own).
-        example_inputs: a tensor or tuple of tensors for one forward pass (small is fine).
+        example_inputs: a tensor, a tuple of tensors or a dict of keyword arguments (an
+            encoder-decoder's ``decoder_input_ids``) for one forward pass (small is fine).
         ratio: with ``target="ratio"`` the fraction of units removed from each group (or over
             all groups with ``global_ranking``); with ``"params"``/``"flops"``/``"latency"`` the
             fraction of parameters / FLOPs / measured latency to remove.
@@ -517,6 +522,8 @@ def prune(model: nn.Module, example_inputs, ratio: float = 0.3, importance: str 
     """
     t_start = time.perf_counter()
     example_inputs = _check_args(model, example_inputs, ratio, importance, target, round_to, pattern)
+    if isinstance(calib, (list, tuple)):
+        calib = [positional_inputs(model, b) if isinstance(b, dict) else b for b in calib]
     if isinstance(calib, (list, tuple)) and not calib:
         raise ValueError("calib is empty: give at least one batch, or None to score on "
                          "example_inputs")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fastarch.pruning.api import SizeChange, _ignored_prefixes, count_flops, count_params
-from fastarch.pruning.graph import flatten_tensors, model_call_kwargs
+from fastarch.pruning.graph import flatten_tensors, model_call_kwargs, positional_inputs
 
 BLOCK_IMPORTANCES = ("cosine", "magnitude")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers",
@@ -212,8 +212,11 @@ def _check_args(model, example_inputs, blocks, importance):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        example_inputs = positional_inputs(model, example_inputs)
     if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+        raise TypeError("example_inputs must be a tensor, a tuple of tensors or a dict of "
+                        "keyword arguments")
     if isinstance(blocks, bool) or not isinstance(blocks, (int, float)) or \
             (isinstance(blocks, float) and (math.isnan(blocks) or not 0.0 <= blocks < 1.0)) or \
             (isinstance(blocks, int) and blocks < 0):

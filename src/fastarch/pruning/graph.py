@@ -235,6 +235,25 @@ def flatten_tensors(out) -> list[torch.Tensor]:
     return []
 
 
+def positional_inputs(model: nn.Module, kwargs: dict) -> tuple:
+    """Keyword inputs (an encoder-decoder's decoder_input_ids) as the positional tuple that
+    every pass of the pruner calls the model with; the parameters between them get their
+    defaults."""
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise ValueError(f"example_inputs: {type(model).__name__}.forward has no positional "
+                         f"parameter {unknown[0]!r}")
+    last = max((names.index(k) for k in kwargs), default=-1)
+    return tuple(kwargs[p.name] if p.name in kwargs else (None if p.default is p.empty
+                                                          else p.default)
+                 for p in params[:last + 1])
+
+
 def model_call_kwargs(model: nn.Module) -> dict:
     """Keyword arguments that make a Hugging Face model return plain tensors."""
     config = getattr(model, "config", None)
