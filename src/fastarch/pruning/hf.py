@@ -11,10 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim",
-               "word_embed_proj_dim")  # OPT builds project_in / out where it differs
-FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim")
-HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+# word_embed_proj_dim (OPT) and embedding_size (ELECTRA): where they differ from the hidden
+# size a fresh build adds a projection
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim",
+               "embedding_size")
+FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
+            "shared_expert_intermediate_size")
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads",
+             "decoder_attention_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
 
 
@@ -141,12 +145,27 @@ def _has(model, path):
         return False
 
 
-def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
-    """Give a freshly built model the pruned shapes and attributes stored in ``record``."""
+def _apply_attrs(model: nn.Module, record: dict) -> None:
     for path, attrs in record.get("attrs", {}).items():
         mod = model.get_submodule(path) if path else model
         for k, v in attrs.items():
             setattr(mod, k, tuple(v) if isinstance(v, list) else v)
+
+
+def _apply_buffers(model: nn.Module, record: dict) -> None:
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for name, (shape, values) in record.get("buffers", {}).items():
+        old = buffers.get(name)
+        if old is None:
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        mod._buffers[attr] = torch.tensor(values, dtype=old.dtype, device=old.device).reshape(shape)
+
+
+def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
+    """Give a freshly built model the pruned shapes and attributes stored in ``record``."""
+    _apply_attrs(model, record)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     replaced: dict[int, torch.Tensor] = {}
@@ -166,21 +185,14 @@ def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
             mod._parameters[attr] = new
         else:
             mod._buffers[attr] = new
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    for name, (shape, values) in record.get("buffers", {}).items():
-        old = buffers.get(name)
-        if old is None:
-            continue
-        mod_name, _, attr = name.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
-        mod._buffers[attr] = torch.tensor(values, dtype=old.dtype, device=old.device).reshape(shape)
+    _apply_buffers(model, record)
     return model
 
 
-def _checkpoint_names(model: nn.Module, state: dict) -> dict:
+def _checkpoint_names(model: nn.Module, state: dict) -> dict | None:
     """Checkpoint names as the model calls them: transformers renames some weights on load
-    (GPT-NeoX's ``embed_out`` is ``lm_head``) and back on save. Renames only; a checkpoint
-    that needs its weights converted (fused MoE experts) is refused by name."""
+    (GPT-NeoX's ``embed_out`` is ``lm_head``) and back on save. None where weights must be
+    converted, not only renamed (MoE experts saved one by one, stacked in the model)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -195,10 +207,31 @@ def _checkpoint_names(model: nn.Module, state: dict) -> dict:
     for key, value in state.items():
         new, converted = rename_source_key(key, renames, converters)
         if converted is not None:
-            raise ValueError(f"path: weight {key!r} must be converted on load "
-                             f"({type(model).__name__}); load_pruned only renames weights")
+            return None
         out[new] = value
     return out
+
+
+def _load_converted(path: str, model_class, record, kwargs) -> nn.Module:
+    """A checkpoint whose weights transformers converts on load (MoE experts): its own
+    from_pretrained loads it, which works where the config gives every pruned width (heads or
+    widths pruned alike in every layer); the shapes are then checked against the record."""
+    what = f"path: {model_class.__name__}'s weights are converted on load"
+    try:
+        model = model_class.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the rebuild
+        raise ValueError(f"{what}, which load_pruned leaves to transformers, and it could not "
+                         f"build the pruned widths from the config: {str(exc)[:300]}") from exc
+    shapes = (record or {}).get("shapes", {})
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in shapes and list(p.shape) != list(shapes[name]):
+            raise ValueError(f"{what}, and the config does not give the pruned shape of {name}: "
+                             f"{list(p.shape)} built, {shapes[name]} saved (widths that differ "
+                             "between layers)")
+    if record:
+        _apply_attrs(model, record)
+        _apply_buffers(model, record)
+    return model.eval()
 
 
 def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
@@ -236,9 +269,14 @@ def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
         state.update(load_file(f))
     if not state:
         state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu")
-    state = _checkpoint_names(model, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    named = _checkpoint_names(model, state)
+    if named is None:
+        return _load_converted(path, model_class, record, kwargs)
+    missing, unexpected = model.load_state_dict(named, strict=False)
+    tied = set()  # declared by the model and by its sub-models (BartModel's embed_tokens)
+    for prefix, sub in model.named_modules():
+        for key in getattr(sub, "_tied_weights_keys", None) or []:
+            tied.add(f"{prefix}.{key}" if prefix else key)
     missing = [m for m in missing if m not in tied]
     if unexpected:
         raise ValueError(f"path: unexpected weights {unexpected[:5]}")
