@@ -10,6 +10,8 @@ only it equals the masked model; pruned by 30% (the hidden width too) it saves a
 * persimmon: per-head q/k LayerNorms sized from hidden // heads in a fresh build.
 * bloom (eager only): no attention site is found, so the hidden width stays a multiple of
   the config's head count.
+* t5 / bart (encoder-decoders): keyword inputs; embeddings tied inside a sub-model.
+* electra: ``embedding_size`` follows the hidden size, or embeddings_project appears.
 """
 import copy
 
@@ -80,3 +82,90 @@ def test_pruned_hidden_width_saves_and_loads(kind, tmp_path):
     model.save_pretrained(tmp_path / kind)
     torch.testing.assert_close(logits(load_pruned(str(tmp_path / kind))), want, atol=1e-5,
                                rtol=1e-5)
+
+
+def seq2seq(kind):
+    torch.manual_seed(0)
+    if kind == "t5":
+        cfg = transformers.T5Config(d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4,
+                                    vocab_size=97, decoder_start_token_id=0)
+        return transformers.T5ForConditionalGeneration(cfg).eval()
+    cfg = transformers.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4,
+                                  encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=97,
+                                  max_position_embeddings=64)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_with_keyword_inputs_saves_and_loads(kind, tmp_path):
+    """Keyword inputs (decoder_input_ids) as a dict; BART's embeddings are tied in BartModel,
+    a sub-model, so the checkpoint holds them once."""
+    model = seq2seq(kind)
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :5]}
+    report = prune(model, inputs, ratio=0.3)
+    assert report.removed and report.param_reduction > 0.05
+    with torch.no_grad():
+        want = model(**inputs).logits
+    model.save_pretrained(tmp_path / kind)
+    again = load_pruned(str(tmp_path / kind))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no positional parameter 'decoder_ids'"):
+        prune(seq2seq(kind), {"input_ids": IDS, "decoder_ids": IDS}, ratio=0.3)
+
+
+def test_electra_embedding_size_follows_the_hidden_size(tmp_path):
+    cfg = transformers.ElectraConfig(hidden_size=64, embedding_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=96, vocab_size=97)
+    torch.manual_seed(0)
+    model = transformers.ElectraForSequenceClassification(cfg).eval()
+    prune(model, (IDS,), ratio=0.3)
+    assert model.config.embedding_size == model.config.hidden_size < 64
+    with torch.no_grad():
+        want = model(IDS).logits
+    model.save_pretrained(tmp_path / "electra")
+    again = load_pruned(str(tmp_path / "electra"))
+    assert not hasattr(again.electra, "embeddings_project")
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_heads_and_shared_expert_save_and_load(kind, tmp_path):
+    """MoE checkpoints hold each expert apart and transformers stacks them on load: load_pruned
+    leaves that to from_pretrained, which rebuilds widths pruned alike in every layer (here the
+    K/V groups, and Qwen2-MoE's shared expert). The routed experts are reported, not pruned."""
+    common = dict(BASE, intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(**common, num_local_experts=4)
+    else:
+        cfg = transformers.Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    original = copy.deepcopy(model)
+    report = prune(model, (IDS,), ratio=0.5, exact_only=True)
+    assert "heads" in {r["kind"] for r in report.removed}
+    assert any("experts" in where for where, _ in report.skipped)
+    want = logits(model)
+    torch.testing.assert_close(want, logits(masked_copy(original, report)), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / kind)
+    torch.testing.assert_close(logits(load_pruned(str(tmp_path / kind))), want, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_moe_widths_differing_between_layers_refused_on_load(tmp_path):
+    cfg = transformers.Qwen2MoeConfig(**BASE, intermediate_size=96, num_key_value_heads=2,
+                                      num_experts_per_tok=2, num_experts=4,
+                                      moe_intermediate_size=32, shared_expert_intermediate_size=48)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # layer 1's shared expert is much weaker: global ranking prunes it more
+        model.model.layers[1].mlp.shared_expert.down_proj.weight.mul_(1e-3)
+    prune(model, (IDS,), ratio=0.3, global_ranking=True, prune_heads=False)
+    widths = [layer.mlp.shared_expert.up_proj.out_features for layer in model.model.layers]
+    assert widths[0] != widths[1]
+    model.save_pretrained(tmp_path / "moe")
+    with pytest.raises(ValueError, match="converted on load"):
+        load_pruned(str(tmp_path / "moe"))
