@@ -3,7 +3,7 @@
   python bench/bench_pruning.py --latency     latency vs MACs, pruned 30% / 50%, batch 1 and 32
   python bench/bench_pruning.py --graph-time  time to trace + prune resnet50 and a 1B decoder (meta)
   python bench/bench_pruning.py --quality     digits CNN / ViT accuracy, MiniLM embedding cosine
-  python bench/bench_pruning.py --sweep torchvision|timm [--limit N]   success rate
+  python bench/bench_pruning.py --sweep torchvision|timm|hf [--limit N]   success rate
 
 Latency and MACs are measured in the same process on this CPU (median of interleaved rounds).
 """
@@ -191,9 +191,33 @@ def quality(args):
               f"{cos.min():.4f} | {before / 1e6:.1f}M -> {after / 1e6:.1f}M |", flush=True)
 
 
+def sweep_hf(args):
+    """--sweep hf: every transformers causal-LM family from a tiny config (bench/hf_families.py)."""
+    import fnmatch
+
+    import hf_families
+
+    names = hf_families.family_names()
+    if args.models:
+        pats = [m.strip() for m in args.models.split(",") if m.strip()]
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+    names = names[args.offset:args.offset + args.limit] if args.limit else names[args.offset:]
+    names = names[::args.stride] if args.stride > 1 else names
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        good, reason = hf_families.check_family(name, timeout=args.timeout)
+        rows.append((name, good, reason, time.perf_counter() - t0))
+        state = {None: "NOT COUNTED", True: "ok", False: "FAIL"}[good]
+        print(f"{name}: {state} {reason} ({rows[-1][3]:.1f} s)", flush=True)
+    return rows
+
+
 def sweep(args):
     from fastarch.pruning.check import check_model
 
+    if args.sweep == "hf":
+        return _sweep_report(args, sweep_hf(args))
     if args.sweep == "torchvision":
         import torchvision
 
@@ -247,6 +271,11 @@ def sweep(args):
         rows.append((name, res["ok"], res.get("reason", ""), time.perf_counter() - t0))
         print(f"{name}: {'ok' if res['ok'] else 'FAIL ' + res['reason']} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    return _sweep_report(args, rows)
+
+
+def _sweep_report(args, rows, argv=None):
+    ok = sum(1 for r in rows if r[1])
     tried = [r for r in rows if r[1] is not None]
     summary = (f"{args.sweep}: {ok}/{len(tried)} = {100 * ok / max(len(tried), 1):.1f}% pass "
                f"({len(rows) - len(tried)} of {len(rows)} names not counted: not buildable with "
@@ -267,7 +296,7 @@ def main(argv=None):
     p.add_argument("--latency", action="store_true")
     p.add_argument("--graph-time", action="store_true")
     p.add_argument("--quality", action="store_true")
-    p.add_argument("--sweep", choices=["torchvision", "timm"])
+    p.add_argument("--sweep", choices=["torchvision", "timm", "hf"])
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--stride", type=int, default=1,
