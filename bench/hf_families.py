@@ -31,12 +31,20 @@ def family_names() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+MAX_PARAMS = 20e6  # a config that ignored the small sizes (sub-configs): not a tiny model
+
+
 def build(model_type: str):
     import transformers
 
     cls = transformers.CONFIG_MAPPING[model_type]
     known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
     cfg = cls(**{k: v for k, v in SMALL.items() if k in known})
+    with torch.device("meta"):  # size it first: a default-sized build could exhaust memory
+        n = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(cfg).parameters())
+    if n > MAX_PARAMS:
+        raise ValueError(f"{n / 1e6:.0f}M parameters from the small config (sub-configs keep "
+                         "their default sizes)")
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 

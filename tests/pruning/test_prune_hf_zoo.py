@@ -134,8 +134,8 @@ def test_electra_embedding_size_follows_the_hidden_size(tmp_path):
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_moe_heads_and_shared_expert_save_and_load(kind, tmp_path):
     """MoE checkpoints hold each expert apart and transformers stacks them on load: load_pruned
-    leaves that to from_pretrained, which rebuilds widths pruned alike in every layer (here the
-    K/V groups, and Qwen2-MoE's shared expert). The routed experts are reported, not pruned."""
+    runs that conversion into the rebuilt model. Here the K/V groups and Qwen2-MoE's shared
+    expert are pruned; the routed experts are reported, not pruned."""
     common = dict(BASE, intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2)
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(**common, num_local_experts=4)
@@ -155,7 +155,9 @@ def test_moe_heads_and_shared_expert_save_and_load(kind, tmp_path):
                                rtol=1e-5)
 
 
-def test_moe_widths_differing_between_layers_refused_on_load(tmp_path):
+def test_moe_widths_differing_between_layers_save_and_load(tmp_path):
+    """Per-layer widths the config cannot give: the experts are stacked into the rebuilt model,
+    which already has the pruned shapes."""
     cfg = transformers.Qwen2MoeConfig(**BASE, intermediate_size=96, num_key_value_heads=2,
                                       num_experts_per_tok=2, num_experts=4,
                                       moe_intermediate_size=32, shared_expert_intermediate_size=48)
@@ -166,6 +168,35 @@ def test_moe_widths_differing_between_layers_refused_on_load(tmp_path):
     prune(model, (IDS,), ratio=0.3, global_ranking=True, prune_heads=False)
     widths = [layer.mlp.shared_expert.up_proj.out_features for layer in model.model.layers]
     assert widths[0] != widths[1]
+    want = logits(model)
     model.save_pretrained(tmp_path / "moe")
+    again = load_pruned(str(tmp_path / "moe"))
+    assert [layer.mlp.shared_expert.up_proj.out_features for layer in again.model.layers] == widths
+    torch.testing.assert_close(logits(again), want, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_fallback_through_from_pretrained(tmp_path, monkeypatch):
+    """Where transformers' converter cannot be called, from_pretrained loads the checkpoint;
+    that needs widths the config gives (pruned alike in every layer), else a clear error."""
+    import fastarch.pruning.hf as hf
+
+    monkeypatch.setattr(hf, "_convert_into", lambda model, state: None)
+    cfg = transformers.MixtralConfig(**BASE, intermediate_size=96, num_key_value_heads=2,
+                                     num_experts_per_tok=2, num_local_experts=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    prune(model, (IDS,), ratio=0.5, exact_only=True)
+    want = logits(model)
+    model.save_pretrained(tmp_path / "uniform")
+    torch.testing.assert_close(logits(load_pruned(str(tmp_path / "uniform"))), want, atol=1e-5,
+                               rtol=1e-5)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # layer 1's heads much weaker: global ranking removes only those
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
+    prune(model, (IDS,), ratio=0.25, global_ranking=True, exact_only=True)
+    heads = [layer.self_attn.q_proj.out_features for layer in model.model.layers]
+    assert heads[0] != heads[1]
+    model.save_pretrained(tmp_path / "per-layer")
     with pytest.raises(ValueError, match="converted on load"):
-        load_pruned(str(tmp_path / "moe"))
+        load_pruned(str(tmp_path / "per-layer"))

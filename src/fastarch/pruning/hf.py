@@ -147,7 +147,10 @@ def _has(model, path):
 
 def _apply_attrs(model: nn.Module, record: dict) -> None:
     for path, attrs in record.get("attrs", {}).items():
-        mod = model.get_submodule(path) if path else model
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:  # built another way when first run (BigBird's attention type)
+            continue
         for k, v in attrs.items():
             setattr(mod, k, tuple(v) if isinstance(v, list) else v)
 
@@ -212,6 +215,25 @@ def _checkpoint_names(model: nn.Module, state: dict) -> dict | None:
     return out
 
 
+def _convert_into(model: nn.Module, state: dict):
+    """Load ``state`` into the rebuilt (pruned-shape) model through transformers' load-time
+    weight conversion; (missing, unexpected) names, or None where that API is not there."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        info, _ = convert_and_load_state_dict_in_model(
+            model=model, state_dict=state,
+            load_config=LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model)))
+    except (ImportError, TypeError, AttributeError):
+        return None
+    if info.mismatched_keys or info.error_msgs:
+        raise ValueError(f"path: weights that do not fit the rebuilt model "
+                         f"{sorted(info.mismatched_keys)[:3]} {info.error_msgs[:2]}")
+    return sorted(info.missing_keys), sorted(info.unexpected_keys)
+
+
 def _load_converted(path: str, model_class, record, kwargs) -> nn.Module:
     """A checkpoint whose weights transformers converts on load (MoE experts): its own
     from_pretrained loads it, which works where the config gives every pruned width (heads or
@@ -270,9 +292,13 @@ def load_pruned(path: str, model_class=None, **kwargs) -> nn.Module:
     if not state:
         state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu")
     named = _checkpoint_names(model, state)
-    if named is None:
-        return _load_converted(path, model_class, record, kwargs)
-    missing, unexpected = model.load_state_dict(named, strict=False)
+    if named is not None:
+        missing, unexpected = model.load_state_dict(named, strict=False)
+    else:  # MoE experts saved one by one: transformers' own converter stacks them
+        loaded = _convert_into(model, state)
+        if loaded is None:  # its internals moved: from_pretrained, where the config suffices
+            return _load_converted(path, model_class, record, kwargs)
+        missing, unexpected = loaded
     tied = set()  # declared by the model and by its sub-models (BartModel's embed_tokens)
     for prefix, sub in model.named_modules():
         for key in getattr(sub, "_tied_weights_keys", None) or []:
