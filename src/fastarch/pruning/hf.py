@@ -54,6 +54,15 @@ def _small_buffers(model: nn.Module) -> dict:
     return out
 
 
+def _get(cfg, key):
+    """A config value, None where there is none (or it is per layer: Gemma4's head_dim raises
+    on global access)."""
+    try:
+        return getattr(cfg, key, None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def update_config(model: nn.Module, graph, shapes: dict) -> None:
     cfg = model.config
     touched = {n.rpartition(".")[0] for n in shapes}
@@ -93,7 +102,7 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
             if p is emb.weight and n in shapes:
                 old_hidden, new_hidden = shapes[n][0][1], shapes[n][1][1]
                 for key in HIDDEN_KEYS:
-                    if getattr(cfg, key, None) == old_hidden:
+                    if _get(cfg, key) == old_hidden:
                         setattr(cfg, key, new_hidden)
                 break
     heads = [getattr(model.get_submodule(s.module), "_fastarch_heads", (s.q_heads, s.kv_heads))
@@ -102,27 +111,27 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
         head_dim = graph.attention[0].head_dim
         if len({h[0] for h in heads}) == 1 and heads:
             q0 = graph.attention[0].q_heads
-            hidden = next((getattr(cfg, k) for k in HIDDEN_KEYS
-                           if isinstance(getattr(cfg, k, None), int)), None)
+            hidden = next((_get(cfg, k) for k in HIDDEN_KEYS
+                           if isinstance(_get(cfg, k), int)), None)
             for key in HEAD_KEYS:
-                if getattr(cfg, key, None) == q0:
+                if _get(cfg, key) == q0:
                     setattr(cfg, key, heads[0][0])
                     if hidden and heads[0][0] and hidden % heads[0][0]:
                         # e.g. BERT refuses hidden % heads != 0 at construction: load_pruned
                         # builds with the original count, then applies the pruned attributes
                         record.setdefault("build", {}).setdefault(key, q0)
             for key in KV_KEYS:  # units are whole K/V heads with their query heads
-                kv = getattr(cfg, key, None)
+                kv = _get(cfg, key)
                 # one K/V head (MQA, or GQA down to one group) stays one: only query heads go
                 if isinstance(kv, int) and kv > 1 and q0 % kv == 0:
                     setattr(cfg, key, heads[0][0] // (q0 // kv))
-        if hasattr(cfg, "head_dim") or old_hidden is not None or heads:
+        if _get(cfg, "head_dim") is not None or old_hidden is not None or heads:
             try:
                 cfg.head_dim = head_dim
-            except (AttributeError, TypeError):
+            except Exception:  # noqa: BLE001 - a property, or a per-layer attribute
                 pass
     for key in FFN_KEYS:
-        old = getattr(cfg, key, None)
+        old = _get(cfg, key)
         if key == "n_inner" and old is None and hasattr(cfg, "n_embd"):
             old = 4 * (old_hidden or cfg.n_embd)
         if not isinstance(old, int):
