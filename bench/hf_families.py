@@ -21,7 +21,9 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
              decoder_ffn_dim=96, word_embed_proj_dim=64, embedding_size=64, rotary_dim=8,
              num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-             shared_expert_intermediate_size=48, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+             shared_expert_intermediate_size=48, qk_rope_head_dim=8, qk_nope_head_dim=8,
+             v_head_dim=16, kv_lora_rank=32, q_lora_rank=32, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
 TOL = 1e-4  # of the output's largest magnitude
 
 
@@ -79,6 +81,9 @@ def check_family(model_type: str, timeout: float = 120.0) -> tuple[bool | None, 
         stage = "prune 30%"
         model = copy.deepcopy(original)
         report = prune(model, (IDS,), ratio=0.3, timeout=timeout)
+        if not report.removed and kinds == "nothing":  # unchanged and reported: a failure here
+            why = report.skipped[0][1] if report.skipped else "no reason given"
+            return False, f"nothing prunable found: {why[:120]}"
         want = _logits(model)
         stage = "save / load_pruned"
         with tempfile.TemporaryDirectory() as tmp:
