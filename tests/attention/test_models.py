@@ -120,6 +120,18 @@ def test_default_variant_is_the_models_own(name):
         torch.testing.assert_close(_out(model(ids)), _out(original(ids)), atol=2e-5, rtol=2e-5)
 
 
+def test_default_for_bert_built_as_a_decoder_is_causal():
+    from transformers import BertConfig, BertLMHeadModel
+
+    torch.manual_seed(0)
+    model = BertLMHeadModel(BertConfig(**SMALL, is_decoder=True)).eval()
+    original = copy.deepcopy(model)
+    ids = torch.randint(1, 96, (1, 19))
+    assert use_attention(model).variant == "causal"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=2e-5, rtol=2e-5)
+
+
 def test_causal_on_an_encoder_warns():
     cls, cfg, _ = hf_models()["bert"]
     with pytest.warns(UserWarning, match="attends both ways"):

@@ -231,6 +231,11 @@ def test_width_then_depth_keeps_per_layer_record(tmp_path):
     again = load_pruned(str(tmp_path / "both"))
     assert [layer.mlp.gate_proj.out_features for layer in again.model.layers] == widths[1:]
     torch.testing.assert_close(hf_logits(again), want)
+    # the recorded block positions follow the blocks: the KV cache is indexed by them
+    assert [layer.self_attn.layer_idx for layer in again.model.layers] == [0, 1]
+    out = again.generate(IDS, max_new_tokens=3, do_sample=False, min_new_tokens=3,
+                         pad_token_id=0)
+    assert out.shape == (IDS.shape[0], IDS.shape[1] + 3)
 
 
 def test_bert_encoder_layers(tmp_path):

@@ -168,3 +168,44 @@ def test_reload_rebuilds_scales_and_renamed_weights(kind, tmp_path):
     if kind != "neox":
         assert again.model.embed_tokens.embed_scale.item() == 8.0  # sqrt(64)
     torch.testing.assert_close(outputs(again), want, atol=1e-5, rtol=1e-5)
+
+
+class KeysAsValues(nn.Module):
+    """Eager attention that reuses K as V: the P V matmul looks like Q K^T (two per-head
+    operands); it is the same attention, one site, whose head size is D, not the key length."""
+
+    def __init__(self, dim=32, heads=4, head_dim=8):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.qk = nn.Linear(dim, 2 * heads * head_dim)
+        self.o = nn.Linear(heads * head_dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k = self.qk(x).view(b, t, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        p = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return x + self.o((p @ k).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_keys_reused_as_values_is_one_site():
+    from fastarch.pruning.graph import DependencyGraph
+
+    torch.manual_seed(0)
+    model = KeysAsValues().eval()
+    x = torch.randn(2, 7, 32)
+    graph = DependencyGraph(model, (x,))
+    assert [(s.q_heads, s.head_dim) for s in graph.attention] == [(4, 8)]
+    original = copy.deepcopy(model)
+    report = prune(model, (x,), ratio=0.5, prune_channels=False)
+    assert [r["kind"] for r in report.removed] == ["heads"] and model.num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked_copy(original, report)(x), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_dict_inputs_with_use_cache_and_a_bad_value():
+    model = hf_model("llama", "sdpa")
+    report = prune(model, {"input_ids": IDS, "use_cache": False}, ratio=0.3)
+    assert report.removed
+    with pytest.raises(ValueError, match="'return_dict' is not a tensor"):
+        prune(hf_model("llama", "sdpa"), {"input_ids": IDS, "return_dict": True}, ratio=0.3)

@@ -194,8 +194,9 @@ def _use_timm(model, attn, report) -> None:
 
 def _is_encoder(model) -> bool:
     """BERT and timm ViTs attend both ways; the decoders attend causally."""
-    if _is_hf(model):
-        return getattr(model.config, "model_type", None) == "bert"
+    if _is_hf(model):  # BERT, unless built as a decoder (BertLMHeadModel, is_decoder=True)
+        return getattr(model.config, "model_type", None) == "bert" and not getattr(
+            model.config, "is_decoder", False)
     return True  # timm: only its ViTs are swapped
 
 

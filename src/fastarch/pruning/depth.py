@@ -439,13 +439,19 @@ def _remove_from_list(model, lname, drop: set[int], count_key, undo) -> None:
     if isinstance(record, dict):
         saved["fastarch_pruned"] = {k: (dict(v) if isinstance(v, dict) else v)
                                     for k, v in record.items()}
-        for part in ("shapes", "attrs"):
+        for part in ("shapes", "attrs", "buffers"):
             entries = record.get(part) or {}
             renamed = {}
             for name, value in entries.items():
                 new_name = _rename(name, lname, mapping)
-                if new_name is not None:
-                    renamed[new_name] = value
+                if new_name is None:
+                    continue
+                if part == "attrs" and new_name != name:
+                    # a block's recorded position follows it (the KV cache indexes by it)
+                    old_i = int(name[len(f"{lname}." if lname else ""):].split(".")[0])
+                    value = {a: (mapping[old_i] if a in INDEX_ATTRS and v == old_i else v)
+                             for a, v in value.items()}
+                renamed[new_name] = value
             record[part] = renamed
 
     def restore():

@@ -241,6 +241,11 @@ def positional_inputs(model: nn.Module, kwargs: dict) -> tuple:
     defaults."""
     import inspect
 
+    kwargs = {k: v for k, v in kwargs.items() if k not in model_call_kwargs(model)}
+    odd = [k for k, v in kwargs.items() if v is not None and not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ValueError(f"example_inputs: {odd[0]!r} is not a tensor (the dict holds the "
+                         "model's tensor inputs; the pruner sets use_cache itself)")
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in params]
@@ -1122,6 +1127,9 @@ class DependencyGraph:
         keys = flat_b.reshape(-1, hq, *flat_b.shape[1:])[0, :, :, 0]  # K channel labels per head
         groups = self._kv_groups(keys)
         q_rep = heads.tolist()
+        last = self.attention[-1] if self.attention else None
+        if last is not None and last.module == where and last.q_head_ids == q_rep:
+            return  # P V of the same attention (its V unlabelled per channel, e.g. K reused)
         # (every head sharing one K, MQA, made all of them one unit: nothing is removed, but the
         # site still tells the head count, which the hidden size must stay a multiple of)
         self.attention.append(AttentionSite(where, hq, len(groups), head_dim, q_rep,
@@ -1175,13 +1183,19 @@ class DependencyGraph:
         """Whether every activation channel here comes from one channel dim cut into several
         (a head split): only there can a parameter broadcast along the other dims be shared by
         units. Tokens labelled differently (a concatenated class token) are not such dims."""
-        roots = {self.uf.find(i) for i in self.split_ids}
+        roots = None
         skip = {j for j, _, _ in param_items}
         for j, (lab, _) in enumerate(items):
             if lab is None or j in skip:
                 continue
             ids = torch.unique(lab[lab >= 0]).tolist()
-            if not ids or any(self.uf.find(i) not in roots for i in ids):
+            if not ids:
+                return False
+            if all(i in self.split_ids for i in ids):  # the usual case: labelled at the split
+                continue
+            if roots is None:
+                roots = {self.uf.find(i) for i in self.split_ids}
+            if any(self.uf.find(i) not in roots for i in ids):
                 return False
         return True
 

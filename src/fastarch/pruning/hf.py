@@ -215,8 +215,12 @@ def _checkpoint_names(model: nn.Module, state: dict) -> dict | None:
         return state
     renames = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    own = set(model.state_dict())
     out = {}
     for key, value in state.items():
+        if key in own:  # already the model's name (as transformers' loader keeps it)
+            out[key] = value
+            continue
         new, converted = rename_source_key(key, renames, converters)
         if converted is not None:
             return None
@@ -235,7 +239,7 @@ def _convert_into(model: nn.Module, state: dict):
         info, _ = convert_and_load_state_dict_in_model(
             model=model, state_dict=state,
             load_config=LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model)))
-    except (ImportError, TypeError, AttributeError):
+    except ImportError:
         return None
     if info.mismatched_keys or info.error_msgs:
         raise ValueError(f"path: weights that do not fit the rebuilt model "
@@ -255,6 +259,9 @@ def _load_converted(path: str, model_class, record, kwargs) -> nn.Module:
                          f"build the pruned widths from the config: {str(exc)[:300]}") from exc
     shapes = (record or {}).get("shapes", {})
     for name, p in model.named_parameters(remove_duplicate=False):
+        if shapes and name not in shapes:
+            raise ValueError(f"{what}, and the rebuild has a weight the pruned model had not: "
+                             f"{name}")
         if name in shapes and list(p.shape) != list(shapes[name]):
             raise ValueError(f"{what}, and the config does not give the pruned shape of {name}: "
                              f"{list(p.shape)} built, {shapes[name]} saved (widths that differ "

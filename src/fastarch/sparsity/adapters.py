@@ -127,8 +127,9 @@ def _under(name: str, root: str) -> bool:
 def language_root(model: nn.Module) -> str:
     """Where the language model sits in a Hugging Face model: "" for a plain decoder or encoder,
     ``model.language_model`` for a multimodal one (whose vision tower is not sparsified)."""
-    if describe_model(model).family != "hf":
-        return ""
+    if describe_model(model).family != "hf" or getattr(
+            getattr(model, "config", None), "is_encoder_decoder", False):
+        return ""  # an encoder-decoder: its own two stacks, not a language model inside
     get = getattr(model, "get_decoder", None)
     try:
         dec = get() if callable(get) else None
@@ -191,13 +192,12 @@ def linear_modules(model: nn.Module, scope: str) -> list[tuple[str, nn.Module]]:
     prefix = blocks[0] + "." if blocks[0] else ""
     if not kind.known:
         scope = "all"  # fastarch cannot tell the MLPs of a model it does not know
-    # the blocks are the stack's most common kind of element holding linears: a stem or a head
-    # kept in the same nn.Sequential (unknown models) is not one of them
-    holders = [(child, type(m)) for child, m in blocks[1].named_children()
-               if _is_linear(m) or any(_is_linear(x) for x in m.modules())]
-    classes = [c for _, c in holders]
-    common = max(classes, key=classes.count) if classes else None
-    keep = tuple(prefix + child for child, c in holders if c is common)
+    # the blocks: a bare linear kept in the same nn.Sequential as blocks is a stem or a head
+    # (unknown models), not one of them; a stack of bare linears is an MLP, all kept
+    children = list(blocks[1].named_children())
+    has_blocks = any(not _is_linear(m) and any(_is_linear(x) for x in m.modules())
+                     for _, m in children)
+    keep = tuple(prefix + child for child, m in children if not (has_blocks and _is_linear(m)))
     out = []
     for name, mod in model.named_modules():
         if not _is_linear(mod) or not any(name == k or name.startswith(k + ".") for k in keep):
