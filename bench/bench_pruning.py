@@ -191,20 +191,23 @@ def quality(args):
               f"{cos.min():.4f} | {before / 1e6:.1f}M -> {after / 1e6:.1f}M |", flush=True)
 
 
-def sweep_hf(args):
-    """--sweep hf: every transformers causal-LM family from a tiny config (bench/hf_families.py)."""
-    import fnmatch
-
-    import hf_families
-
-    names = hf_families.family_names()
+def _select(args, names: list[str]) -> list[str]:
+    """The sweep's names: --models patterns (fnmatch), then --offset / --limit / --stride."""
     if args.models:
+        import fnmatch
+
         pats = [m.strip() for m in args.models.split(",") if m.strip()]
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
     names = names[args.offset:args.offset + args.limit] if args.limit else names[args.offset:]
-    names = names[::args.stride] if args.stride > 1 else names
+    return names[::args.stride] if args.stride > 1 else names
+
+
+def sweep_hf(args):
+    """--sweep hf: every transformers causal-LM family from a tiny config (bench/hf_families.py)."""
+    import hf_families
+
     rows = []
-    for name in names:
+    for name in _select(args, hf_families.family_names()):
         t0 = time.perf_counter()
         good, reason = hf_families.check_family(name, timeout=args.timeout)
         rows.append((name, good, reason, time.perf_counter() - t0))
@@ -234,16 +237,8 @@ def sweep(args):
 
         def build(n):
             return timm.create_model(n, pretrained=False), 0
-    if args.models:  # name patterns (fnmatch), for a targeted re-check
-        import fnmatch
-
-        pats = [m.strip() for m in args.models.split(",") if m.strip()]
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
-    names = names[args.offset:args.offset + args.limit] if args.limit else names[args.offset:]
-    names = names[::args.stride] if args.stride > 1 else names
-    ok = 0
     rows = []
-    for name in names:
+    for name in _select(args, names):
         t0 = time.perf_counter()
         try:
             model, size = build(name)
@@ -267,14 +262,13 @@ def sweep(args):
             res = {"ok": False, "reason": f"{type(exc).__name__}: {str(exc)[:120]}"}
         del model
         gc.collect()
-        ok += bool(res["ok"])
         rows.append((name, res["ok"], res.get("reason", ""), time.perf_counter() - t0))
         print(f"{name}: {'ok' if res['ok'] else 'FAIL ' + res['reason']} "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)
     return _sweep_report(args, rows)
 
 
-def _sweep_report(args, rows, argv=None):
+def _sweep_report(args, rows):
     ok = sum(1 for r in rows if r[1])
     tried = [r for r in rows if r[1] is not None]
     summary = (f"{args.sweep}: {ok}/{len(tried)} = {100 * ok / max(len(tried), 1):.1f}% pass "
@@ -284,7 +278,7 @@ def _sweep_report(args, rows, argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Pruning sweep: {args.sweep}\n\n{summary}\n\nCommand: `python "
-                    f"bench/bench_pruning.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+                    f"bench/bench_pruning.py {' '.join(sys.argv[1:])}`"
                     "\n\n| model | result | reason | s |\n| --- | --- | --- | --- |\n")
             for name, good, reason, sec in rows:
                 state = "not counted" if good is None else ("ok" if good else "FAIL")

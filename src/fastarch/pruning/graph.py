@@ -721,8 +721,8 @@ class DependencyGraph:
             return [self.canon(r) for r in result]
         out = self.canon(result)
         if name in ("view", "reshape", "_unsafe_view", "unflatten") and out is not None and \
-                isinstance(src, torch.Tensor) and \
-                len(varying_dims(out)) > len(varying_dims(self.canon(src))):
+                isinstance(src, torch.Tensor) and len(varying_dims(out)) > len(varying_dims(
+                    first if isinstance(first, torch.Tensor) else self.canon(src))):
             # one channel dim cut into several (heads x head dim, groups x channels)
             self.split_ids.update(torch.unique(out[out >= 0]).tolist())
         return out

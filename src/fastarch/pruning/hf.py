@@ -65,21 +65,15 @@ def _get(cfg, key):
 
 def update_config(model: nn.Module, graph, shapes: dict) -> None:
     cfg = model.config
-    touched = {n.rpartition(".")[0] for n in shapes}
-    touched.update(site.module for site in graph.attention)
-    # and every other module: a fresh build sizes some from the config even where pruning
-    # kept them (Persimmon's per-head q_layernorm from hidden // heads, Bloom's head_dim)
-    touched.update(n for n, _ in model.named_modules())
     record = {"shapes": {n: list(new) for n, (_, new) in shapes.items()}, "attrs": {}}
     # a smaller hidden size also changes, in a fresh build, weights that kept their width (an
     # MQA c_attn sized hidden + 2 * head_dim): record every parameter's shape
     for n, p in model.named_parameters(remove_duplicate=False):
         record["shapes"].setdefault(n, list(p.shape))
-    for path in sorted(touched):
-        try:
-            mod = model.get_submodule(path) if path else model
-        except AttributeError:
-            continue
+    # the size attributes of every module, not only the pruned ones: a fresh build sizes some
+    # from the config even where pruning kept them (Persimmon's per-head q_layernorm from
+    # hidden // heads, Bloom's head_dim)
+    for path, mod in model.named_modules():
         record["attrs"][path] = _int_attrs(mod)
     # scalars kept out of the checkpoint but built from the config: Gemma's embed_scale is
     # sqrt(hidden) of the model that was pruned, not of the pruned config
