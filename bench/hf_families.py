@@ -41,7 +41,10 @@ def build(model_type: str):
 
     cls = transformers.CONFIG_MAPPING[model_type]
     known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
-    cfg = cls(**{k: v for k, v in SMALL.items() if k in known})
+    small = dict(SMALL)
+    if "kv_lora_rank" in known:  # MLA: K and V come per query head (transformers repeats them by
+        small["num_key_value_heads"] = small["num_attention_heads"]  # heads / K-V heads)
+    cfg = cls(**{k: v for k, v in small.items() if k in known})
     with torch.device("meta"):  # size it first: a default-sized build could exhaust memory
         n = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(cfg).parameters())
     if n > MAX_PARAMS:

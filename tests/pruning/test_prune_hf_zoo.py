@@ -134,8 +134,9 @@ def test_electra_embedding_size_follows_the_hidden_size(tmp_path):
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
 def test_moe_heads_and_shared_expert_save_and_load(kind, tmp_path):
     """MoE checkpoints hold each expert apart and transformers stacks them on load: load_pruned
-    runs that conversion into the rebuilt model. Here the K/V groups and Qwen2-MoE's shared
-    expert are pruned; the routed experts are reported, not pruned."""
+    runs that conversion into the rebuilt model. Here the K/V groups, Qwen2-MoE's shared
+    expert and the routed experts' width (their 3-d weights, through a grouped matmul) are
+    pruned; the router's experts stay."""
     common = dict(BASE, intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2)
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(**common, num_local_experts=4)
@@ -145,9 +146,14 @@ def test_moe_heads_and_shared_expert_save_and_load(kind, tmp_path):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     original = copy.deepcopy(model)
+    width = cfg.intermediate_size if kind == "mixtral" else cfg.moe_intermediate_size
     report = prune(model, (IDS,), ratio=0.5, exact_only=True)
     assert "heads" in {r["kind"] for r in report.removed}
-    assert any("experts" in where for where, _ in report.skipped)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.down_proj.shape[-1] < width and experts.down_proj.shape[-1] % 8 == 0
+    assert experts.gate_up_proj.shape[1] == 2 * experts.down_proj.shape[-1]
+    assert experts.intermediate_dim == experts.down_proj.shape[-1]
+    assert model.model.layers[0].mlp.gate.weight.shape[0] == 4  # every expert kept
     want = logits(model)
     torch.testing.assert_close(want, logits(masked_copy(original, report)), atol=1e-5, rtol=1e-5)
     model.save_pretrained(tmp_path / kind)
@@ -194,9 +200,76 @@ def test_moe_fallback_through_from_pretrained(tmp_path, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # layer 1's heads much weaker: global ranking removes only those
         model.model.layers[1].self_attn.o_proj.weight.mul_(1e-3)
-    prune(model, (IDS,), ratio=0.25, global_ranking=True, exact_only=True)
+    prune(model, (IDS,), ratio=0.25, global_ranking=True, exact_only=True,
+          ignore=[f"model.layers.{i}.mlp.experts" for i in range(2)])
     heads = [layer.self_attn.q_proj.out_features for layer in model.model.layers]
     assert heads[0] != heads[1]
     model.save_pretrained(tmp_path / "per-layer")
     with pytest.raises(ValueError, match="converted on load"):
         load_pruned(str(tmp_path / "per-layer"))
+
+
+@pytest.mark.parametrize("kind", ["olmoe", "minimax_m2"])
+def test_moe_routed_by_topk_prunes_experts_and_hidden(kind, tmp_path):
+    """Routers that pick experts with topk (and gather their weights) over experts stacked as
+    3-d weights: before, topk / index / gather blocked the whole model ("nothing prunable").
+    Now the experts' width and the hidden width go, the router keeps every expert, the router's
+    ``hidden_dim`` follows, and the result saves and reloads."""
+    extra = dict(intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2,
+                 num_experts=4)
+    cls = transformers.OlmoeConfig if kind == "olmoe" else transformers.MiniMaxM2Config
+    if kind == "minimax_m2":
+        extra.update(num_local_experts=4, head_dim=16)
+        extra.pop("num_experts")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**BASE, **extra)).eval()
+    original = copy.deepcopy(model)
+    report = prune(model, (IDS,), ratio=0.5, exact_only=True)
+    assert "channels" in {r["kind"] for r in report.removed}
+    torch.testing.assert_close(logits(model), logits(masked_copy(original, report)), atol=1e-5,
+                               rtol=1e-5)
+    model = copy.deepcopy(original)
+    report = prune(model, (IDS,), ratio=0.3)
+    mlp = model.model.layers[0].mlp
+    hidden = model.get_input_embeddings().weight.shape[1]
+    assert hidden < 64 and mlp.gate.weight.shape == (4, hidden) and mlp.gate.hidden_dim == hidden
+    assert mlp.experts.down_proj.shape[1:] == (hidden, mlp.experts.intermediate_dim)
+    assert mlp.experts.intermediate_dim % 8 == 0 and mlp.experts.intermediate_dim < 96
+    assert not [w for w, why in report.skipped if "topk" in why or "index" in why]
+    want = logits(model)
+    model.save_pretrained(tmp_path / kind)
+    torch.testing.assert_close(logits(load_pruned(str(tmp_path / kind))), want, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_expert_width_multiple_of_8_under_global_ranking():
+    """torch's grouped matmul (what transformers runs outside export) wants 16-byte strides: the
+    experts' width stays a multiple of 8 whatever the ranking picks."""
+    cfg = transformers.MixtralConfig(**BASE, intermediate_size=96, num_key_value_heads=2,
+                                     num_experts_per_tok=2, num_local_experts=4)
+    for global_ranking in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        prune(model, (IDS,), ratio=0.37, global_ranking=global_ranking)
+        for layer in model.model.layers:
+            width = layer.mlp.experts.down_proj.shape[-1]
+            assert width % 8 == 0 and (width <= 96 if global_ranking else width < 96)
+        with torch.no_grad():
+            assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_falcon_hidden_keeps_an_even_quotient_for_rope(tmp_path):
+    """Falcon's config derives head_dim = hidden // heads (a property) and its RoPE validator
+    refuses an odd one on save, even though the modules keep their real head size: at 32% the
+    plan's 44 channels (11 per head) become 48."""
+    cfg = transformers.FalconConfig(**BASE)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    prune(model, (IDS,), ratio=0.32)
+    hidden = model.config.hidden_size
+    assert hidden < 64 and (hidden // model.config.num_attention_heads) % 2 == 0
+    want = logits(model)
+    model.save_pretrained(tmp_path / "falcon")
+    torch.testing.assert_close(logits(load_pruned(str(tmp_path / "falcon"))), want, atol=1e-5,
+                               rtol=1e-5)

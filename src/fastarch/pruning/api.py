@@ -284,8 +284,9 @@ def plan_removal(graph: DependencyGraph, groups, scores, ratio: float, round_to:
         for g in groups:
             n = g.size
             keep = n - math.floor(ratio * n + 1e-9)
-            if g.kind == "channels" and round_to > 1:
-                keep = min(n, math.ceil(keep / round_to) * round_to)
+            step = math.lcm(round_to if g.kind == "channels" else 1, g.multiple)
+            if step > 1:
+                keep = min(n, math.ceil(keep / step) * step)
             keep = max(keep, 1)
             roots.extend(rank_uniform(g, scores, n - keep))
         return roots
@@ -307,6 +308,12 @@ def plan_removal(graph: DependencyGraph, groups, scores, ratio: float, round_to:
         taken[gi] += 1
         roots.append(r)
         budget -= 1
+    # a group whose width must stay a multiple (grouped matmuls) gives back its best picks
+    for gi, g in enumerate(groups):
+        while g.multiple > 1 and taken[gi] and (g.size - taken[gi]) % g.multiple:
+            best = max((r for r in roots if r in g.positions), key=lambda r: scores.get(r, 0.0))
+            roots.remove(best)
+            taken[gi] -= 1
     return roots
 
 
@@ -326,17 +333,24 @@ def _hf_hidden_multiple(model, graph, groups, scores, roots, round_to: int = 1):
     # no attention site found (Bloom's baddbmm on merged batch x heads): the config's head
     # count stays, and the hidden size must remain a multiple of it
     multiple = 1 if graph.attention else max(cfg.num_attention_heads, 1)
+    # a config whose head_dim is a property, hidden // heads (Falcon), and which uses RoPE
+    # refuses to save an odd quotient, even where the modules keep their real head size
+    even = isinstance(getattr(type(cfg), "head_dim", None), property) and \
+        getattr(cfg, "rope_parameters", None) is not None
     for site in graph.attention:
         q_new = sum(1 for i in site.q_head_ids if i < 0 or find(i) not in removed)
         multiple = math.lcm(multiple, max(q_new, 1))
+    if even:
+        multiple = math.lcm(multiple, 2 * max(cfg.num_attention_heads, 1) if not graph.attention
+                            else 2 * multiple)
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight}
     for g in groups:
         if not any(n in names and d == 1 for n, d in g.key):
             continue
         dropped = sorted((r for r in g.units if r in removed), key=lambda r: -scores.get(r, 0.0))
         kept = g.size - len(dropped)
-        step = math.lcm(multiple, round_to)
-        step = step if -(-kept // step) * step <= g.size else multiple
+        step = math.lcm(multiple, round_to, g.multiple)
+        step = step if -(-kept // step) * step <= g.size else math.lcm(multiple, g.multiple)
         while kept % step and dropped:
             removed.discard(dropped.pop(0))
             kept += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import operator
 import threading
 from typing import Any
@@ -73,6 +74,9 @@ NO_LABEL_SOURCES = {"arange", "zeros", "ones", "full", "empty", "scalar_tensor",
                     "argmax", "argmin", "bucketize"}
 
 
+GROUPED_MM_MULTIPLE = 8
+
+
 class GraphBuildError(RuntimeError):
     """The model could not be traced (within the time limit)."""
 
@@ -117,6 +121,7 @@ class ChannelGroup:
     positions: dict  # root -> {(name, dim): [indices]}
     kind: str  # "channels", "heads", "groups"
     exact: bool  # False when a norm over the channel dim couples it (LayerNorm, RMSNorm)
+    multiple: int = 1  # the width kept stays a multiple of this (grouped matmuls)
 
     @property
     def size(self) -> int:
@@ -352,6 +357,7 @@ class DependencyGraph:
         self.splits: list[tuple[str, torch.Tensor, int, int]] = []  # module, label, dim, pieces
         self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
         self.group_norms: list[tuple[str, list[int], int]] = []  # module, channel ids, groups
+        self.dim_multiple: dict[tuple[str, int], int] = {}  # widths kept a multiple of this
         self.split_ids: set[int] = set()  # channels whose dim was cut into several (heads)
         self.param_derived: set[str] = set()  # nodes computed from parameters alone
         # parameter label, activation label it is broadcast against, module
@@ -553,7 +559,10 @@ class DependencyGraph:
         if out_shape is None:
             return None
         items, param_items = [], []
-        for arg in list(node.args) + list(node.kwargs.values()):
+        args = list(node.args) + list(node.kwargs.values())
+        if _opname(node.target) in ("type_as", "to"):  # the other tensor gives only a dtype
+            args = args[:1]
+        for arg in args:
             if isinstance(arg, torch.fx.Node) and isinstance(_val(arg), torch.Tensor):
                 raw = self.label_of(arg, env)
                 lab = self._tensor_label(arg, env)
@@ -1068,6 +1077,93 @@ class DependencyGraph:
         self.blocked.update(self.pid(w.name, w.dims[0], "param").tolist())
         return self._produce(w, 1, _shape(node), -1)
 
+    # ---- routing (mixture of experts) -----------------------------------------------------
+    def _op_topk(self, node, env, where):
+        """Top-k / sort along a dim: which entries win depends on all of them (a router's choice
+        among its experts), so channels along that dim stay; labels along other dims pass."""
+        lab = self._tensor_label(node.args[0], env)
+        if lab is None:
+            return None
+        name = _opname(node.target)
+        pos = 2 if name == "topk" else 1
+        dim = node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", -1)
+        dim %= lab.dim()
+        if lab.shape[dim] > 1:  # the winners are unlabelled values (which expert, its weight)
+            self.block(lab)
+            return [None, None]
+        out = self.canon(lab)
+        return [out, out]
+
+    _op_sort = _op_topk
+
+    def _op_gather(self, node, env, where):
+        """gather(x, dim, index): picks along ``dim`` (a router's weights of the chosen experts);
+        labels along the other dims pass where the index spans them whole."""
+        lab = self._tensor_label(node.args[0], env)
+        self.block(self.label_of(node.args[2], env))
+        if lab is None:
+            return None
+        dim = node.args[1] % lab.dim()
+        shape, out_shape = _shape(node.args[0]), _shape(node)
+        if lab.shape[dim] > 1:
+            self.block(lab)
+            return None
+        if any(lab.shape[d] > 1 and out_shape[d] != shape[d] for d in range(lab.dim())):
+            self.block(lab, "gather of part of the channels", where)
+            return None
+        return lab
+
+    def _op_index(self, node, env, where):
+        """x[idx...] with index tensors along dims where the labels are constant (tokens routed
+        to an expert, a bias row per token's expert): the other dims keep their labels."""
+        x = self.label_of(node.args[0], env)
+        shape = _shape(node.args[0])
+        if isinstance(x, ParamRef):
+            x = self.as_tensor_label(x, shape, where)
+        indices = list(node.args[1])
+        for i in indices:
+            if isinstance(i, torch.fx.Node) and self.label_of(i, env) is not None:
+                raise ValueError("index with labelled index tensors")
+        if x is None:
+            return None
+        if shape is None or x.dim() != len(shape):
+            raise ValueError("index on a label of unknown shape")
+        lab = x
+        picks = []
+        for d, i in enumerate(indices):
+            if i is None:
+                picks.append(None)
+                continue
+            v = _val(i) if isinstance(i, torch.fx.Node) else None
+            if not isinstance(v, torch.Tensor) or v.dtype == torch.bool:
+                raise ValueError("index with a mask or a non-tensor index")
+            if lab.shape[d] > 1:
+                self.block(lab, "indexing along the channels", where)
+                return None
+            picks.append(torch.zeros(tuple(v.shape), dtype=torch.long))
+        return self.canon(torch.ops.aten.index.Tensor(lab, picks))
+
+    def _op_grouped_mm(self, node, env, where):
+        """One matmul per expert over its rows of x: (S, in) x (E, in, out) -> (S, out), the
+        3-d weight of every expert at once (transformers' MoE experts, torch's grouped mm). A
+        channel of the expert width is removed from every expert together."""
+        x = self._tensor_label(node.args[0], env)
+        w = self.label_of(node.args[1], env)
+        self.block(self.label_of(node.args[2], env) if len(node.args) > 2 else None)
+        if not isinstance(w, ParamRef) or len(w.dims) != 3 or w.name not in self.params:
+            self.block(x, "grouped matmul with a computed weight", where)
+            self.block(w)
+            return None
+        # torch._grouped_mm (what transformers runs outside export) wants the strides of its
+        # operands to be multiples of 16 bytes: both widths stay multiples of 8
+        for d in (1, 2):
+            self.dim_multiple[(w.name, w.dims[d])] = GROUPED_MM_MULTIPLE
+        self._consume(x, -1, w, 1, where)
+        return self._produce(w, 2, _shape(node), -1)
+
+    _op_grouped_mm_fallback = _op_grouped_mm
+    _op__grouped_mm = _op_grouped_mm
+
     def _op_scaled_dot_product_attention(self, node, env, where):
         q, k, v = (self._tensor_label(a, env) for a in node.args[:3])
         mask = self.label_of(node.args[3], env) if len(node.args) > 3 else node.kwargs.get("attn_mask")
@@ -1221,11 +1317,14 @@ class DependencyGraph:
 
     def _apply_constraints(self) -> None:
         self._resolve_shared()
+        blocked = {self.uf.find(i) for i in self.blocked}
         for label, dim, where in self.constraints:
             roots = self._roots(label)
             if roots.shape[dim] > 1 and not bool((roots == roots.narrow(dim, 0, 1)).all()):
-                self.block(label, "a fixed-size op (slice, pad, split, constant) along the channels",
-                           where)
+                # already blocked (a router's softmax over the experts its topk keeps): no news
+                known = all(r in blocked for r in torch.unique(roots[roots >= 0]).tolist())
+                self.block(label, None if known else
+                           "a fixed-size op (slice, pad, split, constant) along the channels", where)
 
     def _all_roots(self) -> list[int]:
         """Root of every id, found for all ids at once (pointer jumping on a tensor)."""
@@ -1280,7 +1379,9 @@ class DependencyGraph:
             kind = "heads" if roots[0] in head_roots else (
                 "groups" if roots[0] in grouped_roots else "channels")
             exact = not any(r in inexact_roots for r in roots)
-            groups.append(ChannelGroup(key, sorted(roots), {r: units[r] for r in roots}, kind, exact))
+            multiple = math.lcm(1, *(self.dim_multiple.get(k, 1) for k in key))
+            groups.append(ChannelGroup(key, sorted(roots), {r: units[r] for r in roots}, kind,
+                                       exact, multiple))
         groups.sort(key=lambda g: min(self.param_dims[k].start for k in g.key))
         return groups
 

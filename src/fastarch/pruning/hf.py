@@ -16,7 +16,7 @@ from torch import nn
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "word_embed_proj_dim",
                "embedding_size")
 FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
-            "shared_expert_intermediate_size")
+            "shared_expert_intermediate_size", "moe_intermediate_size")
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads",
              "decoder_attention_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
@@ -132,10 +132,12 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
             continue
         new_vals = set()
         for n, (o, nw) in shapes.items():
-            if len(o) == 2 and n.endswith("weight"):
-                for d in range(2):
-                    if o[d] == old and nw[d] != old and o[1 - d] != old:
-                        new_vals.add(nw[d])
+            # a linear's (out, in), or the last two of MoE experts' stacked (experts, out, in)
+            if (len(o) == 2 and n.endswith("weight")) or \
+                    (len(o) == 3 and n.endswith(("down_proj", "w2"))):
+                for a, b in ((-2, -1), (-1, -2)):
+                    if o[a] == old and nw[a] != old and o[b] != old:
+                        new_vals.add(nw[a])
         if len(new_vals) == 1:
             setattr(cfg, key, new_vals.pop())
 

@@ -16,6 +16,9 @@ from fastarch.pruning.graph import DependencyGraph
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
 GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep")
+# widths a module with raw parameters may keep and read (MoE experts and routers)
+WIDTH_NAMES = ("hidden_dim", "hidden_size", "intermediate_dim", "intermediate_size", "embed_dim",
+               "ffn_dim", "expert_dim", "moe_intermediate_size", "d_model", "model_dim")
 WIDTH_ATTRS = ("attn_dim", "all_head_size", "inner_dim", "split_size", "q_dim", "dim_out_attn")
 
 
@@ -86,6 +89,7 @@ def remove_units(model: nn.Module, graph: DependencyGraph, roots) -> dict[str, t
                 touched_modules.add(alias_name.rpartition(".")[0])
     for mod_name in touched_modules:
         _fix_module_attrs(model.get_submodule(mod_name) if mod_name else model, graph, mod_name)
+        _fix_width_attrs(model.get_submodule(mod_name) if mod_name else model, changed, mod_name)
     _fix_attention_attrs(model, graph, roots)
     _fix_split_attrs(model, graph, roots)
     _fix_group_norm_attrs(model, graph, roots)
@@ -126,6 +130,29 @@ def _fix_module_attrs(mod: nn.Module, graph: DependencyGraph, mod_name: str) -> 
         if isinstance(val, int) and w is not None and w.dim() == 1 and val != w.shape[0] and \
                 "norm" in type(mod).__name__.lower():
             setattr(mod, attr, w.shape[0])
+
+
+def _fix_width_attrs(mod: nn.Module, changed: dict, mod_name: str) -> None:
+    """A module holding raw parameters (MoE experts' 3-d weights, a router) and reading a width
+    it keeps as an attribute (``hidden_states.reshape(-1, self.hidden_dim)``): a width
+    attribute equal to an old size moves to the new one, where every dim of the module's own
+    tensors of that size changed alike (hidden 64 kept beside an intermediate 64 removed from
+    is ambiguous, and left)."""
+    if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)):
+        return
+    prefix = f"{mod_name}." if mod_name else ""
+    moves: dict[int, set] = {}
+    for pname, t in list(mod.named_parameters(recurse=False)) + \
+            list(mod.named_buffers(recurse=False)):
+        old_shape, new_shape = changed.get(prefix + pname, (tuple(t.shape), tuple(t.shape)))
+        for o, n in zip(old_shape, new_shape):
+            moves.setdefault(o, set()).add(n)
+    for attr in WIDTH_NAMES:
+        val = mod.__dict__.get(attr)
+        if isinstance(val, int) and not isinstance(val, bool) and len(moves.get(val, ())) == 1:
+            new = next(iter(moves[val]))
+            if new != val:
+                setattr(mod, attr, new)
 
 
 def _set_matching(mod: nn.Module, names, old: int, new: int) -> None:
