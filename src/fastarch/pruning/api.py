@@ -340,9 +340,8 @@ def _hf_hidden_multiple(model, graph, groups, scores, roots, round_to: int = 1):
     for site in graph.attention:
         q_new = sum(1 for i in site.q_head_ids if i < 0 or find(i) not in removed)
         multiple = math.lcm(multiple, max(q_new, 1))
-    if even:
-        multiple = math.lcm(multiple, 2 * max(cfg.num_attention_heads, 1) if not graph.attention
-                            else 2 * multiple)
+    if even:  # hidden // heads even: the hidden a multiple of twice the head count
+        multiple *= 2
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight}
     for g in groups:
         if not any(n in names and d == 1 for n, d in g.key):

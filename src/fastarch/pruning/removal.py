@@ -88,8 +88,9 @@ def remove_units(model: nn.Module, graph: DependencyGraph, roots) -> dict[str, t
                 changed[alias_name] = (tuple(old.shape), tuple(new.shape))
                 touched_modules.add(alias_name.rpartition(".")[0])
     for mod_name in touched_modules:
-        _fix_module_attrs(model.get_submodule(mod_name) if mod_name else model, graph, mod_name)
-        _fix_width_attrs(model.get_submodule(mod_name) if mod_name else model, changed, mod_name)
+        mod = model.get_submodule(mod_name) if mod_name else model
+        _fix_module_attrs(mod, graph, mod_name)
+        _fix_width_attrs(mod, changed, mod_name)
     _fix_attention_attrs(model, graph, roots)
     _fix_split_attrs(model, graph, roots)
     _fix_group_norm_attrs(model, graph, roots)
