@@ -23,7 +23,7 @@ SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
              shared_expert_intermediate_size=48, qk_rope_head_dim=8, qk_nope_head_dim=8,
              v_head_dim=16, kv_lora_rank=32, q_lora_rank=32, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2)
+             eos_token_id=2, unpadded_vocab_size=97)
 TOL = 1e-4  # of the output's largest magnitude
 
 
