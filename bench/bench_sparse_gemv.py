@@ -82,6 +82,37 @@ def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
     return res, float(union)
 
 
+def dense_copy_case(out_f, in_f, dtype, batch, sparsity, rounds, from_rows):
+    """nn.Linear against SparseLinear with ``dense_copy`` (the measured crossover): the sparse
+    kernel below ``from_rows`` rows, F.linear on the (out, in) copy from there on."""
+    from fastarch.sparsity.modules import SparseLinear
+
+    ws, wts = _gemv_weights(out_f, in_f, dtype)
+    n = len(ws)
+    xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(n)]
+    ts = _thresholds(xs, sparsity)
+    mods = []
+    for w, wt, t in zip(ws, wts, ts):  # share the bench's two layouts: no extra copies
+        sl = SparseLinear.from_linear(torch.nn.Linear(1, 1, bias=False), t)
+        sl.in_features, sl.out_features = in_f, out_f
+        sl.weight = torch.nn.Parameter(wt.t(), requires_grad=False)
+        if from_rows is not None:
+            sl.dense_weight, sl.dense_from = w, from_rows
+        mods.append(sl)
+    i = {"d": 0, "s": 0}
+
+    def dense():
+        i["d"] = (i["d"] + 1) % n
+        return F.linear(xs[i["d"]], ws[i["d"]])
+
+    def sparse():
+        i["s"] = (i["s"] + 1) % n
+        return mods[i["s"]](xs[i["s"]])
+
+    with torch.no_grad():
+        return interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
+
+
 def mlp_case(hidden, inter, dtype, batch, sparsity, rounds):
     """Dense SwiGLU MLP vs sparse_mlp over a fixed core-neuron set (CoreInfer decode)."""
     key = ("mlp", hidden, inter, dtype)
@@ -159,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mlp", action="store_true", help="skip the sparse_mlp table")
     ap.add_argument("--no-gemv", action="store_true", help="skip the sparse_gemv table")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case")
+    ap.add_argument("--dense-copy", action="store_true",
+                    help="add the SparseLinear(dense_copy=True) vs nn.Linear table (measured "
+                         "crossover to an (out, in) copy for prefill-sized calls)")
     ap.add_argument("--gather", action="store_true",
                     help="add the gather_gemv table (listed output rows vs F.linear over all rows)")
     args = ap.parse_args(argv)
@@ -222,6 +256,29 @@ def main(argv=None) -> int:
                 row = _fmt_row([name, str(dtype).split(".")[-1], batch, f"{dense_ms:.2f}"] + cells)
                 lines.append(row)
                 print(row, flush=True)
+    if args.dense_copy:
+        from fastarch.sparsity.modules import dense_crossover
+
+        lines += ["", "### SparseLinear with dense_copy=True vs nn.Linear (the sparse kernel below "
+                  "the measured crossover, F.linear on an (out, in) copy from it)", "",
+                  _fmt_row(["shape", "dtype", "dense from rows", "batch", "dense ms"]
+                           + [f"s={s}" for s in sparsities]),
+                  _fmt_row(["---"] * (5 + len(sparsities)))]
+        print("\n".join(lines[-4:]), flush=True)
+        for name, (o, i) in (gemv_shapes or GEMV_SHAPES).items():
+            for dtype in dtypes:
+                ws, _ = _gemv_weights(o, i, dtype)
+                from_rows = dense_crossover(ws[0], 0.5)
+                for batch in batches:
+                    cells, dense_ms = [], None
+                    for s in sparsities:
+                        res = dense_copy_case(o, i, dtype, batch, s, rounds, from_rows)
+                        dense_ms = res["dense"] * 1e3 if dense_ms is None else dense_ms
+                        cells.append(f"{res['dense'] / res['fastarch']:.2f}x")
+                    row = _fmt_row([name, str(dtype).split(".")[-1], str(from_rows), batch,
+                                    f"{dense_ms:.2f}"] + cells)
+                    lines.append(row)
+                    print(row, flush=True)
     if args.gather:
         lines += ["", "### gather_gemv (only the listed output rows) vs F.linear over all rows", "",
                   _fmt_row(["shape", "dtype", "batch", "dense ms"]

@@ -321,3 +321,94 @@ def test_timm_vit_synthetic_calib_uses_the_model_image_size():
     with pytest.warns(UserWarning, match="synthetic"):
         report = fastarch.sparsify(model, sparsity=0.4)
     assert len(report.modules) == 2
+
+
+# ---- dense_copy: prefill-sized calls on an (out, in) copy -----------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_copy_runs_large_calls_densely_and_small_ones_sparsely(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(67, 45).to(dtype)
+    sl = SparseLinear.from_linear(lin, threshold=0.5)
+    ref_dense = lambda x: torch.nn.functional.linear(x.float(), sl.weight.float(), sl.bias.float())
+    ref_sparse = lambda x: ref_dense(torch.where(x.abs() > 0.5, x, torch.zeros_like(x)))
+    sl.keep_dense_copy(4)
+    assert sl.dense_weight.is_contiguous() and sl.dense_weight.shape == (45, 67)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    small = torch.randn(3, 67).to(dtype)  # 3 rows < 4: the sparse kernel, threshold applied
+    torch.testing.assert_close(sl(small).float(), ref_sparse(small), **tol)
+    big = torch.randn(2, 2, 67).to(dtype)  # 4 rows: dense, nothing skipped
+    torch.testing.assert_close(sl(big).float(), ref_dense(big), **tol)
+    assert not torch.allclose(ref_dense(big), ref_sparse(big), atol=1e-3)  # the paths differ
+    assert list(sl.state_dict()) == ["weight", "bias"]  # the copy is not saved
+    sl.drop_dense_copy()
+    torch.testing.assert_close(sl(big).float(), ref_sparse(big), **tol)
+
+
+def test_dense_copy_bad_rows():
+    sl = SparseLinear.from_linear(nn.Linear(8, 4))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="from_rows"):
+            sl.keep_dense_copy(bad)
+
+
+def test_sparsify_dense_copy_report_densify_and_compile():
+    model = _hf("llama")
+    calib = [{"input_ids": _ids()}]
+    ids = _ids(1, 9, seed=3)
+    ref = _out(model, ids)
+    report = fastarch.sparsify(model, sparsity=0.5, calib=calib, dense_copy=8)
+    assert report.dense_copy_bytes == sum(
+        m.dense_weight.numel() * m.dense_weight.element_size() for m in model.modules()
+        if isinstance(m, SparseLinear))
+    assert report.dense_copy_bytes > 0 and all(e.dense_from == 8 for e in report.modules)
+    assert "dense from 8 rows" in str(report)
+    # a 9-token prefill runs every swapped layer densely: the dense model's logits
+    torch.testing.assert_close(_out(model, ids), ref, rtol=1e-4, atol=1e-4)
+    mlp = model.model.layers[0].mlp
+    for x in (torch.randn(1, 1, 64), torch.randn(1, 12, 64)):  # both paths under fullgraph
+        with torch.no_grad():
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x),
+                                       rtol=1e-5, atol=1e-5)
+    fastarch.densify(model)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    torch.testing.assert_close(_out(model, ids), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_dense_copy_measured(monkeypatch):
+    from fastarch.sparsity import modules
+
+    model = _hf("qwen2")
+    # the measurement decides per shape: dense wins from 16 rows on one shape, never on others
+    calls = []
+
+    def fake(weight, sparsity, **kw):
+        calls.append(tuple(weight.shape))
+        return 16 if weight.shape[0] == 160 else None
+
+    monkeypatch.setattr("fastarch.sparsity.api.dense_crossover", fake)
+    report = fastarch.sparsify(model, sparsity=0.5, calib=[{"input_ids": _ids()}], dense_copy=True)
+    by_name = {e.name: e.dense_from for e in report.modules}
+    for name, rows in by_name.items():
+        mod = model.get_submodule(name)
+        assert rows == (16 if mod.out_features == 160 else None)
+        assert (mod.dense_weight is not None) == (rows is not None)
+    assert any(r == 16 for r in by_name.values()) and any(r is None for r in by_name.values())
+    assert calls
+    # the real measurement returns a row count from the list or None, and caches it
+    w = torch.randn(48, 96)
+    got = modules.dense_crossover(w, 0.5, reps=1)
+    assert got is None or got in modules.CROSSOVER_ROWS
+    assert modules.dense_crossover(w, 0.5, reps=1) == got
+
+
+def test_sparsify_dense_copy_bad_arguments():
+    model = _hf("llama")
+    with pytest.raises(ValueError, match="dense_copy"):
+        fastarch.sparsify(model, sparsity=0.5, dense_copy=0)
+    with pytest.raises(ValueError, match="dense_copy"):
+        fastarch.sparsify(model, sparsity=0.5, dense_copy="yes")
+    with pytest.raises(ValueError, match="dense_copy"):
+        fastarch.sparsify(model, sparsity=0.5, method="coreinfer", dense_copy=True)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())

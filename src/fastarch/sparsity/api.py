@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastarch.sparsity import adapters
-from fastarch.sparsity.modules import CoreNeuronMLP, SparseLinear
+from fastarch.sparsity.modules import CoreNeuronMLP, SparseLinear, dense_crossover
 from fastarch.sparsity.teal import calibrate_thresholds, run_batch
 
 METHODS = ("teal", "coreinfer")
@@ -24,6 +24,7 @@ class ModuleEntry:
     keep: int | None = None
     total: int | None = None
     calib_sparsity: float | None = None
+    dense_from: int | None = None  # rows from which an (out, in) copy runs F.linear
 
 
 @dataclasses.dataclass
@@ -37,6 +38,7 @@ class SparsityReport:
     modules: list[ModuleEntry] = dataclasses.field(default_factory=list)
     unsupported: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     calibration: str = ""
+    dense_copy_bytes: int = 0  # memory the (out, in) copies of dense_copy take
 
     @property
     def changed(self) -> bool:
@@ -52,9 +54,12 @@ class SparsityReport:
         for m in self.modules:
             if m.kind == "linear":
                 cs = "" if m.calib_sparsity is None else f"  calib sparsity {m.calib_sparsity:.3f}"
-                lines.append(f"  {m.name:50s} threshold {m.threshold:.4g}{cs}")
+                dc = "" if m.dense_from is None else f"  dense from {m.dense_from} rows"
+                lines.append(f"  {m.name:50s} threshold {m.threshold:.4g}{cs}{dc}")
             else:
                 lines.append(f"  {m.name:50s} core neurons {m.keep}/{m.total}")
+        if self.dense_copy_bytes:
+            lines.append(f"  dense copies for prefill-sized calls: {self.dense_copy_bytes / 2**20:.1f} MiB")
         for name, reason in self.unsupported:
             lines.append(f"  not changed: {name}: {reason}")
         return "\n".join(lines)
@@ -92,7 +97,8 @@ def _default_calibration(model: nn.Module, kind: adapters.ModelKind, seed: int =
 
 
 def sparsify(model: nn.Module, sparsity: float = 0.5, method: str = "teal", calib=None,
-             scope: str = "mlp", allow_unknown: bool = False, refine: int = 1) -> SparsityReport:
+             scope: str = "mlp", allow_unknown: bool = False, refine: int = 1,
+             dense_copy: bool | int = False) -> SparsityReport:
     """Swap a model's linear layers (TEAL) or MLPs (CoreInfer) for sparse ones, in place.
 
     Args:
@@ -110,6 +116,15 @@ def sparsify(model: nn.Module, sparsity: float = 0.5, method: str = "teal", cali
             does not know, instead of reporting it and leaving it unchanged.
         refine: extra TEAL calibration passes run on the sparsified model, so that thresholds
             account for the sparsity of earlier layers.
+        dense_copy: TEAL only. Calls with many rows (a prefill: tokens x batch) have a full union
+            of active channels and gain nothing from skipping; where the dense GEMM on the
+            usual ``(out, in)`` weight is faster than the sparse kernel on the input-major one
+            (bf16 / fp16 on CPUs with AMX or AVX512-BF16 from a few rows on), an ``(out, in)``
+            copy runs them as ``F.linear``. ``True``: the row count where dense starts to win is
+            measured here once per weight shape and dtype, and a copy is kept only for layers
+            where it wins by 128 rows; an int: a copy for every layer, used from that many rows.
+            ``False`` (default): one copy of each weight, every call on the sparse kernel. The
+            copies double those weights' memory (``report.dense_copy_bytes``).
 
     Returns:
         A :class:`SparsityReport`. The model is modified in place; :func:`densify` undoes it.
@@ -128,6 +143,11 @@ def sparsify(model: nn.Module, sparsity: float = 0.5, method: str = "teal", cali
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not isinstance(dense_copy, (bool, int)) or (not isinstance(dense_copy, bool) and dense_copy < 1):
+        raise ValueError(f"dense_copy must be True, False or a row count >= 1, got {dense_copy!r}")
+    if dense_copy is not False and method != "teal":
+        raise ValueError("dense_copy applies to method='teal' (CoreInfer's prefill already runs "
+                         "the dense modules)")
     kind = adapters.describe_model(model)
     report = SparsityReport(method, float(sparsity), scope, kind.model_type)
     if not kind.known and not (allow_unknown and method == "teal"):
@@ -142,6 +162,8 @@ def sparsify(model: nn.Module, sparsity: float = 0.5, method: str = "teal", cali
         raise ValueError("model is already sparsified; call fastarch.densify(model) first")
     if method == "teal":
         _apply_teal(model, kind, sparsity, calib, scope, refine, report)
+        if dense_copy is not False:
+            _keep_dense_copies(model, report, sparsity, dense_copy)
     else:
         _apply_coreinfer(model, kind, sparsity, report)
     return report
@@ -180,6 +202,20 @@ def _apply_teal(model, kind, sparsity, calib, scope, refine, report):
     for name, sl in swapped.items():
         report.modules.append(ModuleEntry(name, "linear", threshold=sl.threshold,
                                           calib_sparsity=achieved.get(name)))
+
+
+def _keep_dense_copies(model, report, sparsity, dense_copy) -> None:
+    mods = dict(model.named_modules())
+    for entry in report.modules:
+        sl = mods.get(entry.name)
+        if not isinstance(sl, SparseLinear):
+            continue
+        rows = dense_copy if dense_copy is not True else dense_crossover(sl.weight, sparsity)
+        if rows is None:
+            continue
+        sl.keep_dense_copy(rows)
+        entry.dense_from = rows
+        report.dense_copy_bytes += sl.dense_weight.numel() * sl.dense_weight.element_size()
 
 
 def _apply_coreinfer(model, kind, sparsity, report):

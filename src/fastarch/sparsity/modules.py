@@ -3,13 +3,23 @@
 Neither module copies a weight: the input-major layout the kernels want is stored as the
 parameter's data and the original parameter becomes a transposed *view* of it, so the original
 module (and its state_dict keys) keep working, and :func:`fastarch.densify` restores them.
+The one exception is opt-in: :meth:`SparseLinear.keep_dense_copy` (``sparsify(...,
+dense_copy=True)``) keeps an ``(out, in)`` copy for prefill-sized calls where the dense GEMM wins.
 """
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastarch.ops import sparse_gemv as ops
+
+# row counts tried by :func:`dense_crossover`; above the last the kernel is assumed to keep
+# its lead (it does in fp32, where at::mm on the input-major layout is as fast as F.linear)
+CROSSOVER_ROWS = (2, 4, 8, 16, 32, 64, 128)
+_CROSSOVER_CACHE: dict = {}
 
 
 def _transposed_storage(weight: nn.Parameter) -> nn.Parameter:
@@ -38,6 +48,8 @@ class SparseLinear(nn.Linear):
         self.track = False
         self.seen = 0
         self.skipped = 0
+        self.dense_from: int | None = None  # see keep_dense_copy
+        self.register_buffer("dense_weight", None, persistent=False)
 
     @classmethod
     def from_linear(cls, module: nn.Module, threshold: float = 0.0) -> "SparseLinear":
@@ -60,7 +72,28 @@ class SparseLinear(nn.Linear):
         new.threshold = float(threshold)
         new.source_type = type(module)
         new.track, new.seen, new.skipped = False, 0, 0
+        new.dense_from = None
+        new.register_buffer("dense_weight", None, persistent=False)
         return new
+
+    def keep_dense_copy(self, from_rows: int) -> None:
+        """Also keep the weight in the usual ``(out, in)`` layout and run calls of ``from_rows``
+        rows and more (tokens x batch) as a plain ``F.linear`` on it.
+
+        Prefill-sized calls have a full union of active channels, so the sparse kernel only pays
+        its skipping overhead there, and on CPUs with AMX or AVX512-BF16 the dense GEMM, packed
+        for the ``(out, in)`` layout, beats any kernel on the input-major one. The cost is a
+        second copy of the weight (a non-persistent buffer: state_dict keys stay the same); it is
+        not updated if ``weight`` is trained afterwards (call this again)."""
+        if isinstance(from_rows, bool) or not isinstance(from_rows, int) or from_rows < 1:
+            raise ValueError(f"from_rows must be an int >= 1, got {from_rows!r}")
+        self.dense_weight = self.weight.detach().contiguous()
+        self.dense_from = from_rows
+
+    def drop_dense_copy(self) -> None:
+        """Forget the ``(out, in)`` copy: every call runs the sparse kernel again."""
+        self.dense_weight = None
+        self.dense_from = None
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense module (nn.Linear, or Conv1D for GPT-2), weights contiguous."""
@@ -81,14 +114,64 @@ class SparseLinear(nn.Linear):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.dense_weight is not None and self.dense_from is not None and \
+            x.dim() > 0 and x.numel() >= self.dense_from * self.in_features
         if self.track and not torch.compiler.is_compiling():
             with torch.no_grad():
                 self.seen += x.numel()
-                self.skipped += int((x.abs() <= self.threshold).sum())
+                if not dense:  # the dense path skips nothing
+                    self.skipped += int((x.abs() <= self.threshold).sum())
+        if dense:
+            return F.linear(x, self.dense_weight, self.bias)
         return ops.sparse_gemv(x, self.weight.t(), self.bias, self.threshold)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, threshold={self.threshold:.4g}"
+        extra = "" if self.dense_from is None else f", dense from {self.dense_from} rows"
+        return f"{super().extra_repr()}, threshold={self.threshold:.4g}{extra}"
+
+
+def _time_call(fn, reps: int, sync) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def dense_crossover(weight: torch.Tensor, sparsity: float, reps: int = 3,
+                    margin: float = 0.97) -> int | None:
+    """The smallest row count from :data:`CROSSOVER_ROWS` at which ``F.linear`` on the
+    ``(out, in)`` weight is faster than the sparse kernel on the input-major one (by more than
+    ``1 - margin``), measured here on random inputs with a fraction ``sparsity`` of each row
+    below the threshold; None where the kernel is not beaten up to the last count. Cached per
+    shape, dtype, device and thread count: the answer is a property of the machine."""
+    out_f, in_f = weight.shape
+    key = (out_f, in_f, weight.dtype, str(weight.device), torch.get_num_threads(),
+           round(float(sparsity), 3))
+    if key in _CROSSOVER_CACHE:
+        return _CROSSOVER_CACHE[key]
+    w = weight.detach().contiguous()
+    w_t = w.t().contiguous()
+    sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    found = None
+    for rows in CROSSOVER_ROWS:
+        x = torch.randn(rows, in_f, generator=g).to(device=w.device, dtype=w.dtype)
+        t = float(torch.quantile(x.float().abs().flatten(), sparsity)) if sparsity > 0 else 0.0
+        kernel = lambda: ops.sparse_gemv(x, w_t, None, t)  # noqa: E731
+        dense = lambda: F.linear(x, w)  # noqa: E731
+        kernel(), dense()  # warm up (first-call packing, thread pool)
+        tk = _time_call(kernel, reps, sync)
+        td = _time_call(dense, reps, sync)
+        if td < margin * tk:
+            found = rows
+            break
+    _CROSSOVER_CACHE[key] = found
+    return found
 
 
 class CoreNeuronMLP(nn.Module):
