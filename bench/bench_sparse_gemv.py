@@ -213,6 +213,7 @@ def main(argv=None) -> int:
             else:
                 o, i = (int(v) for v in key.split("x"))
                 gemv_shapes[key] = (o, i)
+    table_shapes = gemv_shapes  # the dense_copy table's, even with --no-gemv
     if args.no_gemv:
         gemv_shapes = {}
     lines = [f"Machine: {machine()}", "",
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
                            + [f"s={s}" for s in sparsities]),
                   _fmt_row(["---"] * (5 + len(sparsities)))]
         print("\n".join(lines[-4:]), flush=True)
-        for name, (o, i) in (gemv_shapes or GEMV_SHAPES).items():
+        for name, (o, i) in table_shapes.items():
             for dtype in dtypes:
                 ws, _ = _gemv_weights(o, i, dtype)
                 from_rows = dense_crossover(ws[0], 0.5)
