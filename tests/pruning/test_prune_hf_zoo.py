@@ -273,3 +273,70 @@ def test_falcon_hidden_keeps_an_even_quotient_for_rope(tmp_path):
     model.save_pretrained(tmp_path / "falcon")
     torch.testing.assert_close(logits(load_pruned(str(tmp_path / "falcon"))), want, atol=1e-5,
                                rtol=1e-5)
+
+
+def _phi3(layers=3):
+    cfg = transformers.Phi3Config(**{**BASE, "num_attention_heads": 8, "num_hidden_layers": layers},
+                                  intermediate_size=96, num_key_value_heads=4)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_phi3_fused_qkv_heads_prune_per_layer_and_reload(tmp_path):
+    """Phi-3 cuts its fused qkv by constant slices at config.num_attention_heads * head_dim:
+    heads go from all three pieces, and a layer whose head count differs from the config's
+    gets its own counts (LayerConfig), kept through save_pretrained / load_pruned."""
+    from fastarch.pruning.removal import LayerConfig
+
+    model = _phi3()
+    with torch.no_grad():  # unequal layers: global ranking prunes them unequally
+        w = model.model.layers[1].self_attn.qkv_proj.weight
+        w.mul_(0.02)
+    original = copy.deepcopy(model)
+    report = prune(model, (IDS,), ratio=0.4, exact_only=True, global_ranking=True)
+    assert "heads" in {r["kind"] for r in report.removed}, report.skipped
+    widths = [layer.self_attn.qkv_proj.out_features for layer in model.model.layers]
+    assert len(set(widths)) > 1 and min(widths) < 128, widths  # per-layer head counts
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        q = attn.o_proj.in_features // attn.head_dim
+        assert attn.qkv_proj.out_features == (q + 2 * attn.num_key_value_heads) * attn.head_dim
+        assert attn.config.num_attention_heads == q
+        assert isinstance(attn.config, LayerConfig) == (q != model.config.num_attention_heads)
+    ref = _logits(masked_copy(original, report))
+    got = _logits(model)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+    # the shared config still reaches the layers: an attribute set on it is seen through
+    model.config.some_flag = 3
+    assert all(layer.self_attn.config.some_flag == 3 for layer in model.model.layers)
+    model.save_pretrained(tmp_path / "m")
+    again = load_pruned(str(tmp_path / "m"))
+    torch.testing.assert_close(_logits(again), got, rtol=0, atol=1e-6)
+    with torch.no_grad():  # decoding with a KV cache runs on the per-layer counts
+        out = again.generate(IDS, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 3)
+
+
+def test_slices_that_do_not_tile_heads_still_fix_the_channels():
+    """A constant slice of channels that are not whole attention heads keeps its size: the
+    channels it cuts are not pruned (reported), the rest of the model is."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 12)
+            self.b = torch.nn.Linear(5, 4)
+            self.c = torch.nn.Linear(7, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h[:, :5]) + self.c(h[:, 5:])
+
+    net = Net().eval()
+    report = prune(net, (torch.randn(2, 8),), ratio=0.5)
+    assert net.a.out_features == 12 and net.b.in_features == 5
+    assert any("fixed-size" in why for _, why in report.skipped)

@@ -355,6 +355,8 @@ class DependencyGraph:
         self.constraints: list[tuple[torch.Tensor, int, str]] = []  # label, dim must be stable
         self.attention: list[AttentionSite] = []
         self.splits: list[tuple[str, torch.Tensor, int, int]] = []  # module, label, dim, pieces
+        # constant slices along labelled dims: source node, dim, start, end, label, module
+        self.slices: list[tuple[str, int, int, int, torch.Tensor, str]] = []
         self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
         self.group_norms: list[tuple[str, list[int], int]] = []  # module, channel ids, groups
         self.dim_multiple: dict[tuple[str, int], int] = {}  # widths kept a multiple of this
@@ -709,9 +711,13 @@ class DependencyGraph:
                     "unfold", "roll", "flip", "repeat", "tensor_split", "unbind"):
             dims = self._touched_dims(name, args, src)
             lab = self.canon(src)
+            piece = self._slice_piece(name, args, src) if lab is not None else None
             for d in dims:
                 if lab is not None and lab.shape[d] > 1:
-                    self.constraints.append((lab, d, where))
+                    if piece is not None:  # decided with the source's other slices, later
+                        self.slices.append((args[0].name, d, piece[0], piece[1], lab, where))
+                    else:
+                        self.constraints.append((lab, d, where))
         if name in ("split", "chunk") and isinstance(src, torch.Tensor):
             dim = (args[2] if len(args) > 2 else node.kwargs.get("dim", 0)) % src.dim()
             pieces = node.target(*new_args, **kwargs)
@@ -735,6 +741,44 @@ class DependencyGraph:
             # one channel dim cut into several (heads x head dim, groups x channels)
             self.split_ids.update(torch.unique(out[out >= 0]).tolist())
         return out
+
+    @staticmethod
+    def _slice_piece(name, args, src):
+        """(start, end) of a step-1 constant slice of a node, else None."""
+        if name != "slice" or not isinstance(src, torch.Tensor) or not isinstance(args[0], torch.fx.Node):
+            return None
+        d = (args[1] if len(args) > 1 else 0) % src.dim()
+        size = src.shape[d]
+        start = args[2] if len(args) > 2 and args[2] is not None else 0
+        end = args[3] if len(args) > 3 and args[3] is not None else size
+        step = args[4] if len(args) > 4 else 1
+        if not all(isinstance(v, int) for v in (start, end, step)) or step != 1:
+            return None
+        start = max(0, start + size if start < 0 else start)
+        end = min(size, end + size if end < 0 else end)
+        return (start, end) if end > start else None
+
+    def _resolve_slices(self) -> None:
+        """Constant slices that cut one tensor into consecutive pieces covering it whole, each
+        piece made of whole attention heads (Phi-3's fused qkv: q | k | v by head counts): heads
+        are removed from every piece and the module's head counts, from which the slice bounds
+        are computed, follow (removal.py). Any other slice along channels fixes their size."""
+        by_src: dict = {}
+        for src, d, start, end, lab, where in self.slices:
+            by_src.setdefault((src, d), []).append((start, end, lab, where))
+        head_roots = {self.uf.find(i) for site in self.attention for i in site.q_head_ids + site.kv_head_ids
+                      if i >= 0}
+        for (src, d), pieces in by_src.items():
+            size = pieces[0][2].shape[d]
+            bounds = sorted({(a, b) for a, b, _, _ in pieces})
+            tiles = len(bounds) > 1 and bounds[0][0] == 0 and bounds[-1][1] == size and \
+                all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+            roots = self._roots(pieces[0][2])
+            if tiles and head_roots and set(torch.unique(roots[roots >= 0]).tolist()) <= head_roots \
+                    and not bool((roots < 0).any()):
+                continue
+            for _, _, lab, where in pieces:
+                self.constraints.append((lab, d, where))
 
     @staticmethod
     def _touched_dims(name, args, src):
@@ -1317,6 +1361,7 @@ class DependencyGraph:
 
     def _apply_constraints(self) -> None:
         self._resolve_shared()
+        self._resolve_slices()
         blocked = {self.uf.find(i) for i in self.blocked}
         for label, dim, where in self.constraints:
             roots = self._roots(label)

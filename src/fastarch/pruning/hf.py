@@ -75,6 +75,12 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
     # hidden // heads, Bloom's head_dim)
     for path, mod in model.named_modules():
         record["attrs"][path] = _int_attrs(mod)
+    # per-layer head counts of modules that read them from self.config (Phi-3)
+    from fastarch.pruning.removal import LayerConfig
+
+    record["layer_configs"] = {path: dict(mod.config.__dict__["_over"])
+                               for path, mod in model.named_modules()
+                               if isinstance(mod.__dict__.get("config"), LayerConfig)}
     # scalars kept out of the checkpoint but built from the config: Gemma's embed_scale is
     # sqrt(hidden) of the model that was pruned, not of the pruned config
     # (and Falcon's rotary frequencies, of the head size the config no longer gives)
@@ -82,6 +88,7 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
     prev = getattr(cfg, "fastarch_pruned", None)
     if isinstance(prev, dict):  # pruned twice: merge
         prev["shapes"].update(record["shapes"])
+        prev.setdefault("layer_configs", {}).update(record["layer_configs"])
         prev.setdefault("buffers", {}).update(record["buffers"])
         for k, v in record["attrs"].items():
             prev["attrs"].setdefault(k, {}).update(v)
@@ -171,9 +178,22 @@ def _apply_buffers(model: nn.Module, record: dict) -> None:
         mod._buffers[attr] = torch.tensor(values, dtype=old.dtype, device=old.device).reshape(shape)
 
 
+def _apply_layer_configs(model: nn.Module, record: dict) -> None:
+    from fastarch.pruning.removal import LayerConfig
+
+    for path, over in record.get("layer_configs", {}).items():
+        try:
+            mod = model.get_submodule(path) if path else model
+        except AttributeError:
+            continue
+        if mod.__dict__.get("config") is not None:
+            mod.config = LayerConfig(mod.config, over)
+
+
 def apply_pruned_shapes(model: nn.Module, record: dict) -> nn.Module:
     """Give a freshly built model the pruned shapes and attributes stored in ``record``."""
     _apply_attrs(model, record)
+    _apply_layer_configs(model, record)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
     replaced: dict[int, torch.Tensor] = {}

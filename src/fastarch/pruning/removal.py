@@ -22,6 +22,53 @@ WIDTH_NAMES = ("hidden_dim", "hidden_size", "intermediate_dim", "intermediate_si
 WIDTH_ATTRS = ("attn_dim", "all_head_size", "inner_dim", "split_size", "q_dim", "dim_out_attn")
 
 
+CONFIG_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
+CONFIG_KV_KEYS = ("num_key_value_heads", "num_kv_heads")
+
+
+class LayerConfig:
+    """One attention module's view of a shared model config: its own (pruned) head counts,
+    every other attribute read from, and written to, the shared config, so that later changes
+    to it (the attention implementation) still reach the layer. Given to modules whose forward
+    reads head counts from ``self.config`` (Phi-3 cuts its fused qkv at
+    ``config.num_attention_heads * head_dim``), where per-layer counts differ from the config's."""
+
+    def __init__(self, base, overrides: dict):
+        if isinstance(base, LayerConfig):
+            overrides = {**base.__dict__["_over"], **overrides}
+            base = base.__dict__["_base"]
+        self.__dict__["_base"] = base
+        self.__dict__["_over"] = dict(overrides)
+
+    def __getattr__(self, name):
+        d = self.__dict__
+        if "_over" not in d or name.startswith("__"):
+            raise AttributeError(name)
+        if name in d["_over"]:
+            return d["_over"][name]
+        return getattr(d["_base"], name)
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__["_over"]:
+            self.__dict__["_over"][name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self.__dict__['_over']}, base={type(self.__dict__['_base']).__name__})"
+
+
+def _reads_config_heads(mod: nn.Module) -> list[str]:
+    """The config head-count keys the module's forward reads as ``self.config.<key>``."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(mod).forward)
+    except (OSError, TypeError):
+        return []
+    return [k for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS if f"self.config.{k}" in src]
+
+
 def drops_by_tensor(graph: DependencyGraph, roots) -> dict[tuple[str, int], list[int]]:
     """(tensor name, dim) -> sorted indices removed with the given units."""
     roots = set(roots)
@@ -182,6 +229,17 @@ def _fix_attention_attrs(model: nn.Module, graph: DependencyGraph, roots) -> Non
         if kv_new and site.kv_heads and q_new % kv_new == 0:  # query heads per K/V head
             _set_matching(mod, GROUP_ATTRS, site.q_heads // site.kv_heads, q_new // kv_new)
         mod._fastarch_heads = (q_new, kv_new)
+        cfg = mod.__dict__.get("config")
+        keys = _reads_config_heads(mod) if cfg is not None else []
+        over = {}
+        for k in keys:
+            val = getattr(cfg, k, None)
+            if k in CONFIG_HEAD_KEYS and val == site.q_heads:
+                over[k] = q_new
+            elif k in CONFIG_KV_KEYS and val == site.kv_heads:
+                over[k] = kv_new if site.kv_heads != site.q_heads else q_new
+        if over:
+            mod.config = LayerConfig(cfg, over)
 
 
 def _fix_split_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
