@@ -61,11 +61,16 @@ def _gemv_weights(out_f, in_f, dtype):
     return _WEIGHTS[key]
 
 
-def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
+def _gemv_inputs(out_f, in_f, dtype, batch, sparsity):
+    """The weight copies in both layouts, one input per copy and its threshold."""
     ws, wts = _gemv_weights(out_f, in_f, dtype)
+    xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(len(ws))]
+    return ws, wts, xs, _thresholds(xs, sparsity)
+
+
+def _vs_dense(ws, xs, fast, rounds):
+    """F.linear over the weight copies, interleaved with ``fast(k)`` on copy k."""
     n = len(ws)
-    xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(n)]
-    ts = _thresholds(xs, sparsity)
     i = {"d": 0, "s": 0}
 
     def dense():
@@ -74,10 +79,15 @@ def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
 
     def sparse():
         i["s"] = (i["s"] + 1) % n
-        k = i["s"]
-        return fastarch.sparse_gemv(xs[k], wts[k], None, ts[k])
+        return fast(i["s"])
 
-    res = interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
+    with torch.no_grad():
+        return interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
+
+
+def gemv_case(out_f, in_f, dtype, batch, sparsity, rounds):
+    ws, wts, xs, ts = _gemv_inputs(out_f, in_f, dtype, batch, sparsity)
+    res = _vs_dense(ws, xs, lambda k: fastarch.sparse_gemv(xs[k], wts[k], None, ts[k]), rounds)
     union = torch.stack([(x.abs() > t).any(0).float().mean() for x, t in zip(xs, ts)]).mean()
     return res, float(union)
 
@@ -87,10 +97,7 @@ def dense_copy_case(out_f, in_f, dtype, batch, sparsity, rounds, from_rows):
     kernel below ``from_rows`` rows, F.linear on the (out, in) copy from there on."""
     from fastarch.sparsity.modules import SparseLinear
 
-    ws, wts = _gemv_weights(out_f, in_f, dtype)
-    n = len(ws)
-    xs = [torch.randn(batch, in_f, dtype=dtype) for _ in range(n)]
-    ts = _thresholds(xs, sparsity)
+    ws, wts, xs, ts = _gemv_inputs(out_f, in_f, dtype, batch, sparsity)
     mods = []
     for w, wt, t in zip(ws, wts, ts):  # share the bench's two layouts: no extra copies
         sl = SparseLinear.from_linear(torch.nn.Linear(1, 1, bias=False), t)
@@ -99,18 +106,7 @@ def dense_copy_case(out_f, in_f, dtype, batch, sparsity, rounds, from_rows):
         if from_rows is not None:
             sl.dense_weight, sl.dense_from = w, from_rows
         mods.append(sl)
-    i = {"d": 0, "s": 0}
-
-    def dense():
-        i["d"] = (i["d"] + 1) % n
-        return F.linear(xs[i["d"]], ws[i["d"]])
-
-    def sparse():
-        i["s"] = (i["s"] + 1) % n
-        return mods[i["s"]](xs[i["s"]])
-
-    with torch.no_grad():
-        return interleaved({"dense": dense, "fastarch": sparse}, rounds=rounds)
+    return _vs_dense(ws, xs, lambda k: mods[k](xs[k]), rounds)
 
 
 def mlp_case(hidden, inter, dtype, batch, sparsity, rounds):

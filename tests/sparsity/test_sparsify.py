@@ -412,3 +412,27 @@ def test_sparsify_dense_copy_bad_arguments():
     with pytest.raises(ValueError, match="dense_copy"):
         fastarch.sparsify(model, sparsity=0.5, method="coreinfer", dense_copy=True)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("dense_wins, want", [
+    ({2}, None),  # one reading alone (noise) decides nothing
+    ({4, 8, 16, 32, 64, 128}, 4),
+    ({1, 2, 4, 8, 16, 32, 64, 128}, 1),  # a layer too small for skipping to pay
+    ({2, 16, 32, 64, 128}, 16),
+    ({128}, 128),
+])
+def test_dense_crossover_needs_two_counts_in_a_row(monkeypatch, dense_wins, want):
+    from fastarch.sparsity import modules
+
+    rows_iter = iter([r for r in modules.CROSSOVER_ROWS for _ in (0, 1)])
+
+    def fake_time(fn, reps, sync):  # kernel then dense for each row count, in order
+        rows = next(rows_iter)
+        fake_time.kernel = not getattr(fake_time, "kernel", False)
+        if fake_time.kernel:
+            return 1.0
+        return 0.5 if rows in dense_wins else 1.0
+
+    monkeypatch.setattr(modules, "_time_call", fake_time)
+    monkeypatch.setattr(modules, "_CROSSOVER_CACHE", {})
+    assert modules.dense_crossover(torch.randn(16, 32), 0.5, reps=1) == want
