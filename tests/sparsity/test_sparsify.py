@@ -336,13 +336,14 @@ def test_dense_copy_runs_large_calls_densely_and_small_ones_sparsely(dtype):
     assert sl.dense_weight.is_contiguous() and sl.dense_weight.shape == (45, 67)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
     small = torch.randn(3, 67).to(dtype)  # 3 rows < 4: the sparse kernel, threshold applied
-    torch.testing.assert_close(sl(small).float(), ref_sparse(small), **tol)
     big = torch.randn(2, 2, 67).to(dtype)  # 4 rows: dense, nothing skipped
-    torch.testing.assert_close(sl(big).float(), ref_dense(big), **tol)
-    assert not torch.allclose(ref_dense(big), ref_sparse(big), atol=1e-3)  # the paths differ
-    assert list(sl.state_dict()) == ["weight", "bias"]  # the copy is not saved
-    sl.drop_dense_copy()
-    torch.testing.assert_close(sl(big).float(), ref_sparse(big), **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(sl(small).float(), ref_sparse(small), **tol)
+        torch.testing.assert_close(sl(big).float(), ref_dense(big), **tol)
+        assert not torch.allclose(ref_dense(big), ref_sparse(big), atol=1e-3)  # paths differ
+        assert list(sl.state_dict()) == ["weight", "bias"]  # the copy is not saved
+        sl.drop_dense_copy()
+        torch.testing.assert_close(sl(big).float(), ref_sparse(big), **tol)
 
 
 def test_dense_copy_bad_rows():
@@ -436,3 +437,34 @@ def test_dense_crossover_needs_two_counts_in_a_row(monkeypatch, dense_wins, want
     monkeypatch.setattr(modules, "_time_call", fake_time)
     monkeypatch.setattr(modules, "_CROSSOVER_CACHE", {})
     assert modules.dense_crossover(torch.randn(16, 32), 0.5, reps=1) == want
+
+
+def test_dense_copy_follows_the_weight_and_leaves_gradients_to_the_kernel():
+    torch.manual_seed(0)
+    sl = SparseLinear.from_linear(nn.Linear(16, 8), threshold=0.3)
+    sl.keep_dense_copy(2)
+    x = torch.randn(4, 16)
+    new = nn.Linear(16, 8)
+    sl.load_state_dict(new.state_dict())  # in-place copy into the weight: the copy follows
+    with torch.no_grad():
+        torch.testing.assert_close(sl(x), new(x), rtol=1e-5, atol=1e-5)
+        sl.weight.mul_(2)  # an in-place edit too
+        torch.testing.assert_close(sl(x), torch.nn.functional.linear(x, 2 * new.weight, new.bias),
+                                   rtol=1e-5, atol=1e-5)
+    # with a gradient wanted the sparse kernel runs (the copy is detached): weight.grad arrives
+    y = sl(x)
+    y.sum().backward()
+    assert sl.weight.grad is not None and sl.weight.grad.abs().sum() > 0
+    masked = torch.where(x.abs() > 0.3, x, torch.zeros_like(x))
+    torch.testing.assert_close(y, torch.nn.functional.linear(masked, sl.weight, sl.bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dense_copy_calls_are_not_counted_as_skipping():
+    sl = SparseLinear.from_linear(nn.Linear(16, 8), threshold=10.0)  # skips every channel
+    sl.keep_dense_copy(4)
+    sl.track, sl.seen, sl.skipped = True, 0, 0
+    with torch.no_grad():
+        sl(torch.randn(8, 16))  # dense: not counted
+        sl(torch.randn(1, 16))  # kernel: counted, all skipped
+    assert sl.seen == 16 and sl.skipped == 16

@@ -747,6 +747,8 @@ class DependencyGraph:
         """(start, end) of a step-1 constant slice of a node, else None."""
         if name != "slice" or not isinstance(src, torch.Tensor) or not isinstance(args[0], torch.fx.Node):
             return None
+        if len(args) > 1 and not isinstance(args[1], int):
+            return None
         d = (args[1] if len(args) > 1 else 0) % src.dim()
         size = src.shape[d]
         start = args[2] if len(args) > 2 and args[2] is not None else 0
@@ -768,6 +770,9 @@ class DependencyGraph:
             by_src.setdefault((src, d), []).append((start, end, lab, where))
         head_roots = {self.uf.find(i) for site in self.attention for i in site.q_head_ids + site.kv_head_ids
                       if i >= 0}
+        # only inside an attention module, whose head counts removal updates (the bounds are
+        # computed from them); a tiling elsewhere could have literal bounds
+        site_modules = {site.module for site in self.attention}
         for (src, d), pieces in by_src.items():
             size = pieces[0][2].shape[d]
             bounds = sorted({(a, b) for a, b, _, _ in pieces})
@@ -775,7 +780,8 @@ class DependencyGraph:
                 all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
             roots = self._roots(pieces[0][2])
             if tiles and head_roots and set(torch.unique(roots[roots >= 0]).tolist()) <= head_roots \
-                    and not bool((roots < 0).any()):
+                    and not bool((roots < 0).any()) and \
+                    all(where in site_modules for _, _, _, where in pieces):
                 continue
             for _, _, lab, where in pieces:
                 self.constraints.append((lab, d, where))

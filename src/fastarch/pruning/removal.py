@@ -8,6 +8,8 @@ positions set to zero, shapes unchanged.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -66,7 +68,7 @@ def _reads_config_heads(mod: nn.Module) -> list[str]:
         src = inspect.getsource(type(mod).forward)
     except (OSError, TypeError):
         return []
-    return [k for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS if f"self.config.{k}" in src]
+    return [k for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS if re.search(rf"self\.config\.{k}\b", src)]
 
 
 def drops_by_tensor(graph: DependencyGraph, roots) -> dict[tuple[str, int], list[int]]:

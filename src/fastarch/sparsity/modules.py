@@ -83,12 +83,23 @@ class SparseLinear(nn.Linear):
         Prefill-sized calls have a full union of active channels, so the sparse kernel only pays
         its skipping overhead there, and on CPUs with AMX or AVX512-BF16 the dense GEMM, packed
         for the ``(out, in)`` layout, beats any kernel on the input-major one. The cost is a
-        second copy of the weight (a non-persistent buffer: state_dict keys stay the same); it is
-        not updated if ``weight`` is trained afterwards (call this again)."""
+        second copy of the weight (a non-persistent buffer: state_dict keys stay the same).
+
+        The dense path skips nothing, so with it a call's result depends on its row count (a
+        sequence batched with others crosses ``from_rows`` sooner). It is taken only where no
+        gradient is wanted (``torch.no_grad()`` or a frozen weight); with one the sparse kernel
+        runs, as without a copy. In eager mode the copy follows ``weight`` (``load_state_dict``,
+        an in-place edit, ``.to()``); a compiled module does not check: call this again after
+        changing the weight."""
         if isinstance(from_rows, bool) or not isinstance(from_rows, int) or from_rows < 1:
             raise ValueError(f"from_rows must be an int >= 1, got {from_rows!r}")
-        self.dense_weight = self.weight.detach().contiguous()
         self.dense_from = from_rows
+        self._refresh_dense()
+
+    def _refresh_dense(self) -> None:
+        with torch.no_grad():
+            self.dense_weight = self.weight.detach().contiguous()
+        self._dense_key = (self.weight.data_ptr(), self.weight._version)
 
     def drop_dense_copy(self) -> None:
         """Forget the ``(out, in)`` copy: every call runs the sparse kernel again."""
@@ -114,13 +125,18 @@ class SparseLinear(nn.Linear):
         return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = self.dense_weight is not None and self.dense_from is not None and \
-            x.dim() > 0 and x.numel() >= self.dense_from * self.in_features
-        if self.track and not torch.compiler.is_compiling():
+        rows = getattr(self, "dense_from", None)  # (None in modules pickled before it existed)
+        dense = rows is not None and self.dense_weight is not None and x.dim() > 0 and \
+            x.numel() >= rows * self.in_features and \
+            not (torch.is_grad_enabled() and self.weight.requires_grad)
+        if dense and not torch.compiler.is_compiling() and \
+                self._dense_key != (self.weight.data_ptr(), self.weight._version):
+            self._refresh_dense()  # the weight was loaded, edited or moved since the copy
+        if self.track and not dense and not torch.compiler.is_compiling():
+            # (calls on the dense copy skip nothing and are not what the kernel sees)
             with torch.no_grad():
                 self.seen += x.numel()
-                if not dense:  # the dense path skips nothing
-                    self.skipped += int((x.abs() <= self.threshold).sum())
+                self.skipped += int((x.abs() <= self.threshold).sum())
         if dense:
             return F.linear(x, self.dense_weight, self.bias)
         return ops.sparse_gemv(x, self.weight.t(), self.bias, self.threshold)
@@ -148,7 +164,8 @@ def dense_crossover(weight: torch.Tensor, sparsity: float, reps: int = 5,
     ``(out, in)`` weight is faster than the sparse kernel on the input-major one (by more than
     ``1 - margin``) there and at the next count, measured here on random inputs with a fraction
     ``sparsity`` of each row below the threshold; None where the kernel is not beaten up to the
-    last count. Measure on a quiet machine: a busy one can move the answer. Cached per
+    last count (where one reading at the last count decides). Measure on a quiet machine: a
+    busy one can move the answer. Cached per
     shape, dtype, device and thread count: the answer is a property of the machine."""
     out_f, in_f = weight.shape
     key = (out_f, in_f, weight.dtype, str(weight.device), torch.get_num_threads(),
@@ -157,7 +174,7 @@ def dense_crossover(weight: torch.Tensor, sparsity: float, reps: int = 5,
         return _CROSSOVER_CACHE[key]
     w = weight.detach().contiguous()
     w_t = w.t().contiguous()
-    sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(w.device)) if w.is_cuda else (lambda: None)
     g = torch.Generator(device="cpu").manual_seed(0)
     found, first = None, None
     for rows in CROSSOVER_ROWS:
