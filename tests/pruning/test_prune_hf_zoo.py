@@ -282,11 +282,6 @@ def _phi3(layers=3):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def _logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
-
-
 def test_phi3_fused_qkv_heads_prune_per_layer_and_reload(tmp_path):
     """Phi-3 cuts its fused qkv by constant slices at config.num_attention_heads * head_dim:
     heads go from all three pieces, and a layer whose head count differs from the config's
@@ -308,15 +303,15 @@ def test_phi3_fused_qkv_heads_prune_per_layer_and_reload(tmp_path):
         assert attn.qkv_proj.out_features == (q + 2 * attn.num_key_value_heads) * attn.head_dim
         assert attn.config.num_attention_heads == q
         assert isinstance(attn.config, LayerConfig) == (q != model.config.num_attention_heads)
-    ref = _logits(masked_copy(original, report))
-    got = _logits(model)
+    ref = logits(masked_copy(original, report))
+    got = logits(model)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
     # the shared config still reaches the layers: an attribute set on it is seen through
     model.config.some_flag = 3
     assert all(layer.self_attn.config.some_flag == 3 for layer in model.model.layers)
     model.save_pretrained(tmp_path / "m")
     again = load_pruned(str(tmp_path / "m"))
-    torch.testing.assert_close(_logits(again), got, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(again), got, rtol=0, atol=1e-6)
     with torch.no_grad():  # decoding with a KV cache runs on the per-layer counts
         out = again.generate(IDS, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, IDS.shape[1] + 3)

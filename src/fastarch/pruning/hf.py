@@ -73,14 +73,14 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
     # the size attributes of every module, not only the pruned ones: a fresh build sizes some
     # from the config even where pruning kept them (Persimmon's per-head q_layernorm from
     # hidden // heads, Bloom's head_dim)
-    for path, mod in model.named_modules():
-        record["attrs"][path] = _int_attrs(mod)
-    # per-layer head counts of modules that read them from self.config (Phi-3)
+    # and the per-layer head counts of modules that read them from self.config (Phi-3)
     from fastarch.pruning.removal import LayerConfig
 
-    record["layer_configs"] = {path: dict(mod.config.__dict__["_over"])
-                               for path, mod in model.named_modules()
-                               if isinstance(mod.__dict__.get("config"), LayerConfig)}
+    record["layer_configs"] = {}
+    for path, mod in model.named_modules():
+        record["attrs"][path] = _int_attrs(mod)
+        if isinstance(mod.__dict__.get("config"), LayerConfig):
+            record["layer_configs"][path] = dict(mod.config.__dict__["_over"])
     # scalars kept out of the checkpoint but built from the config: Gemma's embed_scale is
     # sqrt(hidden) of the model that was pruned, not of the pruned config
     # (and Falcon's rotary frequencies, of the head size the config no longer gives)

@@ -8,6 +8,7 @@ positions set to zero, shapes unchanged.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -60,15 +61,17 @@ class LayerConfig:
         return f"LayerConfig({self.__dict__['_over']}, base={type(self.__dict__['_base']).__name__})"
 
 
-def _reads_config_heads(mod: nn.Module) -> list[str]:
-    """The config head-count keys the module's forward reads as ``self.config.<key>``."""
+@functools.lru_cache(maxsize=None)
+def _reads_config_heads(cls: type) -> tuple[str, ...]:
+    """The config head-count keys the forward of module class ``cls`` reads as
+    ``self.config.<key>`` (one source read per class, not per removal trial)."""
     import inspect
 
     try:
-        src = inspect.getsource(type(mod).forward)
+        src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
-        return []
-    return [k for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS if re.search(rf"self\.config\.{k}\b", src)]
+        return ()
+    return tuple(k for k in CONFIG_HEAD_KEYS + CONFIG_KV_KEYS if re.search(rf"self\.config\.{k}\b", src))
 
 
 def drops_by_tensor(graph: DependencyGraph, roots) -> dict[tuple[str, int], list[int]]:
@@ -232,14 +235,14 @@ def _fix_attention_attrs(model: nn.Module, graph: DependencyGraph, roots) -> Non
             _set_matching(mod, GROUP_ATTRS, site.q_heads // site.kv_heads, q_new // kv_new)
         mod._fastarch_heads = (q_new, kv_new)
         cfg = mod.__dict__.get("config")
-        keys = _reads_config_heads(mod) if cfg is not None else []
+        keys = _reads_config_heads(type(mod)) if cfg is not None else ()
         over = {}
         for k in keys:
             val = getattr(cfg, k, None)
             if k in CONFIG_HEAD_KEYS and val == site.q_heads:
                 over[k] = q_new
-            elif k in CONFIG_KV_KEYS and val == site.kv_heads:
-                over[k] = kv_new if site.kv_heads != site.q_heads else q_new
+            elif k in CONFIG_KV_KEYS and val == site.kv_heads:  # (MHA: kv_new is q_new)
+                over[k] = kv_new
         if over:
             mod.config = LayerConfig(cfg, over)
 
