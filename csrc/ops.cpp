@@ -51,6 +51,10 @@ TORCH_LIBRARY(fastarch, m) {
   m.def("nm_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor");
 }
 
+namespace fastarch {
+std::string cpu_gemv_paths();  // csrc/cpu/sparse_gemv.cpp
+}
+
 namespace {
 bool cuda_built() {
 #ifdef FASTARCH_WITH_CUDA
@@ -73,6 +77,8 @@ PYBIND11_MODULE(_C, m) {
     return std::string("default");
 #endif
   });
+  m.def("cpu_gemv_paths", &fastarch::cpu_gemv_paths,
+        "the bf16 batch kernels of sparse_gemv usable here (bf16-dot, amx or widening)");
 #ifdef FASTARCH_WITH_CUDA
   // CUDA kernels are bound here; the dispatcher's CUDA entry is a Python chooser between these
   // and the Triton kernels (fastarch/ops/<family>.py).

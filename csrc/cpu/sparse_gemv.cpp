@@ -18,6 +18,11 @@
 #endif
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <limits>
 #include <string>
 #include <vector>
@@ -338,28 +343,131 @@ inline void dot_pairs_group(int64_t nb, float* acc, int64_t lda, const __m512i* 
   dot_pairs_tile<NB, kPacked>(acc, lda, pw, w, out, ri, rj, xp, ldx, np, m0, m1);
 }
 
+// ---- bf16 batches on AMX tiles (Intel Sapphire Rapids and later) ------------------------------
+// On CPUs with AMX, oneDNN's F.linear runs bf16 batches on the tile unit, far beyond what
+// vdpbf16ps reaches (6-row register tiles above: 0.2-0.6x of F.linear at batches 8-64). The
+// packed buffer above is already what TDPBF16PS wants for its B operand: row p of a tile is the
+// 16 (w_t[i_p, o], w_t[j_p, o]) pairs of one paired vector, so a tile of 16 pairs is one strided
+// load of it. The A operand is the coefficient pairs, batch-major; C tiles of 16 columns hold
+// the accumulators in the same unpack order as the vector path, so the write-back is shared.
+// Tiles: tmm0-3 accumulate 64 columns of up to 16 batch rows, tmm4 the coefficients, tmm5-7 the
+// weight pairs. The tile data state is asked of the kernel once (Linux >= 5.16); where it is
+// refused, or FASTARCH_GEMV_AMX=0, the vector path runs.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && defined(__linux__) && \
+    (defined(__clang__) || __GNUC__ >= 11)
+#define FASTARCH_AMX 1
+#define FASTARCH_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+constexpr int kAmxRows = 16;  // batch rows per tile
+
+bool amx_usable() {
+  static const bool ok = [] {
+    const char* e = std::getenv("FASTARCH_GEMV_AMX");
+    if (e && std::string(e) == "0") return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1u) || !((d >> 22) & 1u)) return false;  // AMX-TILE, AMX-BF16
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;   // arch_prctl, asm/prctl.h
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Batch rows from which the AMX path runs (FASTARCH_GEMV_AMX_FROM overrides, for measuring).
+// 2026-12-03, Xeon with AMX (Sapphire Rapids class, 2 cores of a shared VM), sparse_gemv against
+// F.linear, best of three alternating processes, 14336x4096 / 4096x14336 / 2048x8192 / 4096x4096,
+// s = 0 and 0.5: batch 2-4 vector path 0.73-2.23x, AMX 0.59-1.09x; batch 8 vector 0.49-0.69x,
+// AMX 0.57-0.88x; batches 12-64 vector 0.24-0.48x, AMX 0.57-1.18x. (The packing is memory-bound
+// and the tile work does not overlap it: packing alone took ~7 ms of 4096x14336 at batch 8, the
+// tile work alone ~1 ms, both ~9-11 ms.)
+int64_t amx_batch_from() {
+  static const int64_t from = [] {
+    const char* e = std::getenv("FASTARCH_GEMV_AMX_FROM");
+    return e ? std::max<int64_t>(2, std::atoll(e)) : int64_t(8);
+  }();
+  return from;
+}
+
+FASTARCH_AMX_TARGET void amx_begin(int m) {  // m batch rows in tmm0-4, 16 pairs in tmm5-7
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = static_cast<uint8_t>(i < 5 ? m : 16);
+  }
+  _tile_loadconfig(&cfg);
+}
+
+FASTARCH_AMX_TARGET void amx_end() { _tile_release(); }
+
+// acc (m rows of 64 columns, unpack order, row stride lda floats) += the np16 pairs of one packed
+// tile (pw: 4 vectors per pair) weighted by xp (m rows of pairs at row stride ldx), np16 % 16 == 0.
+FASTARCH_AMX_TARGET void amx_pairs_tile(float* acc, int64_t lda, const __m512i* pw,
+                                        const uint32_t* xp, int64_t ldx, int64_t np16) {
+  const int64_t sc = lda * 4, sa = ldx * 4, sb = 4 * 64;
+  _tile_loadd(0, acc, sc);
+  _tile_loadd(1, acc + 16, sc);
+  _tile_loadd(2, acc + 32, sc);
+  _tile_loadd(3, acc + 48, sc);
+  for (int64_t p = 0; p < np16; p += 16) {
+    const __m512i* b = pw + 4 * p;
+    _tile_loadd(4, xp + p, sa);
+    _tile_loadd(5, b, sb);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 1, sb);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, b + 2, sb);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b + 3, sb);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, acc, sc);
+  _tile_stored(1, acc + 16, sc);
+  _tile_stored(2, acc + 32, sc);
+  _tile_stored(3, acc + 48, sc);
+}
+#endif
+
 // y (B, out) fp32 = sum_k xa[b, k] * w_t[rows[k], :], for bf16 w_t and B >= 2.
 at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_t K,
                          const c10::BFloat16* w_in, int64_t out) {
   auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
   if (K == 0 || out == 0 || B == 0) return y;
   const uint16_t* w = reinterpret_cast<const uint16_t*>(w_in);
-  const bool packed = B >= kPackBatch;
+#if defined(FASTARCH_AMX)
+  const bool amx = B >= amx_batch_from() && amx_usable();
+#else
+  constexpr bool amx = false;
+#endif
+  const bool packed = amx || B >= kPackBatch;
+  // AMX: batch rows in tiles of 16, pairs in tiles of 16; the coefficients are zero-padded to
+  // whole tiles (Bp x Pp), as are the accumulators. (Tiles of fewer rows were no faster.)
+  const int64_t m = amx ? kAmxRows : 0;
+  const int64_t Bp = amx ? (B + m - 1) / m * m : B;
   // Rows with a non-zero coefficient in some batch row, paired in order; an odd one out is paired
   // with itself and a zero coefficient.
   const std::vector<int64_t> keep = active_columns(xa, B, K, [](float v) { return v != 0.f; });
   const int64_t nkeep = static_cast<int64_t>(keep.size());
   const int64_t P = (nkeep + 1) / 2;
   if (P == 0) return y;
+  const int64_t Pp = amx ? (P + 15) / 16 * 16 : P;
+  // Row strides of the tiles' A and C operands: a multiple of 4 KiB puts all 16 rows of a tile
+  // in one L1 set, so AMX rows get one extra cache line.
+  const int64_t ldx = amx ? Pp + 16 : P;
   std::vector<int64_t> ri(P), rj(P);
   for (int64_t p = 0; p < P; ++p) {
     ri[p] = rows[keep[2 * p]];
     rj[p] = rows[keep[std::min(2 * p + 1, nkeep - 1)]];
   }
   // Coefficient pairs (x[b, ka], x[b, kb]) as two bf16 in one 32-bit word, pair-major for the
-  // packed path and batch-major for the direct one; split over the threads (B * P conversions
-  // were a serial ~1 ms at batch 64 over 8192 inputs).
-  std::vector<uint32_t> xp(static_cast<size_t>(B * P));
+  // packed path and batch-major for the direct one and AMX; split over the threads (B * P
+  // conversions were a serial ~1 ms at batch 64 over 8192 inputs).
+  std::vector<uint32_t> xp(static_cast<size_t>(Bp * ldx), 0u);
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* xr = xa + b * K;
@@ -367,7 +475,7 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
         const bool pair = 2 * p + 1 < nkeep;
         const uint32_t lo = bf16_bits_rne(xr[keep[2 * p]]);
         const uint32_t hi = pair ? bf16_bits_rne(xr[keep[2 * p + 1]]) : 0u;
-        xp[packed ? p * B + b : b * P + p] = lo | (hi << 16);
+        xp[amx ? b * ldx + p : packed ? p * B + b : b * P + p] = lo | (hi << 16);
       }
     }
   });
@@ -377,26 +485,31 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
       1, std::min<int64_t>({int64_t(at::get_num_threads()), (out + 63) / 64, work >> 20}));
   // Panels: as wide as the buffers allow (long runs of each weight row for the prefetcher), a
   // multiple of the thread count, of 64 columns.
-  int64_t widest = std::max<int64_t>(64, (kAccFloats / B) / 64 * 64);
-  if (packed) widest = std::min(widest, kPackPanel);
+  int64_t widest = std::max<int64_t>(64, ((amx ? 2 : 1) * kAccFloats / Bp) / 64 * 64);
+  widest = std::min(widest, amx ? 2 * kPackPanel : packed ? kPackPanel : widest);
   int64_t panels = std::max<int64_t>(nthreads, (out + widest - 1) / widest);
   panels = (panels + nthreads - 1) / nthreads * nthreads;
   const int64_t panel_w = std::max<int64_t>(64, ((out + panels - 1) / panels + 63) / 64 * 64);
   panels = (out + panel_w - 1) / panel_w;
   const int64_t chunk = packed ? kPackPairs : kDirectPairs;
-  const int64_t G = packed ? kPackGroup : 4;  // batch rows per register tile
+  const int64_t G = amx ? m : packed ? kPackGroup : 4;  // batch rows per register / AMX tile
   const int64_t tiles_max = panel_w / 64;
+  const int64_t lda = amx ? panel_w + 16 : panel_w;  // accumulator row stride (see ldx)
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, panels, (panels + nthreads - 1) / nthreads, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(static_cast<size_t>(B * panel_w));
+    std::vector<float> acc(static_cast<size_t>(Bp * lda));
     // 64-byte aligned buffer of paired vectors: [tile][pair][4]
     std::vector<__m512i> pwbuf(packed ? static_cast<size_t>(tiles_max * chunk * 4) : 0);
+#if defined(FASTARCH_AMX)
+    if (amx) amx_begin(static_cast<int>(m));  // tile state is per thread
+#endif
     for (int64_t panel = p0; panel < p1; ++panel) {
       const int64_t c0 = panel * panel_w, ncol = std::min(panel_w, out - c0);
       const int64_t tiles = (ncol + 63) / 64;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t q0 = 0; q0 < P; q0 += chunk) {
         const int64_t np = std::min(chunk, P - q0);
+        const int64_t np16 = (np + 15) / 16 * 16;  // AMX: whole tiles of pairs, zero-padded
         if (packed) {
           for (int64_t p = 0; p < np; ++p) {
             const uint16_t* wi = w + ri[q0 + p] * out + c0;
@@ -409,13 +522,21 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
               for (int v = 0; v < 4; ++v) _mm512_storeu_si512(d + v, v4[v]);
             }
           }
+          if (amx) {
+            for (int64_t t = 0; t < tiles; ++t)
+              for (int64_t p = np; p < np16; ++p)
+                for (int v = 0; v < 4; ++v)
+                  _mm512_storeu_si512(pwbuf.data() + (t * chunk + p) * 4 + v, _mm512_setzero_si512());
+          }
         }
         // The next chunk's rows (this panel's slice) are prefetched into L2 across the calls of
         // this one, so that its packing does not wait on memory.
         const int64_t nq = q0 + chunk, nnp = packed ? std::min(chunk, P - nq) : 0;
         const int64_t lines_row = (ncol + 31) / 32;
-        const int64_t lines = nnp > 0 ? 2 * nnp * lines_row : 0;
-        const int64_t ngroups = (B + G - 1) / G;
+        // (AMX: not at all; spread between the short tile calls, the prefetches only slowed the
+        // packing down, 2026-12-03, /tmp micro-benchmark on the Sapphire Rapids host)
+        const int64_t lines = nnp > 0 && !amx ? 2 * nnp * lines_row : 0;
+        const int64_t ngroups = (Bp + G - 1) / G;
         const int64_t per_call = (lines + tiles * ngroups - 1) / std::max<int64_t>(1, tiles * ngroups);
         int64_t line = 0, pf_r = 0, pf_l = 0;  // line = pf_r * lines_row + pf_l (no divisions)
         for (int64_t t = 0; t < tiles; ++t) {
@@ -423,7 +544,7 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
           const __mmask32 m0 = tail_mask(ncol - t0), m1 = tail_mask(ncol - t0 - 32);
           const uint16_t* wt = w + c0 + t0;
           const __m512i* pw = pwbuf.data() + t * chunk * 4;
-          for (int64_t b0 = 0; b0 < B; b0 += G) {
+          for (int64_t b0 = 0; b0 < Bp; b0 += G) {
             for (int64_t e = 0; e < per_call && line < lines; ++e, ++line) {
               const int64_t row = (pf_r & 1) ? rj[nq + (pf_r >> 1)] : ri[nq + (pf_r >> 1)];
               _mm_prefetch(reinterpret_cast<const char*>(w + row * out + c0 + 32 * pf_l),
@@ -433,12 +554,18 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
                 ++pf_r;
               }
             }
-            float* a = acc.data() + b0 * panel_w + t0;
+            float* a = acc.data() + b0 * lda + t0;
+#if defined(FASTARCH_AMX)
+            if (amx) {
+              amx_pairs_tile(a, lda, pw, xp.data() + b0 * ldx + q0, ldx, np16);
+              continue;
+            }
+#endif
             if (packed) {
-              dot_pairs_group<kPackGroup, true>(B - b0, a, panel_w, pw, nullptr, out, nullptr,
+              dot_pairs_group<kPackGroup, true>(B - b0, a, lda, pw, nullptr, out, nullptr,
                                                 nullptr, xp.data() + q0 * B + b0, B, np, m0, m1);
             } else {
-              dot_pairs_group<4, false>(B - b0, a, panel_w, nullptr, wt, out, &ri[q0], &rj[q0],
+              dot_pairs_group<4, false>(B - b0, a, lda, nullptr, wt, out, &ri[q0], &rj[q0],
                                         xp.data() + b0 * P + q0, P, np, m0, m1);
             }
           }
@@ -449,7 +576,7 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
       const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t t0 = 0; t0 < ncol; t0 += 32) {
-          const float* a = acc.data() + b * panel_w + t0;
+          const float* a = acc.data() + b * lda + t0;
           const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(a + 16);
           float col[32];
           _mm512_storeu_ps(col, _mm512_permutex2var_ps(lo, first, hi));
@@ -458,6 +585,9 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
         }
       }
     }
+#if defined(FASTARCH_AMX)
+    if (amx) amx_end();
+#endif
   });
   return y;
 }
@@ -1194,6 +1324,19 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
 }
 
 }  // namespace
+
+// The bf16 batch kernels this build and this CPU run ("bf16-dot": vdpbf16ps, "amx": AMX tiles),
+// for `python -m fastarch.info`.
+std::string cpu_gemv_paths() {
+  std::string paths;
+#if defined(FASTARCH_BF16_DOT)
+  if (bf16_dot_enabled()) paths += "bf16-dot";
+#if defined(FASTARCH_AMX)
+  if (bf16_dot_enabled() && amx_usable()) paths += ",amx";  // (a branch of the bf16-dot kernel)
+#endif
+#endif
+  return paths.empty() ? "widening" : paths;
+}
 
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("sparse_gemv", &sparse_gemv_cpu);

@@ -56,6 +56,12 @@ def cpu_capability() -> str:
     return _C.cpu_capability() if _C is not None else "none"
 
 
+def cpu_gemv_paths() -> str:
+    """The bf16 batch kernels of sparse_gemv this build runs on this CPU: "bf16-dot"
+    (AVX512-BF16), "amx" (AMX tiles, from 8 rows), both, or "widening" (fp32 FMAs)."""
+    return _C.cpu_gemv_paths() if _C is not None else "none"
+
+
 def triton_available() -> bool:
     """Whether Triton imports (its kernels need a CUDA device, or TRITON_INTERPRET=1 on CPU)."""
     return importlib.util.find_spec("triton") is not None

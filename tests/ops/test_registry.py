@@ -35,6 +35,10 @@ def test_info_lists_every_op():
         assert name in report["ops"] and name in text
     expected_cpu = "C++" if native.native_loaded() else "reference"
     assert all(b["cpu"] == expected_cpu for b in report["ops"].values())
+    paths = report["cpu_gemv_bf16"]
+    assert "cpu_gemv_bf16" in text
+    if native.native_loaded():
+        assert paths == "widening" or set(paths.split(",")) <= {"bf16-dot", "amx"}, paths
 
 
 @pytest.mark.skipif(not native.cuda_built(), reason="the CUDA kernels are not built here")
