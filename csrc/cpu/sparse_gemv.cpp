@@ -679,6 +679,139 @@ bool bf16_dot_enabled() {
 }
 #endif
 
+// ---- batches of fp32 / fp16 (and bf16 without the bf16 dot) on AVX-512: register tiles --------
+// The staging path in rows_axpy below re-reads and re-writes each batch row's accumulators for
+// every 4 weight rows, so batches of 8+ are bound by L1/L2 traffic (fp16 0.25-0.6x of F.linear
+// at batches 8-64 on the Sapphire Rapids host). Here, as in the packed bf16 path, each chunk of
+// active rows is widened once into an fp32 buffer ([tile of 64 columns][row][64]) and every
+// 6-row group of the batch runs over it with 6 x 64 accumulators in registers: 4 vector loads and
+// 6 broadcasts feed 24 FMAs.
+#if defined(__AVX512F__)
+#define FASTARCH_TILED_FMA 1
+constexpr int kTiledGroup = 6;
+constexpr int64_t kTiledChunk = 64;    // rows per chunk
+constexpr int64_t kTiledPanel = 1024;  // columns per panel: chunk buffer 64 x 1024 x 4 B = 256 KiB
+
+template <typename T>
+inline __m512 load16_f(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_maskz_loadu_ps(m, p);
+  }
+}
+
+inline __mmask16 tail_mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// acc (NB rows of 64 columns, row stride lda) += sum_k xk[k * ldx + b] * pw[k * 64 + c].
+template <int NB>
+inline void fma_tile(float* __restrict acc, int64_t lda, const float* __restrict pw,
+                     const float* __restrict xk, int64_t ldx, int64_t nk) {
+  __m512 c[NB][4];
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < 4; ++v) c[b][v] = _mm512_loadu_ps(acc + b * lda + 16 * v);
+  for (int64_t k = 0; k < nk; ++k) {
+    const float* wk = pw + 64 * k;
+    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
+    const __m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
+    for (int b = 0; b < NB; ++b) {
+      const __m512 xb = _mm512_set1_ps(xk[k * ldx + b]);
+      c[b][0] = _mm512_fmadd_ps(w0, xb, c[b][0]);
+      c[b][1] = _mm512_fmadd_ps(w1, xb, c[b][1]);
+      c[b][2] = _mm512_fmadd_ps(w2, xb, c[b][2]);
+      c[b][3] = _mm512_fmadd_ps(w3, xb, c[b][3]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + b * lda + 16 * v, c[b][v]);
+}
+
+template <int NB>
+inline void fma_group(int64_t nb, float* acc, int64_t lda, const float* pw, const float* xk,
+                      int64_t ldx, int64_t nk) {
+  if constexpr (NB > 1) {
+    if (nb < NB) {
+      fma_group<NB - 1>(nb, acc, lda, pw, xk, ldx, nk);
+      return;
+    }
+  }
+  fma_tile<NB>(acc, lda, pw, xk, ldx, nk);
+}
+
+// y (B, out) fp32 = sum_k xa[b, k] * w_t[rows[k], :].
+template <typename T>
+at::Tensor rows_fma_tiled(const float* xa, int64_t B, const int64_t* rows, int64_t K, const T* w,
+                          int64_t out) {
+  auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
+  if (K == 0 || out == 0 || B == 0) return y;
+  // the rows some batch row uses, and their coefficients row-major (xk[k * B + b])
+  const std::vector<int64_t> keep = active_columns(xa, B, K, [](float v) { return v != 0.f; });
+  const int64_t nk = static_cast<int64_t>(keep.size());
+  if (nk == 0) return y;
+  std::vector<float> xk(static_cast<size_t>(nk * B));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < nk; ++k) xk[k * B + b] = xa[b * K + keep[k]];
+  const int64_t work = nk * out * B;
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>({int64_t(at::get_num_threads()), (out + 63) / 64, work >> 20}));
+  int64_t panels = std::max<int64_t>(nthreads, (out + kTiledPanel - 1) / kTiledPanel);
+  panels = (panels + nthreads - 1) / nthreads * nthreads;
+  const int64_t panel_w = std::max<int64_t>(64, ((out + panels - 1) / panels + 63) / 64 * 64);
+  panels = (out + panel_w - 1) / panel_w;
+  const int64_t lda = panel_w + 16;  // not a multiple of 4 KiB: rows in different L1 sets
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, panels, (panels + nthreads - 1) / nthreads, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(static_cast<size_t>(B * lda));
+    std::vector<float> pw(static_cast<size_t>(panel_w / 64 * kTiledChunk * 64));
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      const int64_t c0 = panel * panel_w, ncol = std::min(panel_w, out - c0);
+      const int64_t tiles = (ncol + 63) / 64;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k0 = 0; k0 < nk; k0 += kTiledChunk) {
+        const int64_t kc = std::min(kTiledChunk, nk - k0);
+        for (int64_t k = 0; k < kc; ++k) {  // widen: each row's slice read once, in order
+          const T* wr = w + rows[keep[k0 + k]] * out + c0;
+          for (int64_t t = 0; t < tiles; ++t) {
+            float* d = pw.data() + (t * kTiledChunk + k) * 64;
+            for (int v = 0; v < 4; ++v) {
+              const int64_t o = 64 * t + 16 * v;
+              _mm512_storeu_ps(d + 16 * v, load16_f<T>(wr + o, tail_mask16(ncol - o)));
+            }
+          }
+        }
+        for (int64_t t = 0; t < tiles; ++t) {
+          const float* pt = pw.data() + t * kTiledChunk * 64;
+          for (int64_t b0 = 0; b0 < B; b0 += kTiledGroup)
+            fma_group<kTiledGroup>(B - b0, acc.data() + b0 * lda + 64 * t, lda, pt,
+                                   xk.data() + k0 * B + b0, B, kc);
+        }
+      }
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(yp + b * out + c0, acc.data() + b * lda, sizeof(float) * ncol);
+    }
+  });
+  return y;
+}
+
+// Batch rows from which rows_axpy takes the register tiles (FASTARCH_GEMV_TILED_FROM overrides;
+// 0 turns them off). 2026-12-03, Sapphire Rapids-class Xeon (2 cores of a shared VM), against
+// F.linear, best of two alternating processes, the four Llama shapes of the bench, s = 0 / 0.5:
+//  * fp16: batch 5 staging 0.56-0.91x, tiles 0.71-0.80x; batch 8 0.50-0.71x vs 0.66-0.89x;
+//    batches 16-64 0.26-0.59x vs 0.53-0.90x (oneDNN's fp16 GEMM is not memory-bound there).
+//  * fp32: batch 5 1.11-1.73x vs 1.01-1.31x; batch 8 0.83-1.62x vs 1.33-1.74x; batches 16-64
+//    0.31-0.86x vs 0.71-1.49x.
+int64_t tiled_batch_from(bool fp32) {
+  static const char* e = std::getenv("FASTARCH_GEMV_TILED_FROM");
+  if (e) return std::atoll(e) <= 0 ? std::numeric_limits<int64_t>::max() : int64_t(std::atoll(e));
+  return fp32 ? 8 : 5;
+}
+#endif
+
 // ---- the shared core: y(B, out) = sum_k xa(B, k) * w_t[rows[k], :] ------------------------------
 // xa is fp32 (B, K) holding the coefficient of each listed row per batch row (0 = skip);
 // rows holds K row indices into w_t. Returns fp32 (B, out).
@@ -689,6 +822,10 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (B > 1 && bf16_dot_enabled()) return rows_dot_bf16(xa, B, rows, K, w, out);
   }
+#endif
+#if defined(FASTARCH_TILED_FMA)
+  if (B >= tiled_batch_from(std::is_same_v<T, float>))
+    return rows_fma_tiled<T>(xa, B, rows, K, w, out);
 #endif
   auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
   if (K == 0 || out == 0 || B == 0) return y;

@@ -147,43 +147,48 @@ def test_sparse_gemv_dispatch_branches_forced(env):
     assert out.stdout.strip().endswith("ok")
 
 
-_BF16_BATCH_PATHS = """
+_BATCH_PATHS = """
 import torch, fastarch
 from fastarch.ops import sparse_gemv as sg
 from fastarch import native
-import sys
 print(native.cpu_gemv_paths())
-# batches below / at / above the 16-row tiles; 263 inputs with 9 always inactive (127 pairs: one
-# whole 64-pair chunk, a partial one, a partial 16-pair tile); 2053 columns (a partial panel
-# and tile); a union of a handful of rows; all rows inactive
-for b in (2, 3, 8, 15, 16, 17, 33, 64):
-    g = torch.Generator().manual_seed(b)
-    for inp, out in ((263, 2053), (40, 70)):
-        x = torch.randn(b, inp, generator=g).bfloat16()
-        x[:, 100:109] = 0
-        w_t = (torch.randn(inp, out, generator=g) / 8).bfloat16()
-        bias = torch.randn(out, generator=g).bfloat16()
-        for t in (0.0, 0.7, 2.5, 1e9):
-            got = fastarch.sparse_gemv(x, w_t, bias, t).float()
-            want = sg.sparse_gemv_reference(x, w_t, bias, t).float()
-            torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * max(1.0, want.abs().max().item()))
-        idx = torch.tensor([5, 0, 5, inp - 1] + list(range(10, 40)))
-        got = fastarch.sparse_gemv_index(x, w_t, idx, bias).float()
-        want = sg.sparse_gemv_index_reference(x, w_t, bias, idx).float()
-        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * max(1.0, want.abs().max().item()))
+# batches below / at / above the 6-row and 16-row tiles; 263 inputs with 9 always inactive
+# (254 rows: three whole 64-row chunks and a partial one; 127 pairs: a whole 64-pair chunk, a
+# partial one, a partial 16-pair tile); 2053 columns (partial panels and tiles); a union of a
+# few rows; every row inactive
+for dt, tol in ((torch.bfloat16, 3e-2), (torch.float16, 3e-3), (torch.float32, 1e-4)):
+    for b in (2, 3, 5, 7, 8, 15, 16, 17, 33, 64):
+        g = torch.Generator().manual_seed(b)
+        for inp, out in ((263, 2053), (40, 70)):
+            x = torch.randn(b, inp, generator=g).to(dt)
+            x[:, 100:109] = 0
+            w_t = (torch.randn(inp, out, generator=g) / 8).to(dt)
+            bias = torch.randn(out, generator=g).to(dt)
+            for t in (0.0, 0.7, 2.5, 1e9):
+                got = fastarch.sparse_gemv(x, w_t, bias, t).float()
+                want = sg.sparse_gemv_reference(x, w_t, bias, t).float()
+                torch.testing.assert_close(got, want, rtol=tol,
+                                           atol=tol * max(1.0, want.abs().max().item()))
+            idx = torch.tensor([5, 0, 5, inp - 1] + list(range(10, 40)))
+            got = fastarch.sparse_gemv_index(x, w_t, idx, bias).float()
+            want = sg.sparse_gemv_index_reference(x, w_t, bias, idx).float()
+            torch.testing.assert_close(got, want, rtol=tol,
+                                       atol=tol * max(1.0, want.abs().max().item()))
 print("ok")
 """
 
 
 @needs_cpp
 @pytest.mark.parametrize("env", [{"FASTARCH_GEMV_AMX": "0"}, {"FASTARCH_GEMV_AMX_FROM": "2"},
-                                 {"FASTARCH_GEMV_BF16_DOT": "0"}],
-                         ids=["vector-only", "amx-from-2", "widening"])
-def test_sparse_gemv_bf16_batch_paths(env):
-    # each bf16 batch kernel (AMX tiles where the CPU has them, the vdpbf16ps one, the widening
-    # one) against the spec; the switches are read once per process
-    out = subprocess.run([sys.executable, "-c", _BF16_BATCH_PATHS], env=dict(os.environ, **env),
-                         capture_output=True, text=True, timeout=300)
+                                 {"FASTARCH_GEMV_BF16_DOT": "0"},
+                                 {"FASTARCH_GEMV_TILED_FROM": "0"},
+                                 {"FASTARCH_GEMV_TILED_FROM": "2"}],
+                         ids=["no-amx", "amx-from-2", "no-bf16-dot", "no-tiles", "tiles-from-2"])
+def test_sparse_gemv_batch_paths(env):
+    # each batch kernel (AMX tiles where the CPU has them, vdpbf16ps, the fp32 register tiles on
+    # AVX-512, the staging one) against the spec; the switches are read once per process
+    out = subprocess.run([sys.executable, "-c", _BATCH_PATHS], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert lines[-1] == "ok"
