@@ -149,6 +149,43 @@ inline void widen(float* __restrict dst, const T* __restrict src, int64_t n) {
   }
 }
 
+#if defined(__AVX512F__)
+// Batch 1, fp32: the same sum as axpy4, with the 4 weight rows prefetched 2 KiB ahead, running on
+// into the next 4 rows (n0..n3) near the end, so that no row starts cold. At a full union the
+// hardware prefetcher alone left the kernel at 0.85-0.97x of MKL's GEMV on the Sapphire Rapids
+// host; a /tmp C++ copy of the loop went from 10.3-11.4 ms to 9.9-10.1 ms over 4096x14336 /
+// 14336x4096 with the prefetch.
+inline void axpy4_stream(float* __restrict acc, const float* const (&w)[4],
+                         const float* const (&next)[4], const float (&a)[4], int64_t n) {
+  constexpr int64_t kAhead = 512;  // floats
+  const __m512 c0 = _mm512_set1_ps(a[0]), c1 = _mm512_set1_ps(a[1]);
+  const __m512 c2 = _mm512_set1_ps(a[2]), c3 = _mm512_set1_ps(a[3]);
+  int64_t o = 0;
+  for (; o + 16 <= n; o += 16) {
+    const int64_t p = o + kAhead;
+    for (int i = 0; i < 4; ++i) {
+      if (p < n)
+        _mm_prefetch(reinterpret_cast<const char*>(w[i] + p), _MM_HINT_T0);
+      else if (next[i] != nullptr && p - n < n)
+        _mm_prefetch(reinterpret_cast<const char*>(next[i] + (p - n)), _MM_HINT_T0);
+    }
+    __m512 s = _mm512_loadu_ps(acc + o);
+    s = _mm512_fmadd_ps(c0, _mm512_loadu_ps(w[0] + o), s);
+    s = _mm512_fmadd_ps(c1, _mm512_loadu_ps(w[1] + o), s);
+    s = _mm512_fmadd_ps(c2, _mm512_loadu_ps(w[2] + o), s);
+    s = _mm512_fmadd_ps(c3, _mm512_loadu_ps(w[3] + o), s);
+    _mm512_storeu_ps(acc + o, s);
+  }
+  for (; o < n; ++o)
+    acc[o] += a[0] * w[0][o] + a[1] * w[1][o] + a[2] * w[2][o] + a[3] * w[3][o];
+}
+#else
+inline void axpy4_stream(float* acc, const float* const (&w)[4], const float* const (&)[4],
+                         const float (&a)[4], int64_t n) {
+  axpy4<float>(acc, w[0], w[1], w[2], w[3], a[0], a[1], a[2], a[3], n);
+}
+#endif
+
 // Small batches (2..4 rows): acc[b][o] += sum_i a[b][i] * w_i[o] for every b, with the 4 weight
 // values of column o widened to fp32 once, in registers, and used for all NB batch rows. This
 // avoids the fp32 staging buffer of the larger-batch path, whose extra store and reload cost more
@@ -902,6 +939,28 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
             }
           }
         }
+        partial[t] = acc_t;
+        continue;
+      }
+      if constexpr (std::is_same_v<T, float>) {  // batch 1: 4 active rows a pass, prefetched
+        const float* xb = xa;
+        std::vector<int64_t> ks;
+        ks.reserve(static_cast<size_t>(k1 - k0));
+        for (int64_t k = k0; k < k1; ++k)
+          if (xb[k] != 0.f) ks.push_back(k);
+        const int64_t nnz = static_cast<int64_t>(ks.size()), full = nnz / 4 * 4;
+        for (int64_t j = 0; j < full; j += 4) {
+          const float* wr[4];
+          const float* nx[4] = {nullptr, nullptr, nullptr, nullptr};
+          float a4[4];
+          for (int i = 0; i < 4; ++i) {
+            wr[i] = w + rows[ks[j + i]] * out;
+            a4[i] = xb[ks[j + i]];
+            if (j + 4 + i < nnz) nx[i] = w + rows[ks[j + 4 + i]] * out;
+          }
+          axpy4_stream(acc, wr, nx, a4, out);
+        }
+        for (int64_t j = full; j < nnz; ++j) axpy1<T>(acc, w + rows[ks[j]] * out, xb[ks[j]], out);
         partial[t] = acc_t;
         continue;
       }
