@@ -179,7 +179,33 @@ inline void axpy4_stream(float* __restrict acc, const float* const (&w)[4],
   for (; o < n; ++o)
     acc[o] += a[0] * w[0][o] + a[1] * w[1][o] + a[2] * w[2][o] + a[3] * w[3][o];
 }
+
+// sum_k w[k] * x[k] over fp32 rows read once from memory (sparse_mlp's gate / up rows at batch 1),
+// prefetched 2 KiB ahead and on into the row read next.
+inline float dot_stream(const float* __restrict w, const float* __restrict x, int64_t n,
+                        const float* next) {
+  constexpr int64_t kAhead = 512;
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    for (int64_t p = k + kAhead; p < k + kAhead + 32; p += 16) {
+      if (p < n)
+        _mm_prefetch(reinterpret_cast<const char*>(w + p), _MM_HINT_T0);
+      else if (next != nullptr && p - n < n)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (p - n)), _MM_HINT_T0);
+    }
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), s1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; k < n; ++k) s += w[k] * x[k];
+  return s;
+}
 #else
+inline float dot_stream(const float* w, const float* x, int64_t n, const float*) {
+  return dot<float>(w, x, n);
+}
+
 inline void axpy4_stream(float* acc, const float* const (&w)[4], const float* const (&)[4],
                          const float (&a)[4], int64_t n) {
   axpy4<float>(acc, w[0], w[1], w[2], w[3], a[0], a[1], a[2], a[3], n);
@@ -1354,6 +1380,27 @@ inline float apply_act(Act a, float v) {
   }
 }
 
+// The listed fraction of the neurons above which sparse_mlp takes its gate / up products from
+// the dense GEMM: gather_gemv's, except where the MLP was measured on its own (2026-12-03,
+// Sapphire Rapids-class Xeon, bench_sparse_gemv.py MLP table, 8B and 1B shapes, against the dense
+// MLP, kernel path / dense gate-up; the kernel's time falls with the fraction, the dense one's
+// does not):
+//  * fp16, batch 1: all neurons 0.82-0.87x / 1.07-1.24x; half 1.47-1.54x / 1.20-1.23x: equal
+//    near 0.7 (gather_gemv alone crosses at 0.35: the MLP's kernel also skips up rows).
+//  * fp32, batch 1: all 0.87-0.89x / 0.94-1.01x; half 1.49-1.67x / 1.11-1.16x: near 0.9.
+//  * fp32, batch 8: all 0.73-0.85x / 1.09-1.20x; half 1.41-1.69x / 1.24-1.29x: near 0.7.
+// The dense side is the dense MLP's own GEMMs plus a column gather, so where a CPU's GEMM is
+// slower than this one's, taking it costs little against the dense baseline.
+double mlp_dense_above(at::ScalarType dt, int64_t B) {
+  static const bool overridden = std::getenv("FASTARCH_GATHER_DENSE_ABOVE") != nullptr;
+  const double gather = gather_dense_above(dt, B);
+  if (overridden) return gather;
+  if (dt == at::kHalf && B == 1) return 0.7;
+  if (dt == at::kFloat && B == 1) return 0.9;
+  if (dt == at::kFloat && B >= 8) return std::min(gather, 0.7);
+  return gather;
+}
+
 at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
                           const std::optional<at::Tensor>& w_up, const at::Tensor& w_out_t,
                           const std::optional<at::Tensor>& b_in,
@@ -1400,8 +1447,34 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   at::Tensor bup = b_up.has_value() ? b_up->to(at::kFloat).contiguous() : at::Tensor();
   const float t = static_cast<float>(threshold);
   std::vector<float> h(static_cast<size_t>(B * K));
+  // Where gather_gemv over these rows would take the dense GEMM (a listed fraction of the
+  // neurons above its measured crossover for this dtype and batch), so do the gate / up products:
+  // all rows with at::linear on the (inter, hidden) weights, then the listed columns. The up rows
+  // of neurons below the threshold are then not skipped.
+  const bool dense_in =
+      K > 0 && double(K) > mlp_dense_above(x_in.scalar_type(), B) * double(inter);
+  if (dense_in) {
+    at::Tensor g = gather_columns(at::linear(x_in, w_in).contiguous(), idx).to(at::kFloat);
+    at::Tensor u = w_up.has_value()
+                       ? gather_columns(at::linear(x_in, *w_up).contiguous(), idx).to(at::kFloat)
+                       : at::Tensor();
+    const float* gp = g.data_ptr<float>();
+    const float* up = u.defined() ? u.data_ptr<float>() : nullptr;
+    const float* bi = bin.defined() ? bin.data_ptr<float>() : nullptr;
+    const float* bu = bup.defined() ? bup.data_ptr<float>() : nullptr;
+    at::parallel_for(0, B * K, 16384, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t j = rows[e % K];
+        float gv = apply_act(act, bi ? gp[e] + bi[j] : gp[e]);
+        float v = 0.f;
+        if (std::fabs(gv) > t) v = up ? gv * (bu ? up[e] + bu[j] : up[e]) : gv;
+        h[e] = v;
+      }
+    });
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "sparse_mlp_in",
                                   [&] {
+    if (dense_in) return;  // h is filled above
     const scalar_t* wi = w_in.data_ptr<scalar_t>();
     const scalar_t* wu = w_up.has_value() ? w_up->data_ptr<scalar_t>() : nullptr;
     const float* bi = bin.defined() ? bin.data_ptr<float>() : nullptr;
@@ -1480,6 +1553,26 @@ at::Tensor sparse_mlp_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
         // fp16 at batch 1 too: the auto-vectorised fp16 dot was 0.3-0.98x of the dense MLP on the
         // AVX2 box (bench/results/sparse_gemv.md); the F16C widen + fp32 dot is not.
         const bool staged = kWiden && (B > 1 || std::is_same_v<scalar_t, c10::Half>);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (B == 1) {  // rows prefetched ahead, into the up row and the next neuron's gate row
+            // (casts: this lambda is not a template, so the other dtypes' copies compile it too)
+            const auto* wif = reinterpret_cast<const float*>(wi);
+            const auto* wuf = reinterpret_cast<const float*>(wu);
+            const float* gr = wif + j * hidden;
+            const float* ur = wuf ? wuf + j * hidden : nullptr;
+            const float* ng = k + 1 < k1 ? wif + rows[k + 1] * hidden : nullptr;
+            float g = dot_stream(gr, xp, hidden, ur ? ur : ng);
+            if (bi) g += bi[j];
+            g = apply_act(act, g);
+            float v = 0.f;
+            if (std::fabs(g) > t) {
+              v = g;
+              if (ur) v *= dot_stream(ur, xp, hidden, ng) + (bu ? bu[j] : 0.f);
+            }
+            h[k] = v;
+            continue;
+          }
+        }
         if (staged) widen<scalar_t>(gbuf.data(), wi + j * hidden, hidden);
         bool up_staged = false;
         for (int64_t b = 0; b < B; ++b) {

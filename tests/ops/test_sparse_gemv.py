@@ -126,6 +126,19 @@ for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 3
                 want = sg.gather_gemv_reference(x, w, bb, idx).float()
                 torch.testing.assert_close(got, want, rtol=tol,
                                            atol=tol * max(1.0, want.abs().max().item()))
+        # sparse_mlp: its gate / up products follow gather_gemv's switch (dense GEMM or rows)
+        w_in, w_up = (torch.randn(2, 50, 70, generator=g) / 8).to(dt)
+        w_out_t = (torch.randn(50, 33, generator=g) / 8).to(dt)
+        b_in, b_up = torch.randn(2, 50, generator=g).to(dt)
+        for idx, t, up, bi, act in ((None, 0.0, w_up, None, "silu"),
+                                    (torch.arange(49), 0.1, w_up, b_in, "gelu"),
+                                    (torch.tensor([3, 0, 3, 49]), 0.05, None, b_in, "relu")):
+            bu = b_up if up is not None else None
+            got = fastarch.sparse_mlp(x, w_in, w_out_t, w_up=up, b_in=bi, b_up=bu, b_out=bias,
+                                      neuron_index=idx, threshold=t, activation=act).float()
+            want = sg.sparse_mlp_reference(x, w_in, up, w_out_t, bi, bu, bias, idx, t, act).float()
+            torch.testing.assert_close(got, want, rtol=tol,
+                                       atol=tol * max(1.0, want.abs().max().item()))
 print("ok")
 """
 
