@@ -53,6 +53,7 @@ TORCH_LIBRARY(fastarch, m) {
 
 namespace fastarch {
 std::string cpu_gemv_paths();  // csrc/cpu/sparse_gemv.cpp
+std::string cpu_attention_paths();  // csrc/cpu/block_sparse_attention.cpp
 }
 
 namespace {
@@ -79,6 +80,9 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("cpu_gemv_paths", &fastarch::cpu_gemv_paths,
         "the bf16 batch kernels of sparse_gemv usable here (bf16-dot, amx or widening)");
+  m.def("cpu_attention_paths", &fastarch::cpu_attention_paths,
+        "the tile products of the CPU attention prefill here (bf16: amx / bf16-dot / fp32-tiles; "
+        "fp32: brgemm / avx2 / mkl)");
 #ifdef FASTARCH_WITH_CUDA
   // CUDA kernels are bound here; the dispatcher's CUDA entry is a Python chooser between these
   // and the Triton kernels (fastarch/ops/<family>.py).

@@ -23,11 +23,13 @@
 // the saved lse (see the comment above backward_item).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include "convert.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #if defined(__AVX2__) && defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -475,14 +477,26 @@ inline void dp_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t
   }
 }
 
-// dst[0 .. n) = bf16(src[0 .. n)), and dst[n] = 0 when n is odd (the pair of the last key).
-inline void to_bf16_row(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+// P row for the pair products: e = exp(mul * s[j] - sub) into bf16 dst[0 .. n), one pass (no
+// fp32 write-back); returns the sum of the fp32 e (the row sum l, as in the fp32 paths).
+inline float exp_row_to_bf16(const float* __restrict s, int64_t n, float mul, float sub,
+                             uint16_t* __restrict dst) {
+  const __m512 vm = _mm512_set1_ps(mul), vs = _mm512_set1_ps(sub);
+  __m512 acc = _mm512_setzero_ps();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
-  for (; j < n; ++j) dst[j] = c10::BFloat16(src[j]).x;
-  if (n & 1) dst[n] = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vm, vs));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (j < n) {  // the lanes past n read as -inf: exp gives 0 there
+    const __mmask16 k = __mmask16((1u << (n - j)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), k, s + j);
+    const __m512 e = exp16(_mm512_fmsub_ps(x, vm, vs));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_mask_storeu_epi16(dst + j, k, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 // FASTARCH_ATTN_BF16_DOT=0: bf16 attention through fp32 tiles instead (comparisons, tests).
@@ -494,6 +508,113 @@ bool attn_bf16_dot_enabled() {
   return on;
 }
 #endif
+
+// oneDNN's batch-reduce GEMM micro-kernels, as libtorch exports them (at::native::cpublas::brgemm,
+// the kernels of ATen's own CPU flash attention): on CPUs with AMX they run bf16 tile products
+// on the tile unit, and their fp32 kernels use the full vector width. The Xeon host with AMX
+// (2 cores, 2026-12-03, S=4096, H=8, D=64, the kernels below vs SDPA): bf16 causal took 3.3x
+// SDPA's time (SDPA's flash kernel is on AMX; vdpbf16ps is not) and fp32 causal 1.6x (the AVX2
+// register kernel uses half of AVX-512's width). /tmp micro-benchmark, one thread, 64-row tiles:
+// brgemm bf16 400-1200 GFLOP/s, fp32 100-120 GFLOP/s.
+//
+// bf16 on AMX: oneDNN wants B in pairs along the reduction (VNNI), which is the layout the
+// bf16-dot path already builds (K as (D/2, block) pairs, V as (keys/2, D) pairs), so the same
+// regrouping feeds either kernel. A first call checks the layout on a small product against plain
+// loops and turns the path off if they differ (a later oneDNN with another packed format).
+// FASTARCH_ATTN_AMX=0 turns it off.
+namespace cpublas = at::native::cpublas;
+
+// C (m x n) = A (m x k) B (k x n) by brgemm and by plain loops, on fixed data: max |difference|
+// relative to max |C|, or +inf when brgemm throws (not built with oneDNN's ukernels).
+template <typename T>
+double brgemm_self_check(int64_t m, int64_t n, int64_t k, bool pairs) {
+  std::vector<T> a(size_t(m * k)), b(size_t(k * n));
+  std::vector<float> af(a.size()), bf(b.size()), c(size_t(m * n)), ref(size_t(m * n), 0.f);
+  for (size_t i = 0; i < a.size(); ++i) {
+    a[i] = T(float(int64_t(i * 7 % 13) - 6) / 8.f);
+    af[i] = float(a[i]);
+  }
+  for (size_t i = 0; i < b.size(); ++i) {
+    b[i] = T(float(int64_t(i * 5 % 11) - 5) / 4.f);
+    bf[i] = float(b[i]);
+  }
+  std::vector<T> bp(b.size());
+  if (pairs) {  // (k/2, n) pairs: bp[(t * n + j) * 2 + e] = b[(2t + e) * n + j]
+    for (int64_t t = 0; t < k / 2; ++t)
+      for (int64_t j = 0; j < n; ++j)
+        for (int e = 0; e < 2; ++e) bp[size_t((t * n + j) * 2 + e)] = b[size_t((2 * t + e) * n + j)];
+  } else {
+    bp = b;
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t t = 0; t < k; ++t)
+      for (int64_t j = 0; j < n; ++j) ref[size_t(i * n + j)] += af[size_t(i * k + t)] * bf[size_t(t * n + j)];
+  try {
+    cpublas::brgemm(m, n, k, k, n, n, false, a.data(), bp.data(), c.data(), pairs);
+    cpublas::brgemm_release(pairs);
+  } catch (const std::exception&) {
+    return std::numeric_limits<double>::infinity();
+  }
+  double err = 0, mx = 0;
+  for (size_t i = 0; i < c.size(); ++i) {
+    err = std::max(err, double(std::fabs(c[i] - ref[i])));
+    mx = std::max(mx, double(std::fabs(ref[i])));
+  }
+  return err / std::max(mx, 1e-30);
+}
+
+#if defined(FASTARCH_ATTN_BF16_DOT)
+bool attn_amx_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_AMX");
+    if (e && e[0] == '0') return false;
+    bool pack = false;
+    try {
+      pack = cpublas::could_pack(at::kBFloat16);  // true where B must be in pairs: AMX
+    } catch (const std::exception&) {
+      return false;
+    }
+    // the products are exact in fp32 on these small integers over 8 / 4
+    return pack && brgemm_self_check<at::BFloat16>(37, 64, 96, true) < 1e-6;
+  }();
+  return on;
+}
+#endif
+
+// fp32 tile products by brgemm or by gemm_nn: measured once per process on the shapes of a
+// 64-query tile (S = Q K^T at D = 64, O += P V over 256 keys), faster one taken. The Xeon host
+// with AMX: brgemm. FASTARCH_ATTN_BRGEMM=0 / 1 forces either (1 still needs brgemm to work).
+bool attn_f32_brgemm() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_BRGEMM");
+    if (e && e[0] == '0') return false;
+    if (!(brgemm_self_check<float>(37, 64, 96, false) < 1e-6)) return false;
+    if ((e && e[0] == '1') || !kHaveNN) return true;
+    std::vector<float> a(64 * 256), b(256 * 64), c(64 * 64);
+    for (size_t i = 0; i < a.size(); ++i) a[i] = float(i % 17) * 0.01f;
+    for (size_t i = 0; i < b.size(); ++i) b[i] = float(i % 13) * 0.01f;
+    auto best_of = [](auto&& fn) {
+      double best = std::numeric_limits<double>::infinity();
+      for (int round = 0; round < 5; ++round) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int r = 0; r < 40; ++r) fn();
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+      return best;
+    };
+    const double t_brg = best_of([&] {
+      cpublas::brgemm(64, 64, 64, 64, 64, 64, false, a.data(), b.data(), c.data(), false);
+      cpublas::brgemm(64, 64, 256, 256, 64, 64, true, a.data(), b.data(), c.data(), false);
+    });
+    cpublas::brgemm_release(false);
+    const double t_nn = best_of([&] {
+      gemm_nn(64, 64, 64, a.data(), 64, b.data(), 64, c.data(), 64, false);
+      gemm_nn(64, 64, 256, a.data(), 256, b.data(), 64, c.data(), 64, true);
+    });
+    return t_brg < t_nn;
+  }();
+  return on;
+}
 
 // Everything a work item needs, gathered once.
 struct Params {
@@ -527,6 +648,9 @@ struct Params {
   // V[2u+1, d]), zero-padded, for dp_gemm.
   const uint32_t* kp_all = nullptr;
   const uint32_t* vp_all = nullptr;
+  int64_t vrows = 0;  // rows of pairs per (batch, kv head) in vp_all (a multiple of 16)
+  bool amx = false;   // the pair products by brgemm on AMX tiles (kp_all / vp_all set)
+  bool brg32 = false;  // the fp32 tile products (kt_all set) by brgemm instead of gemm_nn
 };
 
 // The K and V rows [c0, c0 + n) of one (batch, kv-head) as fp32 for the tile GEMMs: read in place
@@ -680,18 +804,31 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     if (dot) {
       const int64_t bh = b * p.Hkv + hk;
       const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qb + r0 * p.qs[2]);
-      for (int64_t u = 0; u < g; ++u)
-        dp_gemm(m, bs, D / 2, q32, p.qs[2] / 2, p.kp_all + ((bh * p.Kt + kt + u) * (D / 2)) * bs,
-                bs, sbuf + u * bs, ldS, false, p.scale);
+      if (p.amx) {  // unscaled: the scale is applied with the score mods
+        const auto* qa = reinterpret_cast<const at::BFloat16*>(q32);
+        for (int64_t u = 0; u < g; ++u)
+          cpublas::brgemm(m, bs, D, p.qs[2], bs, ldS, false, qa,
+                          reinterpret_cast<const at::BFloat16*>(
+                              p.kp_all + ((bh * p.Kt + kt + u) * (D / 2)) * bs),
+                          sbuf + u * bs, true);
+      } else {
+        for (int64_t u = 0; u < g; ++u)
+          dp_gemm(m, bs, D / 2, q32, p.qs[2] / 2,
+                  p.kp_all + ((bh * p.Kt + kt + u) * (D / 2)) * bs, bs, sbuf + u * bs, ldS,
+                  false, p.scale);
+      }
     } else
 #endif
     if (p.kt_all != nullptr) {
       const int64_t bh = b * p.Hkv + hk;
       for (int64_t u = 0; u < g; ++u) {
         const int64_t nu = std::min(bs, p.Lk - c0 - u * bs);
-        gemm_nn(int(m), int(nu), int(D), qbuf, int(D),
-                p.kt_all + ((bh * p.Kt + kt + u) * D) * bs, int(bs), sbuf + u * bs, int(ldS),
-                false);
+        const float* ktu = p.kt_all + ((bh * p.Kt + kt + u) * D) * bs;
+        if (p.brg32)
+          cpublas::brgemm(m, nu, D, D, bs, ldS, false, qbuf, ktu, sbuf + u * bs, false);
+        else
+          gemm_nn(int(m), int(nu), int(D), qbuf, int(D), ktu, int(bs), sbuf + u * bs, int(ldS),
+                  false);
       }
       if (p.v32_all != nullptr) {
         vp = p.v32_all + (bh * p.Lk + c0) * D;
@@ -707,8 +844,27 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       gemm_abt(int(m), int(n), int(D), qbuf, int(D), kv.k, int(kv.ldk), sbuf, int(ldS));
     }
 
+    // AMX scores come unscaled: without score mods the scale goes into the exponent (one pass
+    // less over the row), else it is applied first.
+    const bool mods = p.softcap > 0 || slope != 0.f || relh != nullptr;
+    const float mul = p.amx && !mods && p.scale > 0 ? p.scale : 1.f;
+#if defined(FASTARCH_ATTN_BF16_DOT)
+    // bf16 P for the pair product, written by the exp pass: rows ldp apart, even, with room for
+    // the odd key's zero pair; for brgemm the reduction is padded with zero keys to a multiple
+    // of 32 (oneDNN's kernels are several times slower on other tails: 300 keys 500 GFLOP/s,
+    // 288 keys 1100, /tmp micro-benchmark)
+    thread_local std::vector<uint16_t> pbf;
+    const int64_t ldp = (ldS + 2 + 31) / 32 * 32;
+    const int64_t npad = p.amx ? (n + 31) / 32 * 32 : n + (n & 1);
+    if (dot) pbf.resize(size_t(bs * ldp));
+#endif
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
+      if (p.amx && mul == 1.f && p.scale != 1.f) {
+        const float sc = p.scale;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] *= sc;
+      }
       score_mods_row(p, s, n, r0 + i, c0, slope, relh, nullptr);
       for (int64_t u = 0; u < g; ++u) {
         const int64_t slot = slots[tfirst + u];
@@ -721,10 +877,19 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         }
         mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
       }
-      const float mx = row_max(s, n, mrow[i]);
+      const float mx = mul == 1.f ? row_max(s, n, mrow[i])
+                                  : std::max(mrow[i], mul * row_max(s, n, kNegInf));
       const float mref = mx == kNegInf ? 0.f : mx;
       const float alpha = fast_exp(mrow[i] - mref);
-      const float sum = exp_sub_row(s, n, mref);
+      float sum;
+#if defined(FASTARCH_ATTN_BF16_DOT)
+      if (dot) {
+        uint16_t* pr = pbf.data() + i * ldp;
+        sum = exp_row_to_bf16(s, n, mul, mref, pr);
+        std::fill(pr + n, pr + npad, uint16_t(0));
+      } else
+#endif
+        sum = exp_sub_row(s, n, mref);
       lrow[i] = lrow[i] * alpha + sum;
       mrow[i] = mx;
       if (alpha != 1.f) {
@@ -735,18 +900,21 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     }
 #if defined(FASTARCH_ATTN_BF16_DOT)
     if (dot) {
-      thread_local std::vector<uint16_t> pbf;
-      pbf.resize(size_t(m * (ldS + 2)));
-      const int64_t ldp = ldS + 2;  // even, room for the odd key's zero pair
-      for (int64_t i = 0; i < m; ++i) to_bf16_row(sbuf + i * ldS, pbf.data() + i * ldp, n);
       const int64_t bh = b * p.Hkv + hk;
-      const int64_t lk2 = (p.Lk + 1) / 2;
-      dp_gemm(m, D, (n + 1) / 2, reinterpret_cast<const uint32_t*>(pbf.data()), ldp / 2,
-              p.vp_all + (bh * lk2 + c0 / 2) * D, D, acc, D, true, 1.f);
+      const uint32_t* vpairs = p.vp_all + (bh * p.vrows + c0 / 2) * D;
+      if (p.amx)
+        cpublas::brgemm(m, D, npad, ldp, D, D, true,
+                        reinterpret_cast<const at::BFloat16*>(pbf.data()),
+                        reinterpret_cast<const at::BFloat16*>(vpairs), acc, true);
+      else
+        dp_gemm(m, D, npad / 2, reinterpret_cast<const uint32_t*>(pbf.data()), ldp / 2, vpairs, D,
+                acc, D, true, 1.f);
       continue;
     }
 #endif
-    if (p.kt_all != nullptr)
+    if (p.brg32)
+      cpublas::brgemm(m, D, n, ldS, ldv, D, true, sbuf, vp, acc, false);
+    else if (p.kt_all != nullptr)
       gemm_nn(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D), true);
     else
       gemm_ab_acc(int(m), int(D), int(n), sbuf, int(ldS), vp, int(ldv), acc, int(D));
@@ -1004,7 +1172,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
                         p.qs[2] % 2 == 0 && attn_bf16_dot_enabled();
   if (bf16_dot) {
     // One pass each, in parallel over (batch, kv head) and tiles.
-    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lk2 = (Lk + 1) / 2;
+    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2;
+    // V pairs per (b, kv head): every tile's, plus 16 zero rows for brgemm's reduction padded to
+    // 32 keys past the last tile start (attend_tiles)
+    const int64_t lk2 = Kt * bs / 2 + 16;
     // Up to 32 MiB are kept per calling thread for the next call: a fresh multi-MiB allocation
     // is fresh pages each call, and their first-touch faults cost as much as the regrouping
     // (S=4096, H=8, D=64: 7.0 -> 5.2 ms for a call that computes only the diagonal tiles).
@@ -1052,10 +1223,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             for (int64_t t = 0; t < D2; ++t) kt_out[t * bs + j] = 0;
           }
         }
-        for (int64_t u = kt * bs / 2; u < std::min(lk2, (kt + 1) * bs / 2); ++u) {  // V pairs
+        const int64_t u_end = kt + 1 == Kt ? lk2 : (kt + 1) * bs / 2;
+        for (int64_t u = kt * bs / 2; u < u_end; ++u) {  // V pairs, zeros past the keys
           const uint16_t* r0 = vr + (2 * u) * p.vs[2];
           uint32_t* o = vd + (bh * lk2 + u) * D;
-          if (2 * u + 1 < Lk) {
+          if (2 * u >= Lk) {
+            std::fill(o, o + D, 0u);
+          } else if (2 * u + 1 < Lk) {
             const uint16_t* r1 = r0 + p.vs[2];
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) o[d] = uint32_t(r0[d]) | (uint32_t(r1[d]) << 16);
@@ -1067,9 +1241,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     });
     pw.kp_all = kd;
     pw.vp_all = vd;
+    pw.vrows = lk2;
+    pw.amx = attn_amx_enabled();
   } else
 #endif
-  if (kHaveNN && Qt >= 2 && nsplit == 1 && D <= nn_max_d) {
+  if (Qt >= 2 && nsplit == 1 && ((kHaveNN && D <= nn_max_d) || attn_f32_brgemm())) {
+    pw.brg32 = attn_f32_brgemm();
     kt32 = at::zeros({B, p.Hkv, p.Kt * bs, D}, q.options().dtype(at::kFloat));
     kt32.narrow(2, 0, p.Lk).copy_(k);
     kt32 = kt32.view({B, p.Hkv, p.Kt, bs, D}).transpose(3, 4).contiguous();
@@ -1133,6 +1310,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
           lp[o] = !(l <= 0.f) ? mr[i] + std::log(l) : kNegInf;
         }
       }
+      if (p.amx) cpublas::brgemm_release(true);  // the tile configuration of this thread
+      if (p.brg32) cpublas::brgemm_release(false);
     });
     if (nsplit > 1) {
       at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
@@ -1361,6 +1540,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attentio
 }
 
 }  // namespace
+
+// The tile products the prefill forward runs here, for `python -m fastarch.info`: bf16 "amx"
+// (brgemm on AMX tiles), "bf16-dot" (vdpbf16ps) or "fp32-tiles"; fp32 "brgemm" or "avx2" /
+// "mkl" (gemm_nn / sgemm). Asking runs the one-off checks and the fp32 timing.
+std::string cpu_attention_paths() {
+  std::string bf16 = "fp32-tiles";
+#if defined(FASTARCH_ATTN_BF16_DOT)
+  if (attn_bf16_dot_enabled()) bf16 = attn_amx_enabled() ? "amx" : "bf16-dot";
+#endif
+  const std::string f32 = attn_f32_brgemm() ? "brgemm" : kHaveNN ? "avx2" : "mkl";
+  return "bf16 " + bf16 + ", fp32 " + f32;
+}
 
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("block_sparse_attention", &block_sparse_attention_cpu);

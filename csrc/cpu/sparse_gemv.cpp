@@ -463,6 +463,9 @@ FASTARCH_AMX_TARGET void amx_begin(int m) {  // m batch rows in tmm0-4, 16 pairs
     cfg.colsb[i] = 64;
     cfg.rows[i] = static_cast<uint8_t>(i < 5 ? m : 16);
   }
+  // GCC's _tile_loadconfig names only 8 bytes of its operand as read: without this barrier the
+  // stores to the rest of cfg may be dropped as dead (a standalone test faulted on ldtilecfg)
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 

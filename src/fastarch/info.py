@@ -33,6 +33,7 @@ def info(file=None) -> dict:
         "cuda_kernels_built": native.cuda_built(),
         "cpu_capability": native.cpu_capability(),
         "cpu_gemv_bf16": native.cpu_gemv_paths(),
+        "cpu_attention": native.cpu_attention_paths(),
         "triton_usable_here": native.triton_usable(),
         "compile_backend": _compile_backend(),
         "ops": {name: op_backends(name) for name in sorted(OPS)},
@@ -41,7 +42,7 @@ def info(file=None) -> dict:
     w("fastarch info\n")
     for key in ("python", "torch", "torch_cuda", "cuda_available", "device", "triton",
                 "native_loaded", "native_error", "cuda_kernels_built", "cpu_capability",
-                "cpu_gemv_bf16", "triton_usable_here", "compile_backend"):
+                "cpu_gemv_bf16", "cpu_attention", "triton_usable_here", "compile_backend"):
         w(f"  {key:20s} {report[key]}\n")
     w(f"  {'op':28s} {'schema':8s} {'cpu':10s} cuda\n")
     for name, b in report["ops"].items():

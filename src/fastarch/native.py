@@ -62,6 +62,14 @@ def cpu_gemv_paths() -> str:
     return _C.cpu_gemv_paths() if _C is not None else "none"
 
 
+def cpu_attention_paths() -> str:
+    """The tile products of the CPU attention prefill on this CPU, e.g. "bf16 amx, fp32 brgemm"
+    (AMX tiles and oneDNN's fp32 kernels through libtorch) or "bf16 bf16-dot, fp32 avx2"."""
+    if _C is None or not hasattr(_C, "cpu_attention_paths"):
+        return "none"
+    return _C.cpu_attention_paths()
+
+
 def triton_available() -> bool:
     """Whether Triton imports (its kernels need a CUDA device, or TRITON_INTERPRET=1 on CPU)."""
     return importlib.util.find_spec("triton") is not None

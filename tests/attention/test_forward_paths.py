@@ -2,7 +2,10 @@
 rows) against the fp32 reference: tails of every size (rows not a multiple of 6, columns not a
 multiple of 16 or 8), each head dim it takes, several tiles and runs of tiles, each dtype. On CPUs
 with AVX512-BF16, bf16 with a block that is a multiple of 16 takes the bf16 pair products (K / V
-regrouped into pairs, odd key counts padded) and the other blocks the fp32 tiles."""
+regrouped into pairs, odd key counts padded) and the other blocks the fp32 tiles. Where the CPU
+has AMX, the bf16 pair products run on its tiles through oneDNN's brgemm, and fp32 tiles take
+brgemm where it measures faster than the AVX2 kernel; each of these switches is also forced in a
+process of its own (test_forced_tile_products), so every kernel this CPU has is checked."""
 import math
 import os
 import subprocess
@@ -86,3 +89,51 @@ def test_bf16_without_pair_products():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+_FORCED = """
+import math, torch
+from fastarch import native
+from fastarch.attention import and_masks, causal, create_block_mask, document, sliding_window
+from fastarch.ops.block_sparse_attention import (block_sparse_attention,
+                                                 block_sparse_attention_reference)
+print(native.cpu_attention_paths())
+tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+masks = [causal(), sliding_window(45, 3), and_masks(causal(), document(lengths=[77, 3, 120]))]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for d in (64, 80, 128):
+        for lq, lk, block in ((200, 200, 16), (129, 129, 32), (77, 200, 64), (180, 200, 128)):
+            for mi, mask in enumerate(masks):
+                torch.manual_seed(lq + d + mi)
+                q = torch.randn(1, 4, lq, d, dtype=dtype)
+                k, v = (torch.randn(1, 2, lk, d, dtype=dtype) for _ in range(2))
+                bm = create_block_mask(mask, q_len=lq, kv_len=lk, q_offset=lk - lq,
+                                       block_size=block)
+                # scale 1 (no multiply), and a softcap (the AMX scores are scaled before it)
+                for scale, cap in ((None, 0.0), (1.0, 0.0), (None, 20.0)):
+                    out, lse = block_sparse_attention(q, k, v, bm, scale=scale, softcap=cap,
+                                                      return_lse=True)
+                    ref, ref_lse = block_sparse_attention_reference(
+                        q, k, v, *bm.op_args(), None, None, block, bm.q_offset, bm.window_left,
+                        bm.window_right, bm.prefix_len, scale or 1 / math.sqrt(d), cap)
+                    t = tol[dtype]
+                    torch.testing.assert_close(out.float(), ref.float(), atol=t, rtol=t)
+                    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("env", [{"FASTARCH_ATTN_AMX": "0"}, {"FASTARCH_ATTN_BRGEMM": "0"},
+                                 {"FASTARCH_ATTN_BRGEMM": "1"}, {}],
+                         ids=["no-amx", "no-brgemm", "brgemm", "default"])
+def test_forced_tile_products(env):
+    out = subprocess.run([sys.executable, "-c", _FORCED], env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split()
+    assert lines[-1] == "ok", out.stdout[-2000:]
+    paths = out.stdout.splitlines()[0]
+    if env.get("FASTARCH_ATTN_AMX") == "0":
+        assert "amx" not in paths, paths
+    if env.get("FASTARCH_ATTN_BRGEMM") == "0":
+        assert "fp32 brgemm" not in paths, paths

@@ -39,6 +39,14 @@ def test_info_lists_every_op():
     assert "cpu_gemv_bf16" in text
     if native.native_loaded():
         assert paths == "widening" or set(paths.split(",")) <= {"bf16-dot", "amx"}, paths
+    attn = report["cpu_attention"]
+    assert "cpu_attention" in text
+    if native.native_loaded():
+        bf16, f32 = attn.split(", ")
+        assert bf16 in ("bf16 amx", "bf16 bf16-dot", "bf16 fp32-tiles"), attn
+        assert f32 in ("fp32 brgemm", "fp32 avx2", "fp32 mkl"), attn
+        if "amx" in paths.split(","):  # the CPU has AMX tiles: attention finds them too
+            assert bf16 == "bf16 amx", attn
 
 
 @pytest.mark.skipif(not native.cuda_built(), reason="the CUDA kernels are not built here")
