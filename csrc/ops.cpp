@@ -54,6 +54,7 @@ TORCH_LIBRARY(fastarch, m) {
 namespace fastarch {
 std::string cpu_gemv_paths();  // csrc/cpu/sparse_gemv.cpp
 std::string cpu_attention_paths();  // csrc/cpu/block_sparse_attention.cpp
+bool cpu_attention_amx();
 }
 
 namespace {
@@ -83,6 +84,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_attention_paths", &fastarch::cpu_attention_paths,
         "the tile products of the CPU attention prefill here (bf16: amx / bf16-dot / fp32-tiles; "
         "fp32: brgemm / avx2 / mkl)");
+  m.def("cpu_attention_amx", &fastarch::cpu_attention_amx,
+        "whether the CPU attention prefill runs bf16 tiles on AMX here");
 #ifdef FASTARCH_WITH_CUDA
   // CUDA kernels are bound here; the dispatcher's CUDA entry is a Python chooser between these
   // and the Triton kernels (fastarch/ops/<family>.py).

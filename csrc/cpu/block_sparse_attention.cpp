@@ -1553,6 +1553,16 @@ std::string cpu_attention_paths() {
   return "bf16 " + bf16 + ", fp32 " + f32;
 }
 
+// Whether bf16 prefill tiles run on AMX here (no fp32 timing): BlockSparseAttention leaves plain
+// bf16 causal / full attention to SDPA on such CPUs (fastarch/attention/module.py).
+bool cpu_attention_amx() {
+#if defined(FASTARCH_ATTN_BF16_DOT)
+  return attn_bf16_dot_enabled() && attn_amx_enabled();
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY_IMPL(fastarch, CPU, m) {
   m.impl("block_sparse_attention", &block_sparse_attention_cpu);
   m.impl("block_sparse_attention_backward", &block_sparse_attention_backward_cpu);

@@ -70,6 +70,11 @@ def cpu_attention_paths() -> str:
     return _C.cpu_attention_paths()
 
 
+def cpu_attention_amx() -> bool:
+    """Whether the CPU attention prefill runs its bf16 tiles on AMX here (cheap: no timing)."""
+    return _C is not None and hasattr(_C, "cpu_attention_amx") and bool(_C.cpu_attention_amx())
+
+
 def triton_available() -> bool:
     """Whether Triton imports (its kernels need a CUDA device, or TRITON_INTERPRET=1 on CPU)."""
     return importlib.util.find_spec("triton") is not None

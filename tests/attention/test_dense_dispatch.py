@@ -34,7 +34,8 @@ def test_dense_dispatch(small_thresholds, variant, lq, lk, dispatched):
                                rtol=2e-5)
 
 
-def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds):
+def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds, monkeypatch):
+    monkeypatch.setattr(module_mod, "_CPU_AMX", False)
     q = torch.randn(1, 2, 100, 64)
     before = dict(module_mod.STATS)
     BlockSparseAttention("causal", softcap=5.0)(q, q, q)
@@ -54,6 +55,7 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds):
 ])
 def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
+    monkeypatch.setattr(module_mod, "_CPU_AMX", False)
     torch.manual_seed(0)
     q = torch.randn(2, 4, 1, 64, dtype=dtype)
     k = torch.randn(2, 2, 77, 64, dtype=dtype)
@@ -66,3 +68,37 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm, scale=0.2), atol=tol,
                                rtol=tol)
+
+
+@pytest.mark.parametrize("variant,dtype,lq,lk,dispatched", [
+    ("causal", torch.bfloat16, 1, 77, True),     # decode: SDPA's AMX kernel
+    ("causal", torch.bfloat16, 100, 100, True),  # prefill, below the fp32 thresholds
+    ("full", torch.bfloat16, 100, 130, True),
+    ("causal", torch.bfloat16, 70, 130, False),  # bottom-right causal stays on the kernel
+    ("sliding_window:32", torch.bfloat16, 100, 100, False),
+    ("causal", torch.float16, 100, 100, False),  # fp16 is not on AMX here
+    ("causal", torch.float32, 100, 100, False),
+])
+def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
+    """On CPUs whose bf16 attention tiles run on AMX, SDPA's own AMX kernel is the faster dense
+    bf16 path: plain causal / full bf16 goes there, prefill and decode."""
+    monkeypatch.setattr(module_mod, "_CPU_AMX", True)
+    monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", "AVX512")
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, lq, 64, dtype=dtype)
+    k = torch.randn(1, 2, lk, 64, dtype=dtype)
+    v = torch.randn(1, 2, lk, 64, dtype=dtype)
+    attn = BlockSparseAttention(variant, block_size=32)
+    before = dict(module_mod.STATS)
+    out = attn(q, k, v, scale=0.2)
+    assert (module_mod.STATS["sdpa"] - before["sdpa"] == 1) == dispatched
+    bm = create_block_mask(attn.mask, q_len=lq, kv_len=lk, q_offset=lk - lq, block_size=32)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm, scale=0.2), atol=tol,
+                               rtol=tol)
+
+
+def test_amx_flag_matches_the_build():
+    from fastarch import native
+    assert module_mod._CPU_AMX == native.cpu_attention_amx()
+    assert module_mod._CPU_AMX == ("bf16 amx" in native.cpu_attention_paths())

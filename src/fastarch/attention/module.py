@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastarch import native
 from fastarch.attention import masks as M
 from fastarch.attention.block_mask import DEFAULT_BLOCK_SIZE, create_block_mask
 from fastarch.ops.block_sparse_attention import block_sparse_attention
@@ -24,6 +25,11 @@ SDPA_DENSE_DTYPES = (torch.float32,)
 # took 0.40-0.76x of the kernel's time, whose CPU paths are AVX2 only; bf16 decode stays on the
 # kernel (SDPA 2.4-5.2x slower there), and AVX2 machines measured parity (0.31 vs 0.32 ms at 1024).
 SDPA_DECODE_CAPABILITIES = ("AVX512",)
+# bf16 on CPUs with AMX (Intel Xeon, 2 threads, 2026-12-03, H=8, D=64/128, interleaved): torch's
+# SDPA runs its flash kernel on AMX tiles, and plain causal bf16 took 1.09-1.51x of SDPA's time in
+# the kernel (256-4096 tokens), one decode query 2.5-4.4x (256-4096 keys): plain causal / full
+# bf16 goes to SDPA there, prefill and decode.
+SDPA_AMX_DTYPES = (torch.bfloat16,)
 STATS = {"kernel": 0, "sdpa": 0}
 
 
@@ -61,6 +67,7 @@ def _torch_cpu_capability() -> str:
 
 
 _CPU_CAPABILITY = _torch_cpu_capability()  # read once: a plain constant under torch.compile
+_CPU_AMX = native.cpu_attention_amx()  # likewise
 
 
 class BlockSparseAttention(nn.Module):
@@ -123,14 +130,15 @@ class BlockSparseAttention(nn.Module):
         plain = (attn_mask is None and not self.softcap and self.alibi_slopes is None
                  and spec.mask_mod is None and spec.doc_ids is None and not spec.prefix_len
                  and spec.window_left < 0 and spec.window_right in (-1, 0))
-        if (plain and lq == 1 and q.device.type == "cpu" and q.dtype == torch.float32
-                and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES):
+        amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
+        if plain and lq == 1 and q.device.type == "cpu" and (amx or (
+                q.dtype == torch.float32 and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
             return False  # the last query sees every key: causal == full
         if (attn_mask is not None or self.softcap or self.alibi_slopes is not None
-                or q.device.type != "cpu" or q.dtype not in SDPA_DENSE_DTYPES
-                or d < SDPA_DENSE_MIN_HEAD_DIM or lq < SDPA_DENSE_MIN_LEN
-                or spec.mask_mod is not None or spec.doc_ids is not None or spec.prefix_len
-                or spec.window_left >= 0 or spec.window_right not in (-1, 0)):
+                or q.device.type != "cpu" or not plain):
+            return None
+        if not amx and (q.dtype not in SDPA_DENSE_DTYPES or d < SDPA_DENSE_MIN_HEAD_DIM
+                        or lq < SDPA_DENSE_MIN_LEN):
             return None
         if spec.window_right == 0:
             return True if lq == lk else None  # SDPA's causal is aligned top-left
