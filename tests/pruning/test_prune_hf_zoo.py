@@ -335,3 +335,23 @@ def test_slices_that_do_not_tile_heads_still_fix_the_channels():
     report = prune(net, (torch.randn(2, 8),), ratio=0.5)
     assert net.a.out_features == 12 and net.b.in_features == 5
     assert any("fixed-size" in why for _, why in report.skipped)
+
+
+def test_big_bird_saves_the_attention_class_it_runs(tmp_path):
+    """BigBird swaps its block-sparse attention for full attention on inputs shorter than its
+    blocks (at the first forward, for good): the pruned model is saved as full attention, or a
+    fresh build sizes its block-sparse heads from the pruned config and fails on the weights."""
+    cfg = transformers.BigBirdConfig(**BASE, intermediate_size=96, block_size=4,
+                                     num_random_blocks=2)
+    assert cfg.attention_type == "block_sparse"
+    torch.manual_seed(0)
+    model = transformers.BigBirdModel(cfg).eval()
+    prune(model, (IDS,), ratio=0.3)
+    assert model.config.attention_type == "original_full"
+    with torch.no_grad():
+        want = model(IDS).last_hidden_state
+    model.save_pretrained(tmp_path / "bb")
+    again = load_pruned(str(tmp_path / "bb"))
+    assert again.config.attention_type == "original_full"
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).last_hidden_state, want, atol=1e-5, rtol=1e-5)

@@ -95,6 +95,17 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
         record = prev
     cfg.fastarch_pruned = record
 
+    # a model that switched its attention class at run time (BigBird: block_sparse ->
+    # original_full for short inputs, never back) is saved as the class it now runs: a fresh
+    # build of the other class would size its attention from the config, not from the record
+    cfg_type = _get(cfg, "attention_type")
+    if isinstance(cfg_type, str):
+        for mod in model.modules():
+            run = mod.__dict__.get("attention_type")
+            if isinstance(run, str) and run != cfg_type:
+                cfg.attention_type = run
+                break
+
     # uniform changes into the ordinary keys
     old_hidden = None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
