@@ -355,3 +355,25 @@ def test_big_bird_saves_the_attention_class_it_runs(tmp_path):
     assert again.config.attention_type == "original_full"
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bamba_keeps_a_hidden_size_its_config_refuses(tmp_path):
+    """Bamba's config derives the Mamba width as mamba_expand * hidden_size and checks it against
+    mamba_n_heads * mamba_d_head on save: a pruned hidden size would fail that, so the config keeps
+    the old one, the report says so, and load_pruned rebuilds the pruned widths from the record."""
+    cfg = transformers.BambaConfig(**{**BASE, "num_key_value_heads": 2}, intermediate_size=96,
+                                   mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+                                   mamba_chunk_size=8, attn_layer_indices=[1])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    report = prune(model, (IDS,), ratio=0.3)
+    hidden = model.model.embed_tokens.weight.shape[1]
+    assert hidden < 64
+    assert model.config.hidden_size == 64
+    assert model.config.fastarch_pruned["config_kept"] == {"hidden_size": hidden}
+    assert any(m == "config" and "hidden_size stays 64" in why for m, why in report.skipped)
+    want = logits(model)
+    model.save_pretrained(tmp_path / "bamba")
+    again = load_pruned(str(tmp_path / "bamba"))
+    assert again.model.embed_tokens.weight.shape[1] == hidden
+    torch.testing.assert_close(logits(again), want, atol=1e-5, rtol=1e-5)

@@ -741,7 +741,8 @@ def _update_hf_config(model: nn.Module, graph: DependencyGraph, report: PruneRep
     from fastarch.pruning.hf import update_config
 
     if getattr(model, "config", None) is not None and report.shapes:
-        update_config(model, graph, report.shapes)
+        for note in update_config(model, graph, report.shapes) or ():
+            report.skipped.append(("config", note))
 
 
 def masked_copy(original: nn.Module, report: PruneReport) -> nn.Module:

@@ -63,8 +63,15 @@ def _get(cfg, key):
         return None
 
 
-def update_config(model: nn.Module, graph, shapes: dict) -> None:
+CONFIG_KEYS = HIDDEN_KEYS + FFN_KEYS + HEAD_KEYS + KV_KEYS + ("head_dim", "n_inner")
+
+
+def update_config(model: nn.Module, graph, shapes: dict) -> list[str]:
+    """Write the pruned widths to ``model.config`` (and the exact shapes to
+    ``config.fastarch_pruned``). Returns notes on keys left at their old value because the
+    config class's own validation refuses the pruned one (see :func:`_keep_valid`)."""
     cfg = model.config
+    before = {k: _get(cfg, k) for k in CONFIG_KEYS}
     record = {"shapes": {n: list(new) for n, (_, new) in shapes.items()}, "attrs": {}}
     # a smaller hidden size also changes, in a fresh build, weights that kept their width (an
     # MQA c_attn sized hidden + 2 * head_dim): record every parameter's shape
@@ -158,6 +165,49 @@ def update_config(model: nn.Module, graph, shapes: dict) -> None:
                         new_vals.add(nw[a])
         if len(new_vals) == 1:
             setattr(cfg, key, new_vals.pop())
+    return _keep_valid(cfg, before)
+
+
+def _keep_valid(cfg, before: dict) -> list[str]:
+    """Some configs validate widths they derive from others: Bamba's Mamba width is
+    ``mamba_expand * hidden_size`` and must split into ``mamba_n_heads`` heads, and
+    ``save_pretrained`` runs that check. Where the pruned values fail it, the changed keys go
+    back to their old values (one at a time, then all) until it passes; the modules keep their
+    pruned widths, which ``config.fastarch_pruned`` records for :func:`load_pruned`."""
+    validate = getattr(cfg, "validate", None)
+    if not callable(validate):
+        return []
+    try:
+        validate()
+        return []
+    except Exception as exc:  # noqa: BLE001 - the config class's own error
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1].strip()[:160]}"
+    changed = {k: (old, _get(cfg, k)) for k, old in before.items() if _get(cfg, k) != old}
+    if not changed:
+        return []
+    kept = None
+    for key, (old, _new) in changed.items():
+        new = _get(cfg, key)
+        setattr(cfg, key, old)
+        try:
+            validate()
+            kept = [key]
+            break
+        except Exception:  # noqa: BLE001
+            setattr(cfg, key, new)
+    if kept is None:
+        for key, (old, _new) in changed.items():
+            setattr(cfg, key, old)
+        kept = list(changed)
+        try:
+            validate()
+        except Exception:  # noqa: BLE001 - invalid before pruning too: nothing more to do
+            pass
+    record = cfg.fastarch_pruned
+    record.setdefault("config_kept", {}).update({k: changed[k][1] for k in kept})
+    return [f"{k} stays {changed[k][0]} in the config (pruned width {changed[k][1]}): "
+            f"{type(cfg).__name__} refuses it ({error}); load_pruned rebuilds the pruned "
+            "widths from config.fastarch_pruned" for k in kept]
 
 
 def _has(model, path):
