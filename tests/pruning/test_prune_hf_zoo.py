@@ -377,3 +377,28 @@ def test_bamba_keeps_a_hidden_size_its_config_refuses(tmp_path):
     again = load_pruned(str(tmp_path / "bamba"))
     assert again.model.embed_tokens.weight.shape[1] == hidden
     torch.testing.assert_close(logits(again), want, atol=1e-5, rtol=1e-5)
+
+
+def test_jetmoe_experts_split_by_run_time_sizes():
+    """JetMoE splits the routed tokens by ``expert_size.tolist()`` (sizes known only at run
+    time), runs each expert on ``weight[i]`` of a stacked (experts, out, in) weight, and scatters
+    attention-expert outputs back with ``index_add``: the graph follows all three, every expert
+    loses the same channels, and the pruned model equals the masked one."""
+    cfg = transformers.JetMoeConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                                    num_key_value_heads=2, kv_channels=16, intermediate_size=96,
+                                    max_position_embeddings=64, num_local_experts=4,
+                                    num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
+                                    eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    original = copy.deepcopy(model)
+    report = prune(model, (IDS,), ratio=0.5, exact_only=True)
+    mlp = model.model.layers[0].mlp
+    # the experts' neurons (gate | up halves of input_linear, the inputs of output_linear), the
+    # same in every expert; the hidden width stays (the attention experts' output is scattered
+    # into a zeros tensor of the config's width)
+    up, down = mlp.input_linear.weight.shape, mlp.output_linear.weight.shape
+    assert up[0] == down[0] == 4 and up[1] < 192 and up[1] == 2 * down[2], (up, down)
+    assert not [why for _, why in report.skipped if "split_with_sizes" in why]
+    torch.testing.assert_close(logits(model), logits(masked_copy(original, report)), atol=1e-5,
+                               rtol=1e-5)

@@ -26,6 +26,7 @@ import gc
 import math
 import operator
 import threading
+import types
 from typing import Any
 
 import torch
@@ -198,9 +199,21 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def _size(d) -> int:
+    """A dim of a traced shape as an int; 1 for a size known only at run time (an unbacked
+    SymInt, e.g. the tokens routed to one expert: JetMoE splits by ``expert_size.tolist()``).
+    Labels are constant along such dims (they carry tokens, not channels), so 1 broadcasts."""
+    if isinstance(d, int):
+        return d
+    try:
+        return int(d)
+    except Exception:  # noqa: BLE001 - data-dependent: no value at trace time
+        return 1
+
+
 def _shape(node):
     v = _val(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return tuple(_size(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _opname(target) -> str:
@@ -650,6 +663,11 @@ class DependencyGraph:
         args = list(node.args)
         # a parameter going through transpose/permute/view stays a ParamRef where possible
         first = self.label_of(args[0], env) if args and isinstance(args[0], torch.fx.Node) else None
+        if isinstance(first, ParamRef) and name == "select" and isinstance(args[2], int):
+            # one expert of stacked expert weights (JetMoE's weight[i]): the expert dim leaves
+            # the view; every expert shares the other dims' channel ids, so they prune alike
+            d = args[1] % len(first.dims)
+            return ParamRef(first.name, first.dims[:d] + first.dims[d + 1:])
         if isinstance(first, ParamRef) and name in ("t", "transpose", "permute", "numpy_T", "mT"):
             dims = list(first.dims)
             if name in ("t", "numpy_T"):  # Tensor.T (Falcon's linear) reverses every dim
@@ -676,7 +694,8 @@ class DependencyGraph:
         new_args = []
         any_label = False
         for arg in args:
-            if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, torch.fx.Node) for a in arg):
+            if isinstance(arg, (list, tuple)) and arg and all(
+                    isinstance(a, torch.fx.Node) and isinstance(_val(a), torch.Tensor) for a in arg):
                 sub = []
                 for a in arg:
                     lab = self._tensor_label(a, env)
@@ -689,6 +708,9 @@ class DependencyGraph:
                 new_args.append(self.full(lab, _shape(arg)).contiguous())
             elif isinstance(arg, torch.fx.Node):
                 new_args.append(_val(arg))
+            elif isinstance(arg, (list, tuple)):  # sizes, some of them traced scalars
+                new_args.append(type(arg)(_val(a) if isinstance(a, torch.fx.Node) else a
+                                          for a in arg))
             else:
                 new_args.append(arg)
         if not any_label:
@@ -698,6 +720,13 @@ class DependencyGraph:
         src = new_args[0]
         if name == "split_with_sizes" and isinstance(src, torch.Tensor):
             dim = (args[2] if len(args) > 2 else node.kwargs.get("dim", 0)) % src.dim()
+            if not all(isinstance(z, int) for z in new_args[1]):
+                # sizes known only at run time (tokens per expert): fine along a dim where the
+                # label is constant, and every piece then has the source's label
+                lab = self.canon(src)
+                if lab is not None and lab.shape[dim] > 1:
+                    raise ValueError("split by run-time sizes along a channel dim")
+                return [lab] * len(args[1])
             pieces = node.target(*new_args, **kwargs)
             lab = self.canon(src)
             if lab is not None and lab.shape[dim] > 1:
@@ -1128,6 +1157,23 @@ class DependencyGraph:
         return self._produce(w, 1, _shape(node), -1)
 
     # ---- routing (mixture of experts) -----------------------------------------------------
+    def _op_index_add(self, node, env, where):
+        """out = self with source's rows added at index along dim (MoE outputs scattered back to
+        their tokens): elementwise between self and source, if neither varies along dim."""
+        dim = node.args[1]
+        shape = _shape(node)
+        if shape is None or len(node.args) < 4:
+            raise ValueError("index_add with unexpected arguments")
+        d = dim % len(shape)
+        for arg in (node.args[0], node.args[3]):
+            lab = self._tensor_label(arg, env)
+            if lab is not None and lab.dim() > len(shape) - 1 - d and \
+                    lab.shape[d - (len(shape) - lab.dim())] > 1:
+                raise ValueError("index_add along a labelled dim")
+        pair = types.SimpleNamespace(args=(node.args[0], node.args[3]), kwargs={},
+                                     target=node.target, meta=node.meta, name=node.name)
+        return self._elementwise(pair, env, where)
+
     def _op_topk(self, node, env, where):
         """Top-k / sort along a dim: which entries win depends on all of them (a router's choice
         among its experts), so channels along that dim stay; labels along other dims pass."""
