@@ -1156,7 +1156,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   }
   // Prefill: K^T (and V for bf16 / fp16) as fp32 once per call, for the in-place products
   // (each K / V row is then read by ~Qt query tiles without being packed or widened again).
-  at::Tensor kt32, v32;
+  at::Tensor v32;
   Params& pw = pr.p;
   static const int64_t nn_max_d = [] {
     const char* e = std::getenv("FASTARCH_ATTN_NN_MAX_D");
@@ -1164,6 +1164,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   }();
 
   std::vector<uint32_t> klocal, vlocal;  // the pair layouts of a call too large to keep
+  std::vector<float> kt_local;  // likewise the fp32 K^T tiles
 #if defined(FASTARCH_ATTN_BF16_DOT)
   // bf16 prefill with the bf16 dot instruction (D and the block a multiple of 16, up to 128): K
   // and V regrouped into bf16 pairs once per call (pure data movement, no rounding).
@@ -1247,10 +1248,38 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
 #endif
   if (Qt >= 2 && nsplit == 1 && ((kHaveNN && D <= nn_max_d) || attn_f32_brgemm())) {
     pw.brg32 = attn_f32_brgemm();
-    kt32 = at::zeros({B, p.Hkv, p.Kt * bs, D}, q.options().dtype(at::kFloat));
-    kt32.narrow(2, 0, p.Lk).copy_(k);
-    kt32 = kt32.view({B, p.Hkv, p.Kt, bs, D}).transpose(3, 4).contiguous();
-    pw.kt_all = kt32.data_ptr<float>();
+    // One parallel pass per key tile: widen and transpose its rows into (D, bs), zeros past the
+    // keys. (Three tensor passes before, zeros + copy + transpose into a fresh allocation: ~10%
+    // of a sliding-window call at S=4096, fp32, on the Xeon host.) Kept between calls like the
+    // bf16 pairs below, up to 32 MiB per calling thread.
+    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk;
+    const size_t nk = size_t(B * Hkv * Kt * D * bs);
+    constexpr size_t kKeepFloats = size_t(8) << 20;
+    thread_local std::vector<float> kt_cache;
+    std::vector<float>& kvec = nk <= kKeepFloats ? kt_cache : kt_local;
+    if (kvec.size() < nk) kvec.resize(nk);
+    float* kd = kvec.data();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "kt_tiles", [&] {
+      const scalar_t* ks = k.data_ptr<scalar_t>();
+      at::parallel_for(0, B * Hkv * Kt, 1, [&](int64_t w0, int64_t w1) {
+        std::vector<float> row(static_cast<size_t>(D));
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t kt = w % Kt, bh = w / Kt, b = bh / Hkv, h = bh % Hkv;
+          const scalar_t* kr = ks + b * p.ks[0] + h * p.ks[1];
+          float* out = kd + w * D * bs;
+          for (int64_t j = 0; j < bs; ++j) {
+            const int64_t c = kt * bs + j;
+            if (c < Lk) {
+              load_row_f32<scalar_t>(kr + c * p.ks[2], row.data(), D, 1.f);
+              for (int64_t d = 0; d < D; ++d) out[d * bs + j] = row[size_t(d)];
+            } else {
+              for (int64_t d = 0; d < D; ++d) out[d * bs + j] = 0.f;
+            }
+          }
+        }
+      });
+    });
+    pw.kt_all = kd;
     if (v.scalar_type() != at::kFloat) {
       v32 = v.to(at::kFloat).contiguous();
       pw.v32_all = v32.data_ptr<float>();
