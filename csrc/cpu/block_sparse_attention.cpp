@@ -534,7 +534,7 @@ bool attn_bf16_dot_enabled() {
 // (2 cores, 2026-12-03, S=4096, H=8, D=64, the kernels below vs SDPA): bf16 causal took 3.3x
 // SDPA's time (SDPA's flash kernel is on AMX; vdpbf16ps is not) and fp32 causal 1.6x (the AVX2
 // register kernel uses half of AVX-512's width). /tmp micro-benchmark, one thread, 64-row tiles:
-// brgemm bf16 400-1200 GFLOP/s, fp32 100-120 GFLOP/s.
+// brgemm bf16 220-1200 GFLOP/s (run to run on this VM; 300-700 typical), fp32 100-120 GFLOP/s.
 //
 // bf16 on AMX: oneDNN wants B in pairs along the reduction (VNNI), which is the layout the
 // bf16-dot path already builds (K as (D/2, block) pairs, V as (keys/2, D) pairs), so the same
