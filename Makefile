@@ -33,8 +33,10 @@ build: $(STAMP)
 demo: build
 	$(BIN)/fastarch sparsify --sparsity 0.25 0.5
 
+# PYTHONSAFEPATH: `python -m` would put the repository root on sys.path, where kernels/ (our Triton
+# sources) shadows Hugging Face's `kernels` package, which transformers >= 5.25 imports
 test: build
-	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 bench: build
 	$(BIN)/python bench/bench_sparse_gemv.py

