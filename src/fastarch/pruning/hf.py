@@ -63,7 +63,7 @@ def _get(cfg, key):
         return None
 
 
-CONFIG_KEYS = HIDDEN_KEYS + FFN_KEYS + HEAD_KEYS + KV_KEYS + ("head_dim", "n_inner")
+CONFIG_KEYS = HIDDEN_KEYS + FFN_KEYS + HEAD_KEYS + KV_KEYS + ("head_dim",)
 
 
 def update_config(model: nn.Module, graph, shapes: dict) -> list[str]:
@@ -186,8 +186,7 @@ def _keep_valid(cfg, before: dict) -> list[str]:
     if not changed:
         return []
     kept = None
-    for key, (old, _new) in changed.items():
-        new = _get(cfg, key)
+    for key, (old, new) in changed.items():
         setattr(cfg, key, old)
         try:
             validate()
@@ -196,7 +195,7 @@ def _keep_valid(cfg, before: dict) -> list[str]:
         except Exception:  # noqa: BLE001
             setattr(cfg, key, new)
     if kept is None:
-        for key, (old, _new) in changed.items():
+        for key, (old, _) in changed.items():
             setattr(cfg, key, old)
         kept = list(changed)
         try:
