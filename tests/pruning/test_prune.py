@@ -373,6 +373,72 @@ def test_group_norm_with_a_constant_group_count_is_left_whole():
     assert run(model, x).shape == (2, 5, 7, 7)
 
 
+class GroupStd(nn.Module):
+    """x / std over groups of channels, written with reshape as timm's EvoNorm S0 does. The
+    group count is an attribute (``reshape(B, self.groups, C // self.groups, ...)``), a number
+    in the code, or follows the channels (``reshape(B, -1, self.group_size, ...)``)."""
+
+    def __init__(self, channels, groups, how):
+        super().__init__()
+        self.how = how
+        if how == "attribute":
+            self.groups = groups
+        self.group_size = channels // groups
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        if self.how == "attribute":
+            g = x.reshape(b, self.groups, c // self.groups, h, w)
+        elif self.how == "literal":
+            g = x.reshape(b, 4, c // 4, h, w)
+        else:
+            g = x.reshape(b, -1, self.group_size, h, w)
+        std = g.var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(1e-5).sqrt()
+        return (g / std).reshape(b, c, h, w) * self.weight.view(1, -1, 1, 1)
+
+
+class GroupStdNet(nn.Module):
+    """conv -> group std -> depthwise conv -> group std -> conv: the second norm sees channels
+    the first already made whole-group units, so its labels do not vary inside a group."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 24, 3, padding=1)
+        self.n1 = GroupStd(24, 4, how)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.n2 = GroupStd(24, 4, how)
+        self.c2 = nn.Conv2d(24, 5, 3)
+        with torch.no_grad():
+            self.c1.weight.mul_(torch.linspace(0.2, 2.0, 24).view(24, 1, 1, 1))
+
+    def forward(self, x):
+        return self.c2(F.relu(self.n2(self.dw(F.relu(self.n1(self.c1(x)))))))
+
+
+@pytest.mark.parametrize("how", ["attribute", "follows"])
+def test_reshape_group_statistic_loses_whole_groups_exactly(how):
+    # 24 channels in 4 groups of 6: half the groups go, the group size stays 6
+    model = GroupStdNet(how).eval()
+    x = torch.randn(2, 3, 9, 9)
+    _equal_masked(model, x, ratio=0.5)
+    assert model.c1.out_channels == 12 and model.dw.out_channels == 12
+    if how == "attribute":
+        assert model.n1.groups == 2 and model.n2.groups == 2  # not 4 groups of 3
+    assert run(model, x).shape == (2, 5, 7, 7)
+
+
+def test_reshape_group_statistic_with_a_constant_group_count_is_left_whole():
+    # reshape(b, 4, c // 4, ...): the 4 cannot follow, and 4 groups of fewer channels would
+    # mix what the groups hold (a wrong answer, not an error): those channels stay
+    model = GroupStdNet("literal").eval()
+    x = torch.randn(2, 3, 9, 9)
+    report = prune(model, x, ratio=0.5)
+    assert model.c1.out_channels == 24 and model.dw.out_channels == 24
+    assert any("fixed-size" in reason for _, reason in report.skipped), report.skipped
+    assert run(model, x).shape == (2, 5, 7, 7)
+
+
 def test_ignore_names_are_checked():
     model = Zoo().eval()
     x = torch.randn(1, 3, 16, 16)

@@ -195,6 +195,26 @@ def varying_dims(label: torch.Tensor | None) -> list[int]:
     return [d for d in range(label.dim()) if label.shape[d] > 1]
 
 
+def _reshape_blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
+    """The dims of shape ``a`` and of its reshape ``b`` in blocks of equal size, in order:
+    (a dims, b dims) per block; [] for shapes with a zero-size dim or that do not match."""
+    if 0 in a or 0 in b or math.prod(a) != math.prod(b):
+        return []
+    blocks, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        pa, pb, ia, jb = a[i], b[j], [i], [j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                pa, i = pa * a[i], i + 1
+                ia.append(i - 1)
+            else:
+                pb, j = pb * b[j], j + 1
+                jb.append(j - 1)
+        blocks.append((ia, jb))
+    return blocks
+
+
 def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
@@ -374,6 +394,11 @@ class DependencyGraph:
         self.group_norms: list[tuple[str, list[int], int]] = []  # module, channel ids, groups
         self.dim_multiple: dict[tuple[str, int], int] = {}  # widths kept a multiple of this
         self.split_ids: set[int] = set()  # channels whose dim was cut into several (heads)
+        # view/reshape cutting a channel dim into several: module, label, sizes as written
+        self.view_splits: list[tuple[str, torch.Tensor, list]] = []
+        # the group-count dim of such a cut, read from a module attribute that removal updates:
+        # module, label, dim, attribute (timm's EvoNorm: reshape(B, self.groups, C // groups, ..))
+        self.group_splits: list[tuple[str, torch.Tensor, int, str]] = []
         self.param_derived: set[str] = set()  # nodes computed from parameters alone
         # parameter label, activation label it is broadcast against, module
         self.shared_params: list[tuple[torch.Tensor, torch.Tensor, str]] = []
@@ -769,7 +794,33 @@ class DependencyGraph:
                     first if isinstance(first, torch.Tensor) else self.canon(src))):
             # one channel dim cut into several (heads x head dim, groups x channels)
             self.split_ids.update(torch.unique(out[out >= 0]).tolist())
+        if name in ("view", "reshape", "_unsafe_view") and out is not None and \
+                isinstance(src, torch.Tensor):
+            self._note_view_split(where, self.canon(src), tuple(src.shape), out, new_args, kwargs)
         return out
+
+    def _note_view_split(self, where, src_lab, src_shape, out, new_args, kwargs) -> None:
+        """Record a view/reshape that cuts a labelled dim into several (for
+        ``_resolve_view_splits``). Found from the shapes: once a group's channels are one unit,
+        the label no longer varies inside the group, so labels alone do not show the cut."""
+        sizes = new_args[1] if len(new_args) > 1 else kwargs.get("size", kwargs.get("shape"))
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != out.dim() or src_lab is None \
+                or not all(type(z) is int for z in sizes):
+            return
+        true = self._true_sizes(sizes, src_shape)
+        vary_src = set(varying_dims(src_lab))
+        for ins, outs in _reshape_blocks(src_shape, tuple(true)):
+            cut = [d for d in outs if true[d] > 1]
+            if len(cut) >= 2 and vary_src & set(ins):
+                self.view_splits.append((where, out, list(sizes), cut))
+
+    @staticmethod
+    def _true_sizes(sizes, src_shape) -> list[int]:
+        sizes = [int(z) for z in sizes]
+        if -1 in sizes:
+            known = math.prod(z for z in sizes if z != -1)
+            sizes[sizes.index(-1)] = math.prod(src_shape) // known if known else 0
+        return sizes
 
     @staticmethod
     def _slice_piece(name, args, src):
@@ -1411,9 +1462,44 @@ class DependencyGraph:
                 both = (P >= 0) & (A >= 0)
                 self.uf.union_pairs(P[both], A[both])
 
+    GROUP_COUNT_ATTRS = ("groups", "num_groups")
+
+    def _resolve_view_splits(self) -> None:
+        """A channel dim cut by view/reshape into (count, size) with the count written as a
+        number: the traced program holds every size as a constant, but the model's code
+        computes one of them when it runs again. The size written -1 follows the channels; a
+        count that equals a group-count attribute of the module (timm's EvoNorm
+        ``reshape(B, self.groups, C // self.groups, H, W)``) is updated by removal. Any other
+        count, where removal may change it, is a constant of the code: kept fixed. Heads are
+        left to the attention sites, which update the head counts."""
+        head_roots = {self.uf.find(i) for site in self.attention
+                      for i in site.q_head_ids + site.kv_head_ids if i >= 0}
+        for where, lab, sizes, cut in self.view_splits:
+            d = cut[0]  # the outer dim of the cut: the count of groups (or heads)
+            if sizes[d] == -1 or lab.shape[d] == 1:
+                continue
+            roots = self._roots(lab)
+            if bool((roots == roots.narrow(d, 0, 1)).all()):
+                continue  # every unit spans the dim: removal cannot change the count
+            ids = set(torch.unique(roots[roots >= 0]).tolist())
+            if head_roots and ids <= head_roots:
+                continue
+            try:
+                mod = self.model.get_submodule(where) if where else self.model
+            except AttributeError:
+                mod = None
+            attr = next((a for a in self.GROUP_COUNT_ATTRS
+                         if getattr(mod, a, None) == lab.shape[d] and
+                         not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+            if attr is not None and not bool((roots < 0).any()):
+                self.group_splits.append((where, lab, d, attr))
+            else:
+                self.constraints.append((lab, d, where))
+
     def _apply_constraints(self) -> None:
         self._resolve_shared()
         self._resolve_slices()
+        self._resolve_view_splits()
         blocked = {self.uf.find(i) for i in self.blocked}
         for label, dim, where in self.constraints:
             roots = self._roots(label)

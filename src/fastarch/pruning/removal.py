@@ -146,6 +146,7 @@ def remove_units(model: nn.Module, graph: DependencyGraph, roots) -> dict[str, t
     _fix_attention_attrs(model, graph, roots)
     _fix_split_attrs(model, graph, roots)
     _fix_group_norm_attrs(model, graph, roots)
+    _fix_group_split_attrs(model, graph, roots)
     return changed
 
 
@@ -276,3 +277,17 @@ def _fix_group_norm_attrs(model: nn.Module, graph: DependencyGraph, roots) -> No
         if kept != len(ids):
             mod.num_groups = kept // per
             mod.num_channels = kept
+
+
+def _fix_group_split_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
+    """A reshape into (groups, channels per group) whose group count the module reads from an
+    attribute (the graph's ``group_splits``): whole groups go, the count follows."""
+    find = graph.uf.find
+    removed = {find(r) for r in roots}
+    for where, label, dim, attr in graph.group_splits:
+        mod = model.get_submodule(where) if where else model
+        old = label.shape[dim]
+        first = label.movedim(dim, 0).reshape(old, -1)[:, 0].tolist()
+        new = sum(1 for i in first if find(i) not in removed)
+        if new != old and getattr(mod, attr, None) == old:
+            setattr(mod, attr, new)
