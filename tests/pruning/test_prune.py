@@ -439,6 +439,17 @@ def test_reshape_group_statistic_with_a_constant_group_count_is_left_whole():
     assert run(model, x).shape == (2, 5, 7, 7)
 
 
+def test_channel_shuffle_halves_still_prune():
+    # channel_shuffle(x, 2) is view(b, 2, c // 2, h, w) with the 2 written in the code; each
+    # half holds many units, which go from both halves alike, so the 2 never changes
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.shufflenet_v2_x0_5(weights=None).eval()
+    _equal_masked(model, torch.randn(1, 3, 64, 64), ratio=0.3)
+    # a block's branch output is one half of the next shuffle (24 and 96 channels unpruned)
+    assert model.stage2[1].branch2[5].out_channels < 24
+    assert model.stage4[1].branch2[5].out_channels < 96
+
+
 def test_ignore_names_are_checked():
     model = Zoo().eval()
     x = torch.randn(1, 3, 16, 16)

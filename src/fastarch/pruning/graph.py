@@ -1470,8 +1470,9 @@ class DependencyGraph:
         computes one of them when it runs again. The size written -1 follows the channels; a
         count that equals a group-count attribute of the module (timm's EvoNorm
         ``reshape(B, self.groups, C // self.groups, H, W)``) is updated by removal. Any other
-        count, where removal may change it, is a constant of the code: kept fixed. Heads are
-        left to the attention sites, which update the head counts."""
+        count, where removal may change it (a slice along it is one unit, removed whole), is a
+        constant of the code: kept fixed. Heads are left to the attention sites, which update
+        the head counts."""
         head_roots = {self.uf.find(i) for site in self.attention
                       for i in site.q_head_ids + site.kv_head_ids if i >= 0}
         for where, lab, sizes, cut in self.view_splits:
@@ -1481,6 +1482,15 @@ class DependencyGraph:
             roots = self._roots(lab)
             if bool((roots == roots.narrow(d, 0, 1)).all()):
                 continue  # every unit spans the dim: removal cannot change the count
+            part = roots
+            for k in range(roots.dim()):
+                if k not in cut:
+                    part = part.narrow(k, 0, 1)
+            rows = part.movedim(d, 0).reshape(part.shape[d], -1)
+            if not any(bool((r == r[0]).all()) for r in rows):
+                # several units in every slice (ShuffleNet's halves): units go from the slices
+                # alike or the view fails its check run; no slice goes whole, so the count stays
+                continue
             ids = set(torch.unique(roots[roots >= 0]).tolist())
             if head_roots and ids <= head_roots:
                 continue
