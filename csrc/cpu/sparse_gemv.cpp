@@ -1127,10 +1127,44 @@ bool cpu_has_bf16_dot() {
 }
 #endif
 
-bool use_dense_product(at::ScalarType dt, int64_t B, double density) {
+// AVX512-FP16 (CPUID.7.0:EDX[23]): oneDNN then has a native fp16 GEMM, also for the (in, out)
+// layout we keep; without it at::mm on fp16 is 0.02-0.07x of F.linear (above).
+bool cpu_has_avx512fp16() {
+#if defined(__x86_64__) && defined(__linux__)
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 23) & 1u);
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Batches above 32 whose union is nearly everything, where oneDNN has a native GEMM for the
+// (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with AMX tiles for
+// weights at least as wide as they are tall. 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2
+// cores of a shared VM, `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 32,64` with
+// this switch off (FASTARCH_GEMV_DENSE_BATCH_ABOVE=100000) and on, alternated 3 times, medians
+// as ratios to F.linear over 14336x4096 / 4096x14336 / 8192x2048 / 2048x8192 / 4096x4096, s = 0
+// and 0.5: fp16 batch 64 0.66-0.83x -> 0.76-0.94x on every shape; bf16 batch 64 0.88-1.15x ->
+// 0.96-1.22x where out >= in, but 0.70-0.82x -> 0.60-0.73x on the two down projections (in >
+// out), which stay on the kernel. Batch 32 (the kernel in both runs) moved by up to 0.07: the
+// noise of this host. An earlier pass over batches 8-128 had at::mm behind the kernel at 8-16.
+bool dense_wide_batches(at::ScalarType dt, int64_t in, int64_t out) {
+#if defined(FASTARCH_AMX)
+  if (dt == at::kBFloat16) return out >= in && amx_usable();
+#endif
+  (void)in;
+  (void)out;
+  return dt == at::kHalf && cpu_has_avx512fp16();
+}
+
+bool use_dense_product(at::ScalarType dt, int64_t B, double density, int64_t in, int64_t out) {
   if (B > dense_batch_above(dt) || density > dense_above(dt)) return true;
   static const bool overridden = std::getenv("FASTARCH_GEMV_DENSE_ABOVE") != nullptr ||
                                  std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE") != nullptr;
+  if (!overridden && B > 32 && density > 0.8 && dense_wide_batches(dt, in, out)) return true;
 #if defined(FASTARCH_BF16_DOT)
   // bf16-dot kernel (6-row packed tiles) vs at::mm on the stored layout, as ratios to F.linear
   // (Zen 4, 2026-12-02, s=0, 14336x4096 and 4096x14336, interleaved in one process): batch 16
@@ -1165,7 +1199,7 @@ at::Tensor sparse_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_t,
       active_columns(xp, B, in, [t](float v) { return std::fabs(v) > t; });
   const int64_t K = static_cast<int64_t>(rows.size());
   const double density = in > 0 ? double(K) / double(in) : 0.0;
-  if (use_dense_product(x.scalar_type(), B, density)) {
+  if (use_dense_product(x.scalar_type(), B, density, in, out)) {
     // compare in fp32 like the spec: a half-precision comparison would round the threshold
     at::Tensor xm = at::where(xf.abs() > threshold, x, at::zeros({}, x.options()));
     at::Tensor y = at::mm(xm, w_t);
