@@ -828,6 +828,12 @@ class DependencyGraph:
             sizes[sizes.index(-1)] = math.prod(src_shape) // known if known else 0
         return sizes
 
+    def _attention_head_roots(self) -> set[int]:
+        """Roots of every query and K/V head unit of the attention sites (whose head counts
+        removal updates)."""
+        return {self.uf.find(i) for site in self.attention
+                for i in site.q_head_ids + site.kv_head_ids if i >= 0}
+
     @staticmethod
     def _slice_piece(name, args, src):
         """(start, end) of a step-1 constant slice of a node, else None."""
@@ -854,8 +860,7 @@ class DependencyGraph:
         by_src: dict = {}
         for src, d, start, end, lab, where in self.slices:
             by_src.setdefault((src, d), []).append((start, end, lab, where))
-        head_roots = {self.uf.find(i) for site in self.attention for i in site.q_head_ids + site.kv_head_ids
-                      if i >= 0}
+        head_roots = self._attention_head_roots()
         # only inside an attention module, whose head counts removal updates (the bounds are
         # computed from them); a tiling elsewhere could have literal bounds
         site_modules = {site.module for site in self.attention}
@@ -1479,8 +1484,7 @@ class DependencyGraph:
         count, where removal may change it (a slice along it is one unit, removed whole), is a
         constant of the code: kept fixed. Heads are left to the attention sites, which update
         the head counts."""
-        head_roots = {self.uf.find(i) for site in self.attention
-                      for i in site.q_head_ids + site.kv_head_ids if i >= 0}
+        head_roots = self._attention_head_roots()
         for where, lab, sizes, cut in self.view_splits:
             d = cut[0]  # the outer dim of the cut: the count of groups (or heads)
             if sizes[d] == -1 or lab.shape[d] == 1:

@@ -259,10 +259,15 @@ def _fix_split_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
         old = label.shape[dim] if label.dim() > dim else 1
         if old <= 1:
             continue
-        flat = label.movedim(dim, 0).reshape(old, -1)[:, 0].tolist()
-        new = sum(1 for i in flat if i < 0 or find(i) not in removed)
+        new = _kept_along(label, dim, find, removed)
         if new != old:
             _set_matching(mod, WIDTH_ATTRS + ("embed_dim",), old, new)
+
+
+def _kept_along(label, dim: int, find, removed: set) -> int:
+    """How many positions along ``dim`` of a label stay (read at index 0 of the other dims)."""
+    flat = label.movedim(dim, 0).reshape(label.shape[dim], -1)[:, 0].tolist()
+    return sum(1 for i in flat if i < 0 or find(i) not in removed)
 
 
 def _fix_group_norm_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
@@ -287,7 +292,6 @@ def _fix_group_split_attrs(model: nn.Module, graph: DependencyGraph, roots) -> N
     for where, label, dim, attr in graph.group_splits:
         mod = model.get_submodule(where) if where else model
         old = label.shape[dim]
-        first = label.movedim(dim, 0).reshape(old, -1)[:, 0].tolist()
-        new = sum(1 for i in first if find(i) not in removed)
+        new = _kept_along(label, dim, find, removed)  # (the graph records no unlabelled slice)
         if new != old and getattr(mod, attr, None) == old:
             setattr(mod, attr, new)
