@@ -1144,13 +1144,14 @@ bool cpu_has_avx512fp16() {
 // Batches above 32 whose union is nearly everything, where oneDNN has a native GEMM for the
 // (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with AMX tiles for
 // weights at least as wide as they are tall. 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2
-// cores of a shared VM, `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 32,64` with
-// this switch off (FASTARCH_GEMV_DENSE_BATCH_ABOVE=100000) and on, alternated 3 times, medians
-// as ratios to F.linear over 14336x4096 / 4096x14336 / 8192x2048 / 2048x8192 / 4096x4096, s = 0
-// and 0.5: fp16 batch 64 0.66-0.83x -> 0.76-0.94x on every shape; bf16 batch 64 0.88-1.15x ->
-// 0.96-1.22x where out >= in, but 0.70-0.82x -> 0.60-0.73x on the two down projections (in >
-// out), which stay on the kernel. Batch 32 (the kernel in both runs) moved by up to 0.07: the
-// noise of this host. An earlier pass over batches 8-128 had at::mm behind the kernel at 8-16.
+// cores of a shared VM, `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 64` with this
+// switch off (FASTARCH_GEMV_DENSE_BATCH_ABOVE=100000) and on, alternated 3 times, medians as
+// ratios to F.linear over 14336x4096 / 4096x14336 / 8192x2048 / 2048x8192 / 4096x4096, s = 0
+// and 0.5: fp16 0.66-0.86x -> 0.76-0.91x on every shape; bf16 where out >= in 0.89-1.04x ->
+// 0.83-1.12x (bench/RESULTS.md). A first A/B (batches 32 and 64, every bf16 shape on at::mm)
+// had the two down projections (in > out) at 0.70-0.82x -> 0.60-0.73x: they stay on the
+// kernel. Batch 32 (the kernel in both runs) moved by up to 0.07 there: the noise of this host.
+// An earlier pass over batches 8-128 had at::mm behind the kernel at 8-16.
 bool dense_wide_batches(at::ScalarType dt, int64_t in, int64_t out) {
 #if defined(FASTARCH_AMX)
   if (dt == at::kBFloat16) return out >= in && amx_usable();
