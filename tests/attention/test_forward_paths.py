@@ -113,12 +113,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for scale, cap in ((None, 0.0), (1.0, 0.0), (None, 20.0)):
                     out, lse = block_sparse_attention(q, k, v, bm, scale=scale, softcap=cap,
                                                       return_lse=True)
+                    # float64 reference: an fp32 one (MKL's sgemm) varies between runs with
+                    # its buffers' alignment, by more than this tolerance at times
                     ref, ref_lse = block_sparse_attention_reference(
-                        q, k, v, *bm.op_args(), None, None, block, bm.q_offset, bm.window_left,
-                        bm.window_right, bm.prefix_len, scale or 1 / math.sqrt(d), cap)
+                        q.double(), k.double(), v.double(), *bm.op_args(), None, None, block,
+                        bm.q_offset, bm.window_left, bm.window_right, bm.prefix_len,
+                        scale or 1 / math.sqrt(d), cap)
                     t = tol[dtype]
-                    torch.testing.assert_close(out.float(), ref.float(), atol=t, rtol=t)
-                    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+                    torch.testing.assert_close(out.double(), ref, atol=t, rtol=t)
+                    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 print("ok")
 """
 

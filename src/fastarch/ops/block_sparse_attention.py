@@ -178,20 +178,22 @@ def block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, full_kv
                          tile_masks, tile_mask_index, q_doc_ids, kv_doc_ids, block_size, q_offset,
                          window_left, window_right, prefix_len)
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    # fp32 (float64 inputs stay float64: a tighter reference for tests of the fp32 kernels)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = k.to(work).repeat_interleave(group, dim=1)
+    vf = v.to(work).repeat_interleave(group, dim=1)
+    s = (q.to(work) @ kf.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         rel = (torch.arange(lk, device=q.device).view(1, -1)
                - torch.arange(lq, device=q.device).view(-1, 1) - q_offset)
-        s = s + alibi_slopes.float().view(-1, 1, 1) * rel
+        s = s + alibi_slopes.to(work).view(-1, 1, 1) * rel
     if rel_bias is not None:
         r = rel_bias.shape[1] // 2
         dist = (torch.arange(lk, device=q.device).view(1, -1)
                 - torch.arange(lq, device=q.device).view(-1, 1) - q_offset)
-        s = s + rel_bias.float()[:, dist.clamp(-r, r) + r]
+        s = s + rel_bias.to(work)[:, dist.clamp(-r, r) + r]
     s = s.masked_fill(~allowed, float("-inf"))
     seen = allowed.any(-1, keepdim=True)
     lse = torch.logsumexp(torch.where(seen, s, 0.0), dim=-1, keepdim=True)
