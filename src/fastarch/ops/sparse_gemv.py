@@ -14,7 +14,9 @@ Ops (``torch.ops.fastarch.*``; the wrappers below add shape handling and checks)
   and the down column ``w_out_t[j]`` are read, for the others nothing.
 
 Backends: C++ on CPU; on CUDA the Triton kernel (default) or the CUDA kernel
-(``FASTARCH_GEMV_CUDA_BACKEND=cuda``); the references below are the spec.
+(``FASTARCH_GEMV_CUDA_BACKEND=cuda``), with more than ``GPU_DENSE_ABOVE`` rows of x handed to
+cuBLAS on the masked x (``sparse_gemv``, ``sparse_gemv_index``); the references below are the
+spec.
 """
 from __future__ import annotations
 
@@ -151,7 +153,25 @@ def _gpu_backends() -> list[str]:
     return out
 
 
+# Above this many rows a GPU product goes to cuBLAS (on the masked x): the kernels read the
+# weight tile once per 16 rows, cuBLAS once per much larger tile. Not yet measured on a GPU: 16
+# is the kernel's row tile, beyond which it reads the weight twice; bench/bench_gpu.py's
+# "by batch" table measures the crossover. FASTARCH_GEMV_GPU_DENSE_ABOVE overrides it.
+GPU_DENSE_ABOVE = 16
+
+
+def _gpu_dense_above() -> int:
+    env = os.environ.get("FASTARCH_GEMV_GPU_DENSE_ABOVE")
+    return int(env) if env else GPU_DENSE_ABOVE
+
+
+def _dense_product(xm, w_t, bias):
+    return torch.mm(xm, w_t) if bias is None else torch.addmm(bias, xm, w_t)
+
+
 def _sparse_gemv_cuda(x, w_t, bias, threshold):
+    if x.shape[0] > _gpu_dense_above():
+        return _dense_product(torch.where(x.abs() > threshold, x, torch.zeros_like(x)), w_t, bias)
     backend = _cuda_backend()
     if backend == "triton":
         from fastarch.kernels import sparse_gemv as k
@@ -163,6 +183,10 @@ def _sparse_gemv_cuda(x, w_t, bias, threshold):
 
 
 def _sparse_gemv_index_cuda(x, w_t, bias, index):
+    if x.shape[0] > _gpu_dense_above():
+        # index_add: a channel listed twice counts twice, as in the reference
+        xm = torch.zeros_like(x).index_add_(1, index, x.index_select(1, index))
+        return _dense_product(xm, w_t, bias)
     backend = _cuda_backend()
     if backend == "triton":
         from fastarch.kernels import sparse_gemv as k
