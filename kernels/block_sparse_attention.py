@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 
 @triton.jit
@@ -149,6 +150,41 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
     tl.store(LSE + bh * Lq + rows, lse, mask=rvalid)
 
 
+# Launch options of the two kernels. An entry set here replaces the rule in _launch_opts
+# (bench/bench_gpu.py sweeps them on a GPU); None leaves it to the rule.
+FWD_TUNE: dict = {"num_warps": None, "num_stages": None}
+BWD_TUNE: dict = {"num_warps": None, "num_stages": None}
+
+
+def _launch_opts(tune, block, block_d):
+    """num_warps / num_stages: 8 warps once a tile's fp32 scores and accumulator would not fit
+    4 warps' registers (128 x 128 tiles at D = 128), else 4; three K/V stages, fewer where they
+    do not fit in shared memory (see _launch)."""
+    return {"num_warps": tune["num_warps"] or (8 if block * block_d >= 128 * 128 else 4),
+            "num_stages": tune["num_stages"] or 3}
+
+
+_STAGES_THAT_FIT: dict = {}  # (kernel, its specialisation) -> the num_stages that compiled
+
+
+def _launch(kernel, grid, args, consts, opts):
+    """Launch, retrying with fewer pipeline stages when a configuration needs more shared
+    memory than the GPU has (128 x 128 tiles of the backward, say); the stages that fit are
+    remembered per specialisation, so the retry happens once."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), opts["num_warps"],
+           tuple(sorted(consts.items())), tuple(str(a.dtype) for a in args[:3]))
+    stages = _STAGES_THAT_FIT.get(key, opts["num_stages"])
+    while True:
+        try:
+            kernel[grid](*args, **consts, num_warps=opts["num_warps"], num_stages=stages)
+            _STAGES_THAT_FIT[key] = stages
+            return
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+
+
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
                            full_kv_indices, tile_masks, tile_mask_index, q_doc_ids, kv_doc_ids,
                            alibi_slopes, rel_bias, block_size, q_offset, window_left,
@@ -188,18 +224,21 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     has_rel = rel_bias is not None
     rel = rel_bias.float().contiguous() if has_rel else lse
     rel_r = rel_bias.shape[1] // 2 if has_rel else 0
-    _bsa_fwd[grid](
+    block_d = max(16, triton.next_power_of_2(d))
+    args = (
         q, k, v, out, lse, num, idx, fnum, fidx, tm, tmi, qd, kd, al, rel, rel_r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, lq, lk, d, num.shape[0], num.shape[1], qt, idx.shape[-1],
         fidx.shape[-1], bd, q_offset, window_left, window_right, prefix_len, float(scale),
         float(softcap),
+    )
+    consts = dict(
         HAS_FULL=has_full, HAS_TM=has_tm, HAS_DOC=has_doc, HAS_ALIBI=has_alibi,
         HAS_SOFTCAP=softcap > 0, HAS_REL=has_rel, IEEE=q.dtype == torch.float32, UPCAST=upcast,
-        BLOCK=block_size,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK=block_size, BLOCK_D=block_d,
     )
+    _launch(_bsa_fwd, grid, args, consts, _launch_opts(FWD_TUNE, block_size, block_d))
     return out, lse
 
 
@@ -209,16 +248,21 @@ def _bwd_tile(dq, q, do, lse, di, kt, rows, dcols, K, V, DK, DV, kbase, vbase, d
               svl, Lk, D, q_offset, wl, wr, prefix, scale, softcap, slope, qd, KDOC, kdoc_base,
               tmi, TM, REL, relbase, rel_r, PARTIAL: tl.constexpr, HAS_DOC: tl.constexpr,
               HAS_TM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_REL: tl.constexpr, BLOCK: tl.constexpr):
+              HAS_REL: tl.constexpr, LOWP: tl.constexpr, BLOCK: tl.constexpr):
+    # LOWP: q, k, v, do stay bf16 / fp16 and P, dS are rounded to it for the tensor-core dots
+    # (fp32 accumulation), as flash-attention does; otherwise every dot in fp32
     cols = kt * BLOCK + tl.arange(0, BLOCK)
     cvalid = cols < Lk
     dmask = dcols < D
     kv_mask = cvalid[:, None] & dmask[None, :]
-    k = tl.load(K + kbase + cols[:, None] * skl + dcols[None, :], mask=kv_mask,
-                other=0.0).to(tl.float32)
-    v = tl.load(V + vbase + cols[:, None] * svl + dcols[None, :], mask=kv_mask,
-                other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    k = tl.load(K + kbase + cols[:, None] * skl + dcols[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + vbase + cols[:, None] * svl + dcols[None, :], mask=kv_mask, other=0.0)
+    if LOWP:
+        s = tl.dot(q, tl.trans(k)) * scale
+    else:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     th = s
     if HAS_SOFTCAP:
         th = 2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0
@@ -244,13 +288,21 @@ def _bwd_tile(dq, q, do, lse, di, kt, rows, dcols, K, V, DK, DV, kbase, vbase, d
             ok = ok & (bits != 0)
     seen = lse > float("-inf")
     p = tl.where(ok & seen[:, None], tl.exp(s - tl.where(seen, lse, 0.0)[:, None]), 0.0)
-    dv = tl.dot(tl.trans(p), do, input_precision="ieee")
-    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    if LOWP:
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+    else:
+        dv = tl.dot(tl.trans(p), do, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
     ds = p * (dp - di[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - th * th)
-    dq += tl.dot(ds, k, input_precision="ieee") * scale
-    dk = tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
+    if LOWP:
+        dq += tl.dot(ds.to(k.dtype), k) * scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+    else:
+        dq += tl.dot(ds, k, input_precision="ieee") * scale
+        dk = tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
     off = dkvbase + cols[:, None] * D + dcols[None, :]
     tl.atomic_add(DV + off, dv, mask=kv_mask)
     tl.atomic_add(DK + off, dk, mask=kv_mask)
@@ -265,7 +317,7 @@ def _bsa_bwd(Q, K, V, DO, LSE, DI, DQ, DK, DV, NUM, IDX, FNUM, FIDX, TM, TMI, QD
              q_offset, wl, wr, prefix, scale, softcap,
              HAS_FULL: tl.constexpr, HAS_TM: tl.constexpr, HAS_DOC: tl.constexpr,
              HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REL: tl.constexpr,
-             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+             LOWP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -277,10 +329,12 @@ def _bsa_bwd(Q, K, V, DO, LSE, DI, DQ, DK, DV, NUM, IDX, FNUM, FIDX, TM, TMI, QD
     dmask = dcols < D
     qmask = rvalid[:, None] & dmask[None, :]
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dcols[None, :], mask=qmask,
-                other=0.0).to(tl.float32)
+                other=0.0)
     # grad_out, lse and Di are contiguous (B, Hq, Lq[, D])
-    do = tl.load(DO + (bh * Lq + rows[:, None]) * D + dcols[None, :], mask=qmask,
-                 other=0.0).to(tl.float32)
+    do = tl.load(DO + (bh * Lq + rows[:, None]) * D + dcols[None, :], mask=qmask, other=0.0)
+    if not LOWP:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     lse = tl.load(LSE + bh * Lq + rows, mask=rvalid, other=float("-inf"))
     di = tl.load(DI + bh * Lq + rows, mask=rvalid, other=0.0)
     kbase = b * skb + hk * skh
@@ -304,7 +358,8 @@ def _bsa_bwd(Q, K, V, DO, LSE, DI, DQ, DK, DV, NUM, IDX, FNUM, FIDX, TM, TMI, QD
             dq = _bwd_tile(dq, q, do, lse, di, kt, rows, dcols, K, V, DK, DV, kbase, vbase,
                            dkvbase, skl, svl, Lk, D, q_offset, wl, wr, prefix, scale, softcap,
                            slope, qd, KDOC, bd * Lk, -1, TM, REL, h * (2 * rel_r + 1), rel_r,
-                           False, HAS_DOC, HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, BLOCK)
+                           False, HAS_DOC, HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, LOWP,
+                           BLOCK)
     npart = tl.load(NUM + row)
     for j in range(npart):
         kt = tl.load(IDX + row * W + j)
@@ -314,7 +369,7 @@ def _bsa_bwd(Q, K, V, DO, LSE, DI, DQ, DK, DV, NUM, IDX, FNUM, FIDX, TM, TMI, QD
         dq = _bwd_tile(dq, q, do, lse, di, kt, rows, dcols, K, V, DK, DV, kbase, vbase, dkvbase,
                        skl, svl, Lk, D, q_offset, wl, wr, prefix, scale, softcap, slope, qd,
                        KDOC, bd * Lk, tmi, TM, REL, h * (2 * rel_r + 1), rel_r, True, HAS_DOC,
-                       HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, BLOCK)
+                       HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, LOWP, BLOCK)
     tl.store(DQ + (bh * Lq + rows[:, None]) * D + dcols[None, :], dq, mask=qmask)
 
 
@@ -358,15 +413,23 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse, kv_nu
         has_rel = rel_bias is not None
         rel = rel_bias.float().contiguous() if has_rel else dq
         rel_r = rel_bias.shape[1] // 2 if has_rel else 0
-        _bsa_bwd[(qt, bsz * hq)](
+        block_d = max(16, triton.next_power_of_2(d))
+        # tensor-core dots for bf16 / fp16 (the interpreter's bf16 dots are wrong: fp32 there)
+        lowp = q.dtype == torch.float16 or (
+            q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") != "1")
+        args = (
             q, k, v, go, lse, di, dq, dk, dv, num, idx, fnum, fidx, tm, tmi, qd, kd, al, rel, rel_r,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             hq, hkv, hq // hkv, lq, lk, d, num.shape[0], num.shape[1], qt, idx.shape[-1],
             fidx.shape[-1], qd.shape[0] if has_doc else 1, q_offset, window_left, window_right,
             prefix_len, float(scale), float(softcap),
-            HAS_FULL=has_full, HAS_TM=has_tm, HAS_DOC=has_doc, HAS_ALIBI=has_alibi,
-            HAS_SOFTCAP=softcap > 0, HAS_REL=has_rel, BLOCK=block_size,
-            BLOCK_D=max(16, triton.next_power_of_2(d)),
         )
+        consts = dict(
+            HAS_FULL=has_full, HAS_TM=has_tm, HAS_DOC=has_doc, HAS_ALIBI=has_alibi,
+            HAS_SOFTCAP=softcap > 0, HAS_REL=has_rel, LOWP=lowp, BLOCK=block_size,
+            BLOCK_D=block_d,
+        )
+        _launch(_bsa_bwd, (qt, bsz * hq), args, consts,
+                _launch_opts(BWD_TUNE, block_size, block_d))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
