@@ -1,12 +1,13 @@
 """Build fastarch._C.
 
-The CPU sources in csrc/ (ops.cpp and csrc/cpu/*.cpp) are always compiled. The CUDA sources
+The CPU sources in csrc/ (ops.cpp and csrc/cpu/*.cpp) are compiled unless FASTARCH_CPU=0. The CUDA sources
 (csrc/cuda/*.cu) are added when FASTARCH_CUDA allows it:
 
   FASTARCH_CUDA=auto (default)  build CUDA when nvcc is found and torch is a CUDA build
   FASTARCH_CUDA=1               require it (fail if nvcc or a CUDA torch is missing)
   FASTARCH_CUDA=0               CPU only
   FASTARCH_CPP=0                no native extension at all (ops fall back to their references)
+  FASTARCH_CPU=0                no CPU kernels (the CUDA ones alone; CPU ops use the references)
   FASTARCH_CPU_ARCH=native      -march value for the CPU kernels ("" to leave the default)
   TORCH_CUDA_ARCH_LIST          defaults to "8.0;9.0" (A100 and H100/H200)
   MAX_JOBS                      parallel compile jobs (ninja)
@@ -92,9 +93,13 @@ def _extensions():
         with_cuda = have_nvcc and have_cuda_torch
 
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
-    sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    # FASTARCH_CPU=0 leaves the CPU kernels out (their ops then run the reference on CPU): a
+    # build of the CUDA kernels alone, e.g. against another torch on a GPU machine
+    with_cpu = os.environ.get("FASTARCH_CPU", "1").lower() not in ("0", "false", "off")
+    if with_cpu:
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     march = os.environ.get("FASTARCH_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", "-DFASTARCH_WITH_CPU"]
+    cxx = ["-O3", "-fopenmp"] + (["-DFASTARCH_WITH_CPU"] if with_cpu else [])
     if march:
         cxx.append(f"-march={march}")
     extra = {"cxx": cxx}

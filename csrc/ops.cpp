@@ -51,11 +51,13 @@ TORCH_LIBRARY(fastarch, m) {
   m.def("nm_linear(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor");
 }
 
+#ifdef FASTARCH_WITH_CPU
 namespace fastarch {
 std::string cpu_gemv_paths();  // csrc/cpu/sparse_gemv.cpp
 std::string cpu_attention_paths();  // csrc/cpu/block_sparse_attention.cpp
 bool cpu_attention_amx();
 }
+#endif
 
 namespace {
 bool cuda_built() {
@@ -79,6 +81,7 @@ PYBIND11_MODULE(_C, m) {
     return std::string("default");
 #endif
   });
+#ifdef FASTARCH_WITH_CPU  // (FASTARCH_CPU=0 builds the CUDA kernels alone)
   m.def("cpu_gemv_paths", &fastarch::cpu_gemv_paths,
         "the bf16 batch kernels of sparse_gemv usable here (bf16-dot, amx or widening)");
   m.def("cpu_attention_paths", &fastarch::cpu_attention_paths,
@@ -86,6 +89,7 @@ PYBIND11_MODULE(_C, m) {
         "fp32: brgemm / avx2 / mkl)");
   m.def("cpu_attention_amx", &fastarch::cpu_attention_amx,
         "whether the CPU attention prefill runs bf16 tiles on AMX here");
+#endif
 #ifdef FASTARCH_WITH_CUDA
   // CUDA kernels are bound here; the dispatcher's CUDA entry is a Python chooser between these
   // and the Triton kernels (fastarch/ops/<family>.py).

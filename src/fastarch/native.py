@@ -59,7 +59,7 @@ def cpu_capability() -> str:
 def cpu_gemv_paths() -> str:
     """The bf16 batch kernels of sparse_gemv this build runs on this CPU: "bf16-dot"
     (AVX512-BF16), "amx" (AMX tiles, from 8 rows), both, or "widening" (fp32 FMAs)."""
-    return _C.cpu_gemv_paths() if _C is not None else "none"
+    return _C.cpu_gemv_paths() if _C is not None and hasattr(_C, "cpu_gemv_paths") else "none"
 
 
 def cpu_attention_paths() -> str:
