@@ -455,18 +455,22 @@ def sec_attn(dev, smoke):
         k, v = (torch.randn(bsz, hkv, lk, D, device=dev, dtype=dtype) for _ in range(2))
         bm = create_block_mask(causal(), q_len=1, kv_len=lk, q_offset=lk - 1, device=dev)
         kx, vx = (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
-        with torch.no_grad():
-            out = fastarch.block_sparse_attention(q, k, v, bm)
-            ref = F.scaled_dot_product_attention(q.float(), kx.float(), vx.float())
-            check(f"decode Lk{lk}", out, ref, dtype, fails)
-            ms = timer.run({"ours": lambda j: fastarch.block_sparse_attention(q, k, v, bm),
-                            "sdpa": lambda j: F.scaled_dot_product_attention(q, kx, vx)})
-        gb = 2 * k.numel() * k.element_size() / 1e9
-        drows.append([lk, f"{ms['ours'] * 1e3:.1f}", f"{ms['sdpa'] * 1e3:.1f}",
-                      f"{ms['sdpa'] / ms['ours']:.2f}x", f"{gb / ms['ours'] * 1e3 / 1e3:.2f}"])
-    emit(f"decode (Lq = 1, B={4 if not smoke else 1}, GQA 32/8, D={D}): ours vs SDPA on the "
-         "expanded cache")
-    table(["Lk", "ours us", "SDPA us", "ratio", "ours K+V TB/s"], drows)
+        for split in ([None, 2] if smoke else [None, 1, 4, 8, 16]):
+            kb.FWD_TUNE["split"] = split
+            with torch.no_grad():
+                out = fastarch.block_sparse_attention(q, k, v, bm)
+                ref = F.scaled_dot_product_attention(q.float(), kx.float(), vx.float())
+                check(f"decode Lk{lk} split{split}", out, ref, dtype, fails)
+                ms = timer.run({"ours": lambda j: fastarch.block_sparse_attention(q, k, v, bm),
+                                "sdpa": lambda j: F.scaled_dot_product_attention(q, kx, vx)})
+            gb = 2 * k.numel() * k.element_size() / 1e9
+            drows.append([lk, split or f"default ({kb._decode_splits(1, bsz * hq, -(-lk // 64), dev)})",
+                          f"{ms['ours'] * 1e3:.1f}", f"{ms['sdpa'] * 1e3:.1f}",
+                          f"{ms['sdpa'] / ms['ours']:.2f}x", f"{gb / ms['ours']:.2f}"])
+        kb.FWD_TUNE["split"] = None
+    emit(f"decode (Lq = 1, B={4 if not smoke else 1}, GQA 32/8, D={D}): ours (key splits) vs "
+         "SDPA on the expanded cache")
+    table(["Lk", "splits", "ours us", "SDPA us", "ratio", "ours K+V TB/s"], drows)
 
     emit("forward + backward, dense causal: ours vs SDPA flash (ratio = SDPA / ours)")
     table(["S", "block", "ours ms", "SDPA flash ms", "ratio"], rows_out)

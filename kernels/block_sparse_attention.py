@@ -88,15 +88,19 @@ def _tile(acc, m_i, l_i, q, kt, rows, dcols, K, V, kbase, vbase, skl, svl, Lk, D
 
 @triton.jit
 def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, REL, rel_r,
+             PACC, PM, PL, n_split,
              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
              Hq, GROUP, Lq, Lk, D, Bm, Hm, Qt, W, Wf, Bd,
              q_offset, wl, wr, prefix, scale, softcap,
              HAS_FULL: tl.constexpr, HAS_TM: tl.constexpr, HAS_DOC: tl.constexpr,
              HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REL: tl.constexpr,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+             IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
              BLOCK_D: tl.constexpr):
+    # SPLIT (decode): program (query tile, b * h, split) walks split's share of each tile list
+    # and leaves its unnormalised (acc, m, l) in PACC / PM / PL for _merge_splits
     qt = tl.program_id(0)
     bh = tl.program_id(1)
+    sp = tl.program_id(2)
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
@@ -125,7 +129,12 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
     acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     if HAS_FULL:
         nf = tl.load(FNUM + row)
-        for j in range(nf):
+        f_lo = 0
+        f_hi = nf
+        if SPLIT:
+            f_lo = sp * nf // n_split
+            f_hi = (sp + 1) * nf // n_split
+        for j in range(f_lo, f_hi):
             kt = tl.load(FIDX + row * Wf + j)
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, kt, rows, dcols, K, V, kbase, vbase, skl,
                                   svl, Lk, D, q_offset, wl, wr, prefix, scale, softcap, slope,
@@ -133,7 +142,12 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
                                   False, HAS_DOC, HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, IEEE,
                                   UPCAST, BLOCK)
     npart = tl.load(NUM + row)
-    for j in range(npart):
+    p_lo = 0
+    p_hi = npart
+    if SPLIT:
+        p_lo = sp * npart // n_split
+        p_hi = (sp + 1) * npart // n_split
+    for j in range(p_lo, p_hi):
         kt = tl.load(IDX + row * W + j)
         tmi = -1
         if HAS_TM:
@@ -142,17 +156,24 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
                               Lk, D, q_offset, wl, wr, prefix, scale, softcap, slope, qd, KDOC,
                               bd * Lk, tmi, TM, REL, h * (2 * rel_r + 1), rel_r, True, HAS_DOC,
                               HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, IEEE, UPCAST, BLOCK)
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + h * soh + rows[:, None] * sol + dcols[None, :],
-             out.to(O.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + bh * Lq + rows, lse, mask=rvalid)
+    if SPLIT:
+        base = (bh * n_split + sp) * Lq
+        tl.store(PACC + (base + rows[:, None]) * D + dcols[None, :], acc,
+                 mask=rvalid[:, None] & dmask[None, :])
+        tl.store(PM + base + rows, m_i, mask=rvalid)
+        tl.store(PL + base + rows, l_i, mask=rvalid)
+    else:
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(O + b * sob + h * soh + rows[:, None] * sol + dcols[None, :],
+                 out.to(O.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + bh * Lq + rows, lse, mask=rvalid)
 
 
 # Launch options of the two kernels. An entry set here replaces the rule in _launch_opts
 # (bench/bench_gpu.py sweeps them on a GPU); None leaves it to the rule.
-FWD_TUNE: dict = {"num_warps": None, "num_stages": None}
+FWD_TUNE: dict = {"num_warps": None, "num_stages": None, "split": None}
 BWD_TUNE: dict = {"num_warps": None, "num_stages": None}
 
 
@@ -225,8 +246,17 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     rel = rel_bias.float().contiguous() if has_rel else lse
     rel_r = rel_bias.shape[1] // 2 if has_rel else 0
     block_d = max(16, triton.next_power_of_2(d))
+    n_split = _decode_splits(lq, qt * bsz * hq, -(-lk // block_size), q.device)
+    if n_split > 1:
+        pacc = torch.empty((bsz * hq, n_split, lq, d), dtype=torch.float32, device=q.device)
+        pm = torch.empty((bsz * hq, n_split, lq), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        grid = (qt, bsz * hq, n_split)
+    else:
+        pacc = pm = pl = lse
     args = (
         q, k, v, out, lse, num, idx, fnum, fidx, tm, tmi, qd, kd, al, rel, rel_r,
+        pacc, pm, pl, n_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, lq, lk, d, num.shape[0], num.shape[1], qt, idx.shape[-1],
@@ -236,9 +266,43 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     consts = dict(
         HAS_FULL=has_full, HAS_TM=has_tm, HAS_DOC=has_doc, HAS_ALIBI=has_alibi,
         HAS_SOFTCAP=softcap > 0, HAS_REL=has_rel, IEEE=q.dtype == torch.float32, UPCAST=upcast,
-        BLOCK=block_size, BLOCK_D=block_d,
+        SPLIT=n_split > 1, BLOCK=block_size, BLOCK_D=block_d,
     )
     _launch(_bsa_fwd, grid, args, consts, _launch_opts(FWD_TUNE, block_size, block_d))
+    if n_split > 1:
+        return _merge_splits(pacc, pm, pl, out, lse)
+    return out, lse
+
+
+def _decode_splits(lq, programs, key_tiles, device) -> int:
+    """Key splits per (query tile, b, h) for decode (flash-decoding): up to 16 queries over a
+    cache, with fewer programs than would fill the GPU (B * H = 32 against 132 SMs), get the
+    listed key tiles of each row shared among that many programs."""
+    if FWD_TUNE["split"]:
+        return max(1, min(FWD_TUNE["split"], key_tiles))
+    if lq > 16 or key_tiles < 4:
+        return 1
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 4)  # (interpreter: a few splits, for the tests)
+    target = 2 * sms
+    if programs >= target:
+        return 1
+    return max(1, min(-(-target // programs), key_tiles // 2, 64))
+
+
+def _merge_splits(pacc, pm, pl, out, lse):
+    """Combine the splits' partial softmax states: with M the largest split max, out =
+    sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s and lse = M + log(that sum); rows no split
+    saw stay zeros with lse -inf."""
+    big = pm.amax(1)
+    big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
+    w = torch.exp(pm - big.unsqueeze(1))  # empty splits: m = -inf, weight 0
+    total = (w * pl).sum(1)
+    seen = total > 0
+    o = (w.unsqueeze(-1) * pacc).sum(1) / torch.where(seen, total, 1.0).unsqueeze(-1)
+    out.copy_(o.view(out.shape))
+    lse.copy_(torch.where(seen, big + torch.log(torch.where(seen, total, 1.0)),
+                          float("-inf")).view(lse.shape))
     return out, lse
 
 

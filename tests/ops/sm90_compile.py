@@ -78,15 +78,21 @@ def cases():
                     "skb", "skh", "skl", "svb", "svh", "svl", "sob", "soh", "sol")
     common = {"LSE": "*fp32", "NUM": "*i32", "IDX": "*i32", "FNUM": "*i32", "FIDX": "*i32",
               "TM": "*u8", "TMI": "*i32", "QDOC": "*i64", "KDOC": "*i64", "ALIBI": "*fp32",
-              "REL": "*fp32", "scale": "fp32", "softcap": "fp32"}
+              "REL": "*fp32", "PACC": "*fp32", "PM": "*fp32", "PL": "*fp32", "scale": "fp32",
+              "softcap": "fp32"}
     flags = dict(HAS_FULL=True, HAS_TM=True, HAS_DOC=True, HAS_ALIBI=True, HAS_SOFTCAP=True,
                  HAS_REL=True)
     for block in (64, 128):
         opts = kb._launch_opts(kb.FWD_TUNE, block, 128)
         out[f"attn-fwd-bf16-B{block}-D128"] = (
             kb._bsa_fwd, {**common, **{n: "*bf16" for n in "QKVO"}},
-            dict(flags, IEEE=False, UPCAST=False, BLOCK=block, BLOCK_D=128),
+            dict(flags, IEEE=False, UPCAST=False, SPLIT=False, BLOCK=block, BLOCK_D=128),
             opts["num_warps"], opts["num_stages"], attn_aligned)
+    opts = kb._launch_opts(kb.FWD_TUNE, 64, 128)
+    out["attn-fwd-decode-split-bf16-B64-D128"] = (
+        kb._bsa_fwd, {**common, **{n: "*bf16" for n in "QKVO"}},
+        dict(flags, IEEE=False, UPCAST=False, SPLIT=True, BLOCK=64, BLOCK_D=128),
+        opts["num_warps"], opts["num_stages"], attn_aligned)
     opts = kb._launch_opts(kb.BWD_TUNE, 64, 128)
     out["attn-bwd-bf16-B64-D128"] = (
         kb._bsa_bwd, {**common, **{n: "*bf16" for n in ("Q", "K", "V", "DO")},
