@@ -101,8 +101,9 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     sp = tl.program_id(2)
-    b = bh // Hq
-    h = bh % Hq
+    # int64: b * stride and h * stride pass 2^31 on large caches (e.g. 17 x 8 x 128k x 128)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     rows = qt * BLOCK + tl.arange(0, BLOCK)
     rvalid = rows < Lq
@@ -193,7 +194,8 @@ def _launch(kernel, grid, args, consts, opts):
     memory than the GPU has (128 x 128 tiles of the backward, say); the stages that fit are
     remembered per specialisation, so the retry happens once."""
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), opts["num_warps"],
-           tuple(sorted(consts.items())), tuple(str(a.dtype) for a in args[:3]))
+           opts["num_stages"], tuple(sorted(consts.items())),
+           tuple(str(a.dtype) for a in args[:3]))
     stages = _STAGES_THAT_FIT.get(key, opts["num_stages"])
     while True:
         try:
@@ -278,9 +280,11 @@ def _decode_splits(lq, programs, key_tiles, device) -> int:
     """Key splits per (query tile, b, h) for decode (flash-decoding): up to 16 queries over a
     cache, with fewer programs than would fill the GPU (B * H = 32 against 132 SMs), get the
     listed key tiles of each row shared among that many programs."""
+    if lq > 16:
+        return 1
     if FWD_TUNE["split"]:
         return max(1, min(FWD_TUNE["split"], key_tiles))
-    if lq > 16 or key_tiles < 4:
+    if key_tiles < 4:
         return 1
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 4)  # (interpreter: a few splits, for the tests)
@@ -368,8 +372,8 @@ def _bwd_tile(dq, q, do, lse, di, kt, rows, dcols, K, V, DK, DV, kbase, vbase, d
         dq += tl.dot(ds, k, input_precision="ieee") * scale
         dk = tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
     off = dkvbase + cols[:, None] * D + dcols[None, :]
-    tl.atomic_add(DV + off, dv, mask=kv_mask)
-    tl.atomic_add(DK + off, dk, mask=kv_mask)
+    tl.atomic_add(DV + off, dv, mask=kv_mask, sem="relaxed")
+    tl.atomic_add(DK + off, dk, mask=kv_mask, sem="relaxed")
     return dq
 
 
@@ -384,8 +388,9 @@ def _bsa_bwd(Q, K, V, DO, LSE, DI, DQ, DK, DV, NUM, IDX, FNUM, FIDX, TM, TMI, QD
              LOWP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    # int64: b * stride and h * stride pass 2^31 on large caches (e.g. 17 x 8 x 128k x 128)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     rows = qt * BLOCK + tl.arange(0, BLOCK)
     rvalid = rows < Lq
@@ -451,7 +456,8 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse, kv_nu
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    go = grad_out.contiguous()
+    # (the LOWP dots need do in q's dtype; autograd passes it so, a direct call may not)
+    go = grad_out.to(q.dtype).contiguous()
     di = (go.float() * out.float()).sum(-1)
     if grad_lse is not None:
         di = di - grad_lse.float()

@@ -92,7 +92,7 @@ def _rows_axpy(x_ptr, w_ptr, idx_ptr, bias_ptr, y_ptr, B, K, N, stride_x, k_per_
         ptrs = y_ptr + offs_b[:, None].to(tl.int64) * N + offs_n[None, :]
         ok = b_ok[:, None] & n_ok[None, :]
     if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=ok)
+        tl.atomic_add(ptrs, acc, mask=ok, sem="relaxed")
     else:
         tl.store(ptrs, acc, mask=ok)
 

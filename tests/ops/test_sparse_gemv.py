@@ -390,6 +390,23 @@ def test_triton_launch_shapes_agree(cfg, monkeypatch):
            sg.sparse_gemv_reference(x, w_t, bias, 0.4).cpu(), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_batch_hand_over_matches_reference(dtype):
+    # the GPU op's dense hand-over (above GPU_DENSE_ABOVE rows) is plain torch: run it on CPU.
+    # Channels just above the threshold, which rounds to them in x's dtype: kept, as by the
+    # reference (the test is in fp32), and weighted heavily so that dropping them shows
+    b = sg.GPU_DENSE_ABOVE + 1
+    x, w, bias = _make(b, 40, 9, dtype)
+    x[:, :8] = torch.tensor(0.05, dtype=dtype)
+    w[:, :8] = 1.0
+    t = float(x[0, 0]) - 1e-6
+    w_t = w.t().contiguous()
+    _close(sg._sparse_gemv_cuda(x, w_t, bias, t), sg.sparse_gemv_reference(x, w_t, bias, t), dtype)
+    idx = torch.tensor([3, 7, 7, 39, 0])
+    _close(sg._sparse_gemv_index_cuda(x, w_t, bias, idx),
+           sg.sparse_gemv_index_reference(x, w_t, bias, idx), dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

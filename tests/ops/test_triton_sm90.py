@@ -71,6 +71,10 @@ def test_attention_launch_steps_down_stages(monkeypatch):
     assert calls == [3, 2, 1]
     kb._launch(FakeKernel(), (1,), args, {"BLOCK": 128}, {"num_warps": 8, "num_stages": 3})
     assert calls == [3, 2, 1, 1]  # remembered: no second retry
+    # another requested stage count is its own entry (a sweep's 2 is not the default's memo)
+    kb._launch(FakeKernel(), (1,), args, {"BLOCK": 64}, {"num_warps": 8, "num_stages": 3})
+    kb._launch(FakeKernel(), (1,), args, {"BLOCK": 64}, {"num_warps": 8, "num_stages": 2})
+    assert calls[4:] == [3, 2, 1, 2, 1]
     with pytest.raises(OutOfResources):
         class Never(FakeKernel):
             def __getitem__(self, grid):
