@@ -1152,20 +1152,40 @@ bool cpu_has_avx512fp16() {
 // had the two down projections (in > out) at 0.70-0.82x -> 0.60-0.73x: they stay on the
 // kernel. Batch 32 (the kernel in both runs) moved by up to 0.07 there: the noise of this host.
 // An earlier pass over batches 8-128 had at::mm behind the kernel at 8-16.
+// fp32 on Intel CPUs (MKL's sgemm, either layout): at a full union at::mm on the (in, out)
+// layout was 1.27-1.74x of F.linear at batch 16 against the kernel's 1.10-1.60x, 0.86-1.21x at
+// 32 (kernel 0.92-1.10x), 0.88-1.22x at 64 (kernel 0.72-0.97x), and behind it at 4-8 (Xeon with
+// AMX, 2 threads, the five Llama shapes, interleaved in one process, 2026-12-04). On AMD Zen 4
+// the kernel stays ahead at 32-64 (dense_batch_above's comment), so this is Intel only.
+bool cpu_is_intel() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  static const bool is = __builtin_cpu_is("intel");
+  return is;
+#else
+  return false;
+#endif
+}
+
 bool dense_wide_batches(at::ScalarType dt, int64_t in, int64_t out) {
 #if defined(FASTARCH_AMX)
   if (dt == at::kBFloat16) return out >= in && amx_usable();
 #endif
   (void)in;
   (void)out;
+  if (dt == at::kFloat) return cpu_is_intel();
   return dt == at::kHalf && cpu_has_avx512fp16();
 }
+
+// the batch above which a nearly full union goes to at::mm where dense_wide_batches says so
+int64_t wide_batch_above(at::ScalarType dt) { return dt == at::kFloat ? 16 : 32; }
 
 bool use_dense_product(at::ScalarType dt, int64_t B, double density, int64_t in, int64_t out) {
   if (B > dense_batch_above(dt) || density > dense_above(dt)) return true;
   static const bool overridden = std::getenv("FASTARCH_GEMV_DENSE_ABOVE") != nullptr ||
                                  std::getenv("FASTARCH_GEMV_DENSE_BATCH_ABOVE") != nullptr;
-  if (!overridden && B > 32 && density > 0.8 && dense_wide_batches(dt, in, out)) return true;
+  if (!overridden && B > wide_batch_above(dt) && density > 0.8 &&
+      dense_wide_batches(dt, in, out))
+    return true;
 #if defined(FASTARCH_BF16_DOT)
   // bf16-dot kernel (6-row packed tiles) vs at::mm on the stored layout, as ratios to F.linear
   // (Zen 4, 2026-12-02, s=0, 14336x4096 and 4096x14336, interleaved in one process): batch 16

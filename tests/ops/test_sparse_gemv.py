@@ -213,6 +213,19 @@ def test_sparse_gemv_batch_paths(env):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [17, 33, 64])
+def test_sparse_gemv_wide_batches_default_dispatch(batch, dtype):
+    # the default dispatch at wide batches (at::mm on the stored layout where the CPU's GEMM
+    # wins at a nearly full union, the kernel elsewhere) against the spec, both unions
+    for threshold in (0.0, 2.5):  # union ~1, and 0.2-0.55 at these batches
+        x, w, bias = _make(batch, 96, 70, dtype)
+        w_t = w.t().contiguous()
+        _close(fastarch.sparse_gemv(x, w_t, bias, threshold),
+               sg.sparse_gemv_reference(x, w_t, bias, threshold), dtype)
+
+
+@needs_cpp
 def test_sparse_gemv_leading_dims():
     x = torch.randn(2, 3, 40)
     w_t = torch.randn(40, 9)
