@@ -1141,9 +1141,9 @@ bool cpu_has_avx512fp16() {
 #endif
 }
 
-// Batches above 32 whose union is nearly everything, where oneDNN has a native GEMM for the
-// (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with AMX tiles for
-// weights at least as wide as they are tall. 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2
+// Batches above 32 (fp32: 16) whose union is nearly everything, where oneDNN / MKL has a native
+// GEMM for the (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with AMX
+// tiles for weights at least as wide as they are tall, fp32 on Intel CPUs (cpu_is_intel). 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2
 // cores of a shared VM, `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 64` with this
 // switch off (FASTARCH_GEMV_DENSE_BATCH_ABOVE=100000) and on, alternated 3 times, medians as
 // ratios to F.linear over 14336x4096 / 4096x14336 / 8192x2048 / 2048x8192 / 4096x4096, s = 0
