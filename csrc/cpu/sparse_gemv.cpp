@@ -1447,6 +1447,10 @@ inline float apply_act(Act a, float v) {
 //    near 0.7 (gather_gemv alone crosses at 0.35: the MLP's kernel also skips up rows).
 //  * fp32, batch 1: all 0.87-0.89x / 0.94-1.01x; half 1.49-1.67x / 1.11-1.16x: near 0.9.
 //  * fp32, batch 8: all 0.73-0.85x / 1.09-1.20x; half 1.41-1.69x / 1.24-1.29x: near 0.7.
+//  * fp16, batch 8 (2026-12-04, same kind of host, forced both ways, two runs each): all
+//    0.38-0.42x / 0.87-0.97x; half 0.71-0.77x / 1.05-1.10x: the kernel's time halves with the
+//    fraction, so equal near 0.35. (bf16 batch 8: all 0.64-0.66x / 0.84-0.88x, half
+//    1.11-1.25x / 1.02-1.10x: gather_gemv's switch, unchanged.)
 // The dense side is the dense MLP's own GEMMs plus a column gather, so where a CPU's GEMM is
 // slower than this one's, taking it costs little against the dense baseline.
 double mlp_dense_above(at::ScalarType dt, int64_t B) {
@@ -1456,6 +1460,7 @@ double mlp_dense_above(at::ScalarType dt, int64_t B) {
   if (dt == at::kHalf && B == 1) return 0.7;
   if (dt == at::kFloat && B == 1) return 0.9;
   if (dt == at::kFloat && B >= 8) return std::min(gather, 0.7);
+  if (dt == at::kHalf && B >= 8) return std::min(gather, 0.35);
   return gather;
 }
 
