@@ -1141,7 +1141,7 @@ bool cpu_has_avx512fp16() {
 #endif
 }
 
-// Batches above 32 (fp32: 16) whose union is nearly everything, where oneDNN / MKL has a native
+// Batches above 32 (fp32: 16, fp16: 5) whose union is nearly everything, where oneDNN / MKL has a native
 // GEMM for the (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with AMX
 // tiles for weights at least as wide as they are tall, fp32 on Intel CPUs (cpu_is_intel). 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2
 // cores of a shared VM, `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 64` with this
@@ -1176,8 +1176,16 @@ bool dense_wide_batches(at::ScalarType dt, int64_t in, int64_t out) {
   return dt == at::kHalf && cpu_has_avx512fp16();
 }
 
-// the batch above which a nearly full union goes to at::mm where dense_wide_batches says so
-int64_t wide_batch_above(at::ScalarType dt) { return dt == at::kFloat ? 16 : 32; }
+// The batch above which a nearly full union goes to at::mm where dense_wide_batches says so.
+// fp16 (AVX512-FP16, 2026-12-04, same host and method as fp32 above): at::mm / kernel against
+// F.linear at batch 4 0.82-1.04x / 1.49-2.01x, 6 0.78-1.13x / 0.76-0.91x, 8 0.75-1.07x /
+// 0.74-0.92x, 16 0.79-1.06x / 0.72-0.88x, 32 0.83-1.05x / 0.65-0.88x: from 6 rows. bf16 (AMX):
+// at::mm behind the kernel at 8-16 on every shape (0.63-0.89x / 0.82-0.94x), level at 32.
+int64_t wide_batch_above(at::ScalarType dt) {
+  if (dt == at::kFloat) return 16;
+  if (dt == at::kHalf) return 5;
+  return 32;
+}
 
 bool use_dense_product(at::ScalarType dt, int64_t B, double density, int64_t in, int64_t out) {
   if (B > dense_batch_above(dt) || density > dense_above(dt)) return true;
