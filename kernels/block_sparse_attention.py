@@ -87,6 +87,15 @@ def _tile(acc, m_i, l_i, q, kt, rows, dcols, K, V, kbase, vbase, skl, svl, Lk, D
 
 
 @triton.jit
+def _split_range(n, sp, n_split, SPLIT: tl.constexpr):
+    """The share [lo, hi) of a list of n tiles that split sp of n_split walks (all of it when
+    the row is not split)."""
+    if SPLIT:
+        return sp * n // n_split, (sp + 1) * n // n_split
+    return n * 0, n
+
+
+@triton.jit
 def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, REL, rel_r,
              PACC, PM, PL, n_split,
              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
@@ -129,12 +138,7 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
     l_i = tl.zeros((BLOCK,), tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     if HAS_FULL:
-        nf = tl.load(FNUM + row)
-        f_lo = 0
-        f_hi = nf
-        if SPLIT:
-            f_lo = sp * nf // n_split
-            f_hi = (sp + 1) * nf // n_split
+        f_lo, f_hi = _split_range(tl.load(FNUM + row), sp, n_split, SPLIT)
         for j in range(f_lo, f_hi):
             kt = tl.load(FIDX + row * Wf + j)
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, kt, rows, dcols, K, V, kbase, vbase, skl,
@@ -142,12 +146,7 @@ def _bsa_fwd(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, TM, TMI, QDOC, KDOC, ALIBI, 
                                   qd, KDOC, bd * Lk, -1, TM, REL, h * (2 * rel_r + 1), rel_r,
                                   False, HAS_DOC, HAS_TM, HAS_ALIBI, HAS_SOFTCAP, HAS_REL, IEEE,
                                   UPCAST, BLOCK)
-    npart = tl.load(NUM + row)
-    p_lo = 0
-    p_hi = npart
-    if SPLIT:
-        p_lo = sp * npart // n_split
-        p_hi = (sp + 1) * npart // n_split
+    p_lo, p_hi = _split_range(tl.load(NUM + row), sp, n_split, SPLIT)
     for j in range(p_lo, p_hi):
         kt = tl.load(IDX + row * W + j)
         tmi = -1
