@@ -211,10 +211,18 @@ def _gather_gemv_cuda(x, w, bias, index):
     return gather_gemv_reference(x, w, bias, index)
 
 
+# sparse_mlp's GPU kernels read the gate / up rows once per row of x (decode: a few rows); a
+# prefill-sized call goes to the reference (fp32 GEMMs), which reads them once. Not measured on a
+# GPU: 64 rows is where the kernels' weight traffic is 64 times the GEMMs', a bound, not a fit.
+GPU_MLP_REFERENCE_ABOVE = 64
+
+
 def _sparse_mlp_cuda(x, w_in, w_up, w_out_t, b_in, b_up, b_out, neuron_index, threshold,
                      activation):
-    backend = _cuda_backend()
     args = (x, w_in, w_up, w_out_t, b_in, b_up, b_out, neuron_index, threshold, activation)
+    if x.shape[0] > GPU_MLP_REFERENCE_ABOVE:
+        return sparse_mlp_reference(*args)
+    backend = _cuda_backend()
     if backend == "triton":
         from fastarch.kernels import sparse_gemv as k
 
