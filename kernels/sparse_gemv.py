@@ -13,6 +13,7 @@ coefficient of row k is read either from x at the row index (``X_GATHER``) or co
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -179,9 +180,15 @@ TUNE: dict = {"block_b": None, "block_k": None, "block_n": None, "split": None, 
 _PROGRAMS_PER_SM = 4
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _sm_count(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else
+                              torch.cuda.current_device())
     return 8  # the interpreter: a few splits, so that the split path is exercised in tests
 
 
@@ -189,7 +196,7 @@ def _rows_config(B, K, N, device):
     """(block_b, block_k, block_n, split, num_warps): one x row per program at batch 1, a
     16-row tile through tl.dot above; the K range split so that the grid fills every SM."""
     block_b = TUNE["block_b"] or (1 if B == 1 else 16)
-    block_k = TUNE["block_k"] or (64 if block_b == 1 else 64)
+    block_k = TUNE["block_k"] or 64
     block_n = TUNE["block_n"] or 128
     tiles = triton.cdiv(B, block_b) * triton.cdiv(N, block_n)
     split = TUNE["split"]
