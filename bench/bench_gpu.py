@@ -147,7 +147,6 @@ def sec_ceilings(dev, smoke):
     mm = t.run({"mm": lambda i: torch.mm(x, y)})["mm"]
     emit(f"ceilings: D2D copy {2 * n / ms / 1e9:.2f} TB/s (read+write), bf16 8192^3 mm "
          f"{2 * 8192 ** 3 / mm / 1e9:.0f} TFLOP/s\n")
-    del a, b, x, y
 
 
 def gap_threshold(vals: torch.Tensor, s: float) -> float:
@@ -242,7 +241,6 @@ def sec_gemv(dev, smoke):
             cp = n_copies(i * o * 2, dev)
             x, w, w_t, t = _gemv_inputs(b, i, o, torch.bfloat16, dev, 0.5, cp)
             fns = {"cublas": lambda j: F.linear(x, w[j % cp])}
-            ms0 = None
             for cfg in sweep:
                 kg.TUNE.update({k: None for k in kg.TUNE})
                 kg.TUNE.update(cfg)
@@ -339,6 +337,8 @@ def sec_attn(dev, smoke):
     timer = Timer(dev, calls=3, reps=3 if smoke else 10)
     have_flex = dev.type == "cuda"
     if have_flex:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         from torch.nn.attention.flex_attention import create_block_mask as flex_bm
         from torch.nn.attention.flex_attention import flex_attention
         flex = torch.compile(flex_attention, fullgraph=True)
@@ -375,8 +375,6 @@ def sec_attn(dev, smoke):
                 check(f"attn {name} S{S} bs{bs}", out[:, :2], ref, dtype, fails)
                 fns = {"ours": ours}
                 if dev.type == "cuda":
-                    from torch.nn.attention import SDPBackend, sdpa_kernel
-
                     def sdpa_causal(j):
                         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -437,8 +435,6 @@ def sec_attn(dev, smoke):
 
             fns = {"ours": fb_ours}
             if dev.type == "cuda":
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
                 def fb_sdpa(j):
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
