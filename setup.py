@@ -1,7 +1,7 @@
 """Build fastarch._C.
 
-The CPU sources in csrc/ (ops.cpp and csrc/cpu/*.cpp) are compiled unless FASTARCH_CPU=0. The CUDA sources
-(csrc/cuda/*.cu) are added when FASTARCH_CUDA allows it:
+The CPU sources in csrc/ (ops.cpp and csrc/cpu/*.cpp) are compiled unless FASTARCH_CPU=0. The
+CUDA sources (csrc/cuda/*.cu) are added when FASTARCH_CUDA allows it:
 
   FASTARCH_CUDA=auto (default)  build CUDA when nvcc is found and torch is a CUDA build
   FASTARCH_CUDA=1               require it (fail if nvcc or a CUDA torch is missing)

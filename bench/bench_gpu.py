@@ -450,7 +450,8 @@ def _attn_decode(dev, smoke, D, dtype, timer, fails):
                 ms = timer.run({"ours": lambda j: fastarch.block_sparse_attention(q, k, v, bm),
                                 "sdpa": lambda j: F.scaled_dot_product_attention(q, kx, vx)})
             gb = 2 * k.numel() * k.element_size() / 1e9
-            drows.append([lk, split or f"default ({kb._decode_splits(1, bsz * hq, -(-lk // 64), dev)})",
+            chosen = kb._decode_splits(1, bsz * hq, -(-lk // 64), dev)
+            drows.append([lk, split or f"default ({chosen})",
                           f"{ms['ours'] * 1e3:.1f}", f"{ms['sdpa'] * 1e3:.1f}",
                           f"{ms['sdpa'] / ms['ours']:.2f}x", f"{gb / ms['ours']:.2f}"])
         kb.FWD_TUNE["split"] = None
@@ -587,7 +588,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     emit(f"# fastarch GPU run: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
          f"triton {triton.__version__}; CUDA kernels built: {native.cuda_built()}")
-    emit(f"command: python bench/bench_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    given = argv if argv is not None else sys.argv[1:]
+    emit(f"command: python bench/bench_gpu.py {' '.join(given)}\n")
     bad = 0
     for sec in args.sections.split(","):
         t0 = time.perf_counter()

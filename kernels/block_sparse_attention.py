@@ -14,12 +14,12 @@ block are visited by several query tiles).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from fastarch.kernels._runtime import interpreting, sm_count
 
 
 @triton.jit
@@ -241,7 +241,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     al = alibi_slopes.float().contiguous() if has_alibi else q
     qt = -(-lq // block_size)
     # Triton's interpreter computes bf16 dots wrongly (numpy has no bf16): upcast there only.
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    upcast = q.dtype == torch.bfloat16 and interpreting()
     grid = (qt, bsz * hq)
     has_rel = rel_bias is not None
     rel = rel_bias.float().contiguous() if has_rel else lse
@@ -285,9 +285,7 @@ def _decode_splits(lq, programs, key_tiles, device) -> int:
         return max(1, min(FWD_TUNE["split"], key_tiles))
     if key_tiles < 4:
         return 1
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 4)  # (interpreter: a few splits, for the tests)
-    target = 2 * sms
+    target = 2 * sm_count(device, interpreted=4)
     if programs >= target:
         return 1
     return max(1, min(-(-target // programs), key_tiles // 2, 64))
@@ -484,8 +482,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse, kv_nu
         rel_r = rel_bias.shape[1] // 2 if has_rel else 0
         block_d = max(16, triton.next_power_of_2(d))
         # tensor-core dots for bf16 / fp16 (the interpreter's bf16 dots are wrong: fp32 there)
-        lowp = q.dtype == torch.float16 or (
-            q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") != "1")
+        lowp = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreting())
         args = (
             q, k, v, go, lse, di, dq, dk, dv, num, idx, fnum, fidx, tm, tmi, qd, kd, al, rel, rel_r,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

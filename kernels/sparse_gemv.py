@@ -13,12 +13,11 @@ coefficient of row k is read either from x at the row index (``X_GATHER``) or co
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastarch.kernels._runtime import interpreting, sm_count
 
 
 @triton.jit
@@ -180,18 +179,6 @@ TUNE: dict = {"block_b": None, "block_k": None, "block_n": None, "split": None, 
 _PROGRAMS_PER_SM = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else
-                              torch.cuda.current_device())
-    return 8  # the interpreter: a few splits, so that the split path is exercised in tests
-
-
 def _rows_config(B, K, N, device):
     """(block_b, block_k, block_n, split, num_warps): one x row per program at batch 1, a
     16-row tile through tl.dot above; the K range split so that the grid fills every SM."""
@@ -201,7 +188,7 @@ def _rows_config(B, K, N, device):
     tiles = triton.cdiv(B, block_b) * triton.cdiv(N, block_n)
     split = TUNE["split"]
     if split is None:
-        split = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), tiles)
+        split = triton.cdiv(_PROGRAMS_PER_SM * sm_count(device, interpreted=8), tiles)
     split = max(1, min(split, triton.cdiv(K, block_k)))
     num_warps = TUNE["num_warps"] or 4
     return block_b, block_k, block_n, split, num_warps
@@ -221,7 +208,7 @@ def _launch_rows_axpy(a, w_t, index, bias, threshold, x_gather, use_threshold):
     y = (torch.zeros if atomic else torch.empty)((B, N), device=a.device, dtype=torch.float32)
     grid = (triton.cdiv(B, block_b), triton.cdiv(N, block_n), split)
     dummy = w_t
-    upcast = w_t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    upcast = w_t.dtype == torch.bfloat16 and interpreting()
     _rows_axpy[grid](
         a, w_t, index if index is not None else dummy, bias if bias is not None else dummy, y,
         B, K, N, a.stride(0), k_per_split, float(threshold),

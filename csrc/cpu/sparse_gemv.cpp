@@ -1141,12 +1141,13 @@ bool cpu_has_avx512fp16() {
 #endif
 }
 
-// Batches above 32 (fp32: 16, fp16: 5) whose union is nearly everything, where oneDNN / MKL has a native
-// GEMM for the (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with AMX
-// tiles for weights at least as wide as they are tall, fp32 on Intel CPUs (cpu_is_intel). 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2
-// cores of a shared VM, `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 64` with this
-// switch off (FASTARCH_GEMV_DENSE_BATCH_ABOVE=100000) and on, alternated 3 times, medians as
-// ratios to F.linear over 14336x4096 / 4096x14336 / 8192x2048 / 2048x8192 / 4096x4096, s = 0
+// Batches above wide_batch_above(dt) whose union is nearly everything, where oneDNN / MKL has a
+// native GEMM for the (in, out) layout we keep: fp16 on CPUs with AVX512-FP16, bf16 on CPUs with
+// AMX tiles for weights at least as wide as they are tall, fp32 on Intel CPUs (cpu_is_intel).
+// 2026-12-03, Xeon with AMX-BF16 and AVX512-FP16, 2 cores of a shared VM,
+// `bench_sparse_gemv.py --dtypes bfloat16,float16 --batches 64` with this switch off
+// (FASTARCH_GEMV_DENSE_BATCH_ABOVE=100000) and on, alternated 3 times, medians as ratios to
+// F.linear over 14336x4096 / 4096x14336 / 8192x2048 / 2048x8192 / 4096x4096, s = 0
 // and 0.5: fp16 0.66-0.86x -> 0.76-0.91x on every shape; bf16 where out >= in 0.89-1.04x ->
 // 0.83-1.12x (bench/RESULTS.md). A first A/B (batches 32 and 64, every bf16 shape on at::mm)
 // had the two down projections (in > out) at 0.70-0.82x -> 0.60-0.73x: they stay on the

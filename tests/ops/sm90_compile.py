@@ -7,24 +7,19 @@ layouts, shared memory). Prints one JSON object: case -> {"ok", "shared", "mma",
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import os
 import sys
 
 import triton
 import triton.compiler as tc
 from triton.backends.compiler import GPUTarget
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_sm90_{name}",
-                                                  os.path.join(ROOT, "kernels", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    # the package's own modules (the subprocess runs with TRITON_INTERPRET=0, so their
+    # @triton.jit functions are compilable ones)
+    return importlib.import_module(f"fastarch.kernels.{name}")
 
 
 def compile_kernel(fn, types, consts, num_warps, num_stages, aligned=()):
