@@ -448,11 +448,14 @@ struct alignas(64) TileConfig {
 // s = 0 and 0.5: batch 2-4 vector path 0.73-2.23x, AMX 0.59-1.09x; batch 8 vector 0.49-0.69x,
 // AMX 0.57-0.88x; batches 12-64 vector 0.24-0.48x, AMX 0.57-1.18x. (The packing is memory-bound
 // and the tile work does not overlap it: packing alone took ~7 ms of 4096x14336 at batch 8, the
-// tile work alone ~1 ms, both ~9-11 ms.)
+// tile work alone ~1 ms, both ~9-11 ms.) 2026-12-04, with the streaming order for batches of up
+// to 16 (amx_stream_pairs), same host and shapes, two alternating runs, AMX from 2 rows against
+// from 8: batch 2 0.86-1.20x / 1.06-1.61x (s = 0 / 0.5) against 0.87-1.21x / 1.03-1.55x, batch 4
+// 0.78-1.20x against 0.79-1.14x, batch 6 0.87-1.16x against 0.59-0.96x: from 2 rows.
 int64_t amx_batch_from() {
   static const int64_t from = [] {
     const char* e = std::getenv("FASTARCH_GEMV_AMX_FROM");
-    return e ? std::max<int64_t>(2, std::atoll(e)) : int64_t(8);
+    return e ? std::max<int64_t>(2, std::atoll(e)) : int64_t(2);
   }();
   return from;
 }
@@ -496,6 +499,125 @@ FASTARCH_AMX_TARGET void amx_pairs_tile(float* acc, int64_t lda, const __m512i* 
   _tile_stored(1, acc + 16, sc);
   _tile_stored(2, acc + 32, sc);
   _tile_stored(3, acc + 48, sc);
+}
+
+// Batches of up to 16 rows, streaming: the pairs are split over the threads (each thread keeps
+// accumulators for every column, m x lda floats, summed at the end) and each chunk of 16 pairs
+// walks its 32 weight rows from end to end, 64 columns at a time: the 16 x 64 pairs of a tile
+// are unpacked into an L1 buffer and go straight into the tile products. The panel loop below
+// instead packs 64 pairs of a 1-2K column panel ahead of the tile work: 128 short row segments
+// per chunk, which the hardware prefetchers follow far worse. /tmp micro-benchmark, 2026-12-04,
+// the Xeon with AMX, 2 threads, batch 8: unpacking alone 45-54 GB/s in this order against 24-36
+// GB/s in panels; with the tile work 3.7-5.5 ms of 4096x14336 (the panel kernel ~8 ms, F.linear
+// ~6 ms). Tiles of 8 rows up to batch 8 halve the accumulator traffic (3.7-3.9 ms against
+// 4.4-5.5 ms with 16 rows at that shape).
+// acc (m x lda, unpack order) += the pairs [p0, p1) of (ri, rj) weighted by xp (batch-major, row
+// stride ldx; pairs past the end of the call are zero there). p1 - p0 is a multiple of 16 except
+// for the call's last pairs.
+constexpr int64_t kStreamAhead = 256;  // elements (512 bytes)
+FASTARCH_AMX_TARGET void amx_stream_pairs(float* acc, int64_t lda, const uint16_t* w, int64_t out,
+                                          const int64_t* ri, const int64_t* rj,
+                                          const uint32_t* xp, int64_t ldx, int64_t p0, int64_t p1,
+                                          int m) {
+  alignas(64) __m512i buf[16 * 4];
+  const int64_t sc = lda * 4, sb = 4 * 64;
+  amx_begin(m);
+  for (int64_t q0 = p0; q0 < p1; q0 += 16) {
+    const int64_t np = std::min<int64_t>(16, p1 - q0);
+    for (int64_t p = np; p < 16; ++p)  // zeros, not stale pairs: 0 x NaN would be NaN
+      for (int v = 0; v < 4; ++v) buf[4 * p + v] = _mm512_setzero_si512();
+    _tile_loadd(4, xp + q0, ldx * 4);
+    for (int64_t c = 0; c < out; c += 64) {
+      const __mmask32 m0 = tail_mask(out - c), m1 = tail_mask(out - c - 32);
+      for (int64_t p = 0; p < np; ++p) {
+        const uint16_t* wi = w + ri[q0 + p] * out + c;
+        const uint16_t* wj = w + rj[q0 + p] * out + c;
+        // 32 rows at once are more streams than the L2 prefetcher follows well: each row's next
+        // lines are asked for 512 bytes ahead (4 tiles; 128 bytes ahead was slower, 2 KiB no
+        // better; +15% at 4096x14336 and 14336x4096, batch 8, micro-benchmark). A prefetch past
+        // the end of a row is harmless.
+        _mm_prefetch(reinterpret_cast<const char*>(wi + kStreamAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wi + kStreamAhead + 32), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wj + kStreamAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wj + kStreamAhead + 32), _MM_HINT_T0);
+        __m512i v4[4];
+        pair_rows(wi, wj, m0, m1, v4);
+        for (int v = 0; v < 4; ++v) _mm512_store_si512(buf + 4 * p + v, v4[v]);
+      }
+      float* a = acc + c;
+      _tile_loadd(0, a, sc);
+      _tile_loadd(1, a + 16, sc);
+      _tile_loadd(2, a + 32, sc);
+      _tile_loadd(3, a + 48, sc);
+      _tile_loadd(5, buf, sb);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, buf + 1, sb);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, buf + 2, sb);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, buf + 3, sb);
+      _tile_dpbf16ps(3, 4, 5);
+      _tile_stored(0, a, sc);
+      _tile_stored(1, a + 16, sc);
+      _tile_stored(2, a + 32, sc);
+      _tile_stored(3, a + 48, sc);
+    }
+  }
+  amx_end();
+}
+
+// FASTARCH_GEMV_AMX_STREAM=0: batches of up to 16 rows through the panel loop instead.
+bool amx_stream_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_GEMV_AMX_STREAM");
+    return !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
+// y (B <= 16 rows, out) = the P pairs (ri, rj) weighted by xp (batch-major, row stride ldx, zero
+// past P and past B). Returns y.
+at::Tensor amx_stream_rows(at::Tensor y, int64_t B, const int64_t* ri, const int64_t* rj,
+                           int64_t P, const uint16_t* w, int64_t out, const uint32_t* xp,
+                           int64_t ldx) {
+  const int m = B <= 8 ? 8 : 16;
+  const int64_t lda = (out + 63) / 64 * 64 + 16;  // + one line: rows not 4 KiB apart (see ldx)
+  // Below about a million multiply-adds per thread a second thread costs more than it saves;
+  // each thread's range is whole chunks of 16 pairs.
+  const int64_t chunks = (P + 15) / 16;
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>({int64_t(at::get_num_threads()), chunks, (2 * P * out * B) >> 20}));
+  const int64_t per = (chunks + nthreads - 1) / nthreads * 16;
+  std::vector<std::vector<float>> accs(static_cast<size_t>(nthreads));
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p0 = std::min(P, t * per), p1 = std::min(P, p0 + per);
+      accs[t].assign(static_cast<size_t>(m * lda), 0.f);
+      if (p0 < p1) amx_stream_pairs(accs[t].data(), lda, w, out, ri, rj, xp, ldx, p0, p1, m);
+    }
+  });
+  // Sum of the threads' accumulators, back in column order (blocks of 32 columns from their lo /
+  // hi vectors, as in the panel loop).
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (out + 31) / 32;
+  at::parallel_for(0, B * blocks, 256, [&](int64_t i0, int64_t i1) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / blocks, t0 = (i % blocks) * 32;
+      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+      for (int64_t t = 0; t < nthreads; ++t) {
+        const float* a = accs[t].data() + b * lda + t0;
+        lo = _mm512_add_ps(lo, _mm512_loadu_ps(a));
+        hi = _mm512_add_ps(hi, _mm512_loadu_ps(a + 16));
+      }
+      float col[32];
+      _mm512_storeu_ps(col, _mm512_permutex2var_ps(lo, first, hi));
+      _mm512_storeu_ps(col + 16, _mm512_permutex2var_ps(lo, second, hi));
+      std::memcpy(yp + b * out + t0, col, sizeof(float) * std::min<int64_t>(32, out - t0));
+    }
+  });
+  return y;
 }
 #endif
 
@@ -545,6 +667,10 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
       }
     }
   });
+#if defined(FASTARCH_AMX)
+  if (amx && B <= kAmxRows && amx_stream_enabled())
+    return amx_stream_rows(y, B, ri.data(), rj.data(), P, w, out, xp.data(), ldx);
+#endif
   // Below about a million multiply-adds per thread a second thread costs more than it saves.
   const int64_t work = 2 * P * out * B;
   const int64_t nthreads = std::max<int64_t>(
