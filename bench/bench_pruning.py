@@ -240,6 +240,19 @@ def sweep(args):
     rows = []
     for name in _select(args, names):
         t0 = time.perf_counter()
+        if args.max_params:
+            # count on the meta device first: building a 7B model for real only to skip it took
+            # 28 GB and the OOM killer ended the sweep (vit_7b_patch16_dinov3)
+            try:
+                with torch.device("meta"):
+                    n_meta = sum(p.numel() for p in build(name)[0].parameters())
+            except Exception:  # noqa: BLE001  (counted on the real build below)
+                n_meta = 0
+            if n_meta > args.max_params * 1e6:
+                rows.append((name, None, f"size: {n_meta / 1e6:.0f}M parameters > --max-params "
+                             f"{args.max_params}M (the check holds 5 copies)", 0.0))
+                print(f"{name}: NOT TRIED {rows[-1][2]}", flush=True)
+                continue
         try:
             model, size = build(name)
         except Exception as exc:  # noqa: BLE001  (not a pruning failure: the zoo cannot build it)
