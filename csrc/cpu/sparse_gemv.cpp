@@ -501,7 +501,7 @@ FASTARCH_AMX_TARGET void amx_pairs_tile(float* acc, int64_t lda, const __m512i* 
   _tile_stored(3, acc + 48, sc);
 }
 
-// Batches of up to 16 rows, streaming: the pairs are split over the threads (each thread keeps
+// Batches of up to 16 rows (32 for up to 8192 columns), streaming: the pairs are split over the threads (each thread keeps
 // accumulators for every column, m x lda floats, summed at the end) and each chunk of 16 pairs
 // walks its 32 weight rows from end to end, 64 columns at a time: the 16 x 64 pairs of a tile
 // are unpacked into an L1 buffer and go straight into the tile products. The panel loop below
@@ -510,23 +510,30 @@ FASTARCH_AMX_TARGET void amx_pairs_tile(float* acc, int64_t lda, const __m512i* 
 // the Xeon with AMX, 2 threads, batch 8: unpacking alone 45-54 GB/s in this order against 24-36
 // GB/s in panels; with the tile work 3.7-5.5 ms of 4096x14336 (the panel kernel ~8 ms, F.linear
 // ~6 ms). Tiles of 8 rows up to batch 8 halve the accumulator traffic (3.7-3.9 ms against
-// 4.4-5.5 ms with 16 rows at that shape).
+// 4.4-5.5 ms with 16 rows at that shape). Batches of 17-32 (two row groups, 32 columns at a time)
+// only up to 8192 columns: batch 32, 4096x4096 1.6-2.1 ms against F.linear's ~1.8 (the panel
+// loop ~2.5), 2048 -> 8192 1.6-1.9 against ~2.2; at 4096 -> 14336 the 1.8 MB of accumulators per
+// thread leave L2 and it took 13.7 ms against F.linear's ~6.4.
+// Column panels within the streaming order (rows walked 2-4K columns at a time) were slower still:
+// 8.7-11 ms of 4096x14336 at batch 8.
 // acc (m x lda, unpack order) += the pairs [p0, p1) of (ri, rj) weighted by xp (batch-major, row
 // stride ldx; pairs past the end of the call are zero there). p1 - p0 is a multiple of 16 except
 // for the call's last pairs.
 constexpr int64_t kStreamAhead = 256;  // elements (512 bytes)
+constexpr int64_t kAmxStream32MaxOut = 8192;  // batches of 17-32: columns up to this
 FASTARCH_AMX_TARGET void amx_stream_pairs(float* acc, int64_t lda, const uint16_t* w, int64_t out,
                                           const int64_t* ri, const int64_t* rj,
                                           const uint32_t* xp, int64_t ldx, int64_t p0, int64_t p1,
                                           int m) {
   alignas(64) __m512i buf[16 * 4];
   const int64_t sc = lda * 4, sb = 4 * 64;
-  amx_begin(m);
+  amx_begin(m == 32 ? 16 : m);  // m = 32: every tile 16 x 64 bytes
   for (int64_t q0 = p0; q0 < p1; q0 += 16) {
     const int64_t np = std::min<int64_t>(16, p1 - q0);
     for (int64_t p = np; p < 16; ++p)  // zeros, not stale pairs: 0 x NaN would be NaN
       for (int v = 0; v < 4; ++v) buf[4 * p + v] = _mm512_setzero_si512();
     _tile_loadd(4, xp + q0, ldx * 4);
+    if (m == 32) _tile_loadd(5, xp + 16 * ldx + q0, ldx * 4);
     for (int64_t c = 0; c < out; c += 64) {
       const __mmask32 m0 = tail_mask(out - c), m1 = tail_mask(out - c - 32);
       for (int64_t p = 0; p < np; ++p) {
@@ -545,6 +552,27 @@ FASTARCH_AMX_TARGET void amx_stream_pairs(float* acc, int64_t lda, const uint16_
         for (int v = 0; v < 4; ++v) _mm512_store_si512(buf + 4 * p + v, v4[v]);
       }
       float* a = acc + c;
+      if (m == 32) {  // two row groups (tmm4 / tmm5), 32 columns at a time
+        for (int h = 0; h < 2; ++h) {
+          float* a0 = a + 32 * h;
+          float* a1 = a0 + 16 * lda;
+          _tile_loadd(0, a0, sc);
+          _tile_loadd(1, a0 + 16, sc);
+          _tile_loadd(2, a1, sc);
+          _tile_loadd(3, a1 + 16, sc);
+          _tile_loadd(6, buf + 2 * h, sb);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_loadd(7, buf + 2 * h + 1, sb);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+          _tile_stored(0, a0, sc);
+          _tile_stored(1, a0 + 16, sc);
+          _tile_stored(2, a1, sc);
+          _tile_stored(3, a1 + 16, sc);
+        }
+        continue;
+      }
       _tile_loadd(0, a, sc);
       _tile_loadd(1, a + 16, sc);
       _tile_loadd(2, a + 32, sc);
@@ -575,12 +603,12 @@ bool amx_stream_enabled() {
   return on;
 }
 
-// y (B <= 16 rows, out) = the P pairs (ri, rj) weighted by xp (batch-major, row stride ldx, zero
+// y (B <= 32 rows, out) = the P pairs (ri, rj) weighted by xp (batch-major, row stride ldx, zero
 // past P and past B). Returns y.
 at::Tensor amx_stream_rows(at::Tensor y, int64_t B, const int64_t* ri, const int64_t* rj,
                            int64_t P, const uint16_t* w, int64_t out, const uint32_t* xp,
                            int64_t ldx) {
-  const int m = B <= 8 ? 8 : 16;
+  const int m = B <= 8 ? 8 : B <= 16 ? 16 : 32;
   const int64_t lda = (out + 63) / 64 * 64 + 16;  // + one line: rows not 4 KiB apart (see ldx)
   // Below about a million multiply-adds per thread a second thread costs more than it saves;
   // each thread's range is whole chunks of 16 pairs.
@@ -668,7 +696,8 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
     }
   });
 #if defined(FASTARCH_AMX)
-  if (amx && B <= kAmxRows && amx_stream_enabled())
+  if (amx && (B <= kAmxRows || (B <= 2 * kAmxRows && out <= kAmxStream32MaxOut)) &&
+      amx_stream_enabled())
     return amx_stream_rows(y, B, ri.data(), rj.data(), P, w, out, xp.data(), ldx);
 #endif
   // Below about a million multiply-adds per thread a second thread costs more than it saves.
