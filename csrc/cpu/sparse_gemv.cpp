@@ -1019,6 +1019,116 @@ at::Tensor rows_fma_tiled(const float* xa, int64_t B, const int64_t* rows, int64
   return y;
 }
 
+// The same products in streaming order (as amx_stream_pairs for bf16): the active rows are split
+// over the threads, each thread keeps accumulators for every column (B x lda floats, summed at
+// the end), and each chunk of 16 rows is walked from end to end, 32 columns (NB <= 8 batch rows
+// in registers: 16 accumulators) or 64 columns (NB <= 4) at a time, with each row prefetched
+// 512 bytes ahead. Groups of 8 batch rows past the first re-read the chunk's columns from L1.
+template <typename T, int NB>
+inline void fma_stream_group(float* __restrict acc, int64_t lda, const T* const* __restrict wr,
+                             int64_t kc, const float* __restrict xk, int64_t ldk, int64_t c,
+                             int64_t ncol) {
+  constexpr int V = NB <= 4 ? 4 : 2;
+  __m512 a[NB][V];
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < V; ++v) a[b][v] = _mm512_loadu_ps(acc + b * lda + c + 16 * v);
+  __mmask16 mk[V];
+  for (int v = 0; v < V; ++v) mk[v] = tail_mask16(ncol - c - 16 * v);
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load16_f<T>(wr[k] + c + 16 * v, mk[v]);
+    for (int b = 0; b < NB; ++b) {
+      const __m512 xb = _mm512_set1_ps(xk[k * ldk + b]);
+      for (int v = 0; v < V; ++v) a[b][v] = _mm512_fmadd_ps(xb, wv[v], a[b][v]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + b * lda + c + 16 * v, a[b][v]);
+}
+
+template <typename T, int NB>
+inline void fma_stream_rows(float* acc, int64_t lda, const T* const* wr, int64_t kc,
+                            const float* xk, int64_t ldk, int64_t out, int64_t nb) {
+  if constexpr (NB > 1) {
+    if (nb < NB) {
+      fma_stream_rows<T, NB - 1>(acc, lda, wr, kc, xk, ldk, out, nb);
+      return;
+    }
+  }
+  constexpr int64_t step = NB <= 4 ? 64 : 32;
+  constexpr int64_t ahead = 512 / sizeof(T);
+  for (int64_t c = 0; c < out; c += step) {
+    for (int64_t k = 0; k < kc; ++k)
+      _mm_prefetch(reinterpret_cast<const char*>(wr[k] + c + ahead), _MM_HINT_T0);
+    if constexpr (step == 64 && sizeof(T) == 4)  // 64 fp32 columns are two lines
+      for (int64_t k = 0; k < kc; ++k)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[k] + c + ahead + 16), _MM_HINT_T0);
+    fma_stream_group<T, NB>(acc, lda, wr, kc, xk, ldk, c, out);
+  }
+}
+
+template <typename T>
+at::Tensor rows_fma_stream(const float* xa, int64_t B, const int64_t* rows, int64_t K, const T* w,
+                           int64_t out) {
+  auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
+  if (K == 0 || out == 0 || B == 0) return y;
+  const std::vector<int64_t> keep = active_columns(xa, B, K, [](float v) { return v != 0.f; });
+  const int64_t nk = static_cast<int64_t>(keep.size());
+  if (nk == 0) return y;
+  std::vector<float> xk(static_cast<size_t>(nk * B));  // row-major coefficients xk[k * B + b]
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < nk; ++k) xk[k * B + b] = xa[b * K + keep[k]];
+  constexpr int64_t kChunk = 16;
+  const int64_t chunks = (nk + kChunk - 1) / kChunk;
+  const int64_t nthreads = std::max<int64_t>(
+      1, std::min<int64_t>({int64_t(at::get_num_threads()), chunks, (nk * out * B) >> 20}));
+  const int64_t per = (chunks + nthreads - 1) / nthreads * kChunk;
+  const int64_t lda = (out + 63) / 64 * 64 + 16;  // rows not 4 KiB apart
+  std::vector<std::vector<float>> accs(static_cast<size_t>(nthreads));
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      accs[t].assign(static_cast<size_t>(B * lda), 0.f);
+      const int64_t k0 = std::min(nk, t * per), k1 = std::min(nk, k0 + per);
+      const T* wr[kChunk];
+      for (int64_t q = k0; q < k1; q += kChunk) {
+        const int64_t kc = std::min(kChunk, k1 - q);
+        for (int64_t k = 0; k < kc; ++k) wr[k] = w + rows[keep[q + k]] * out;
+        for (int64_t b0 = 0; b0 < B; b0 += 8)
+          fma_stream_rows<T, 8>(accs[t].data() + b0 * lda, lda, wr, kc, xk.data() + q * B + b0,
+                                B, out, B - b0);
+      }
+    }
+  });
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* yr = yp + b * out;
+      std::memcpy(yr, accs[0].data() + b * lda, sizeof(float) * out);
+      for (int64_t t = 1; t < nthreads; ++t) {
+        const float* a = accs[t].data() + b * lda;
+        for (int64_t o = 0; o < out; ++o) yr[o] += a[o];
+      }
+    }
+  });
+  return y;
+}
+
+// Batch rows up to which rows_axpy takes the streaming order (from tiled_batch_from) for fp16 /
+// fp32; FASTARCH_GEMV_STREAM_UPTO overrides, 0 turns it off. 2026-12-04, Xeon with AMX /
+// AVX512-FP16 (2 cores of a shared VM), the five Llama shapes, s = 0 / 0.5, at a full union,
+// against F.linear, two alternating runs of bench_sparse_gemv.py: fp16 batch 4 1.50-1.79x
+// (staging kernel 0.73-1.76x), 6 1.30-1.80x (at::mm 0.70-0.84x), 8 1.24-1.61x (register tiles
+// 0.64-0.74x, at::mm 0.68-0.96x), 16 0.94-1.14x (0.70-0.78x), 24 0.85-0.98x (at::mm 0.72-0.78x),
+// 32 0.75-0.87x (at::mm 0.75-0.81x), 64 0.61-0.71x (at::mm 0.77-0.87x); fp32 batch 6 1.34-1.68x
+// (staging 1.02-1.36x), 8 1.67-2.39x (tiles 1.13-1.31x), 16 1.40-1.66x (1.06-1.24x), 24
+// 1.09-1.31x (MKL 1.01-1.21x), 32 1.02-1.22x (MKL 0.99-1.18x), 64 0.75-0.87x (MKL 0.93-1.12x).
+// Batches 2-3 were level with the kernels they would replace. Not measured on AMD Zen 4.
+int64_t stream_batch_upto(bool fp32) {
+  static const char* e = std::getenv("FASTARCH_GEMV_STREAM_UPTO");
+  if (e) return std::atoll(e);
+  return fp32 ? 24 : 32;
+}
+
 // Batch rows from which rows_axpy takes the register tiles (FASTARCH_GEMV_TILED_FROM overrides;
 // 0 turns them off). 2026-12-03, Sapphire Rapids-class Xeon (2 cores of a shared VM), against
 // F.linear, best of two alternating processes, the four Llama shapes of the bench, s = 0 / 0.5:
@@ -1029,7 +1139,7 @@ at::Tensor rows_fma_tiled(const float* xa, int64_t B, const int64_t* rows, int64
 int64_t tiled_batch_from(bool fp32) {
   static const char* e = std::getenv("FASTARCH_GEMV_TILED_FROM");
   if (e) return std::atoll(e) <= 0 ? std::numeric_limits<int64_t>::max() : int64_t(std::atoll(e));
-  return fp32 ? 8 : 5;
+  return fp32 ? 5 : 4;  // the streaming order from these (stream_batch_upto), tiles above it
 }
 #endif
 
@@ -1045,6 +1155,8 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
   }
 #endif
 #if defined(FASTARCH_TILED_FMA)
+  if (B >= tiled_batch_from(std::is_same_v<T, float>) && B <= stream_batch_upto(std::is_same_v<T, float>))
+    return rows_fma_stream<T>(xa, B, rows, K, w, out);
   if (B >= tiled_batch_from(std::is_same_v<T, float>))
     return rows_fma_tiled<T>(xa, B, rows, K, w, out);
 #endif
@@ -1337,9 +1449,11 @@ bool dense_wide_batches(at::ScalarType dt, int64_t in, int64_t out) {
 // F.linear at batch 4 0.82-1.04x / 1.49-2.01x, 6 0.78-1.13x / 0.76-0.91x, 8 0.75-1.07x /
 // 0.74-0.92x, 16 0.79-1.06x / 0.72-0.88x, 32 0.83-1.05x / 0.65-0.88x: from 6 rows. bf16 (AMX):
 // at::mm behind the kernel at 8-16 on every shape (0.63-0.89x / 0.82-0.94x), level at 32.
+// Since the streaming order (stream_batch_upto's comment, 2026-12-04): fp32 above 24 rows, fp16
+// above 32.
 int64_t wide_batch_above(at::ScalarType dt) {
-  if (dt == at::kFloat) return 16;
-  if (dt == at::kHalf) return 5;
+  if (dt == at::kFloat) return 24;
+  if (dt == at::kHalf) return 32;
   return 32;
 }
 

@@ -196,12 +196,14 @@ print("ok")
                                  {"FASTARCH_GEMV_AMX_FROM": "2", "FASTARCH_GEMV_AMX_STREAM": "0"},
                                  {"FASTARCH_GEMV_BF16_DOT": "0"},
                                  {"FASTARCH_GEMV_TILED_FROM": "0"},
-                                 {"FASTARCH_GEMV_TILED_FROM": "2"}],
+                                 {"FASTARCH_GEMV_TILED_FROM": "2"},
+                                 {"FASTARCH_GEMV_TILED_FROM": "2", "FASTARCH_GEMV_STREAM_UPTO": "0"}],
                          ids=["no-amx", "amx-from-8", "amx-panels-from-2", "no-bf16-dot",
-                              "no-tiles", "tiles-from-2"])
+                              "no-tiles", "stream-from-2", "tiles-from-2"])
 def test_sparse_gemv_batch_paths(env):
     # each batch kernel (AMX tiles where the CPU has them, streaming up to 16 rows and in panels,
-    # vdpbf16ps, the fp32 register tiles on AVX-512, the staging one) against the spec; the
+    # vdpbf16ps, the fp32 / fp16 streaming order and register tiles on AVX-512, the staging one)
+    # against the spec; the
     # switches are read once per process. The dense product is switched off: on AMX /
     # AVX512-FP16 CPUs batches above 32 with a full union would go to it, and these runs are for
     # the kernels.
