@@ -1021,14 +1021,13 @@ at::Tensor rows_fma_tiled(const float* xa, int64_t B, const int64_t* rows, int64
 
 // The same products in streaming order (as amx_stream_pairs for bf16): the active rows are split
 // over the threads, each thread keeps accumulators for every column (B x lda floats, summed at
-// the end), and each chunk of 16 rows is walked from end to end, 32 columns (NB <= 8 batch rows
-// in registers: 16 accumulators) or 64 columns (NB <= 4) at a time, with each row prefetched
-// 512 bytes ahead. Groups of 8 batch rows past the first re-read the chunk's columns from L1.
-template <typename T, int NB>
+// the end), and each chunk of 16 rows is walked from end to end, 64 columns at a time for up to 4
+// batch rows, else 32, with each row prefetched 512 bytes ahead. At each column step every group
+// of up to 8 batch rows (NB x V accumulators in registers) takes the chunk's slice from L1.
+template <typename T, int NB, int V>
 inline void fma_stream_group(float* __restrict acc, int64_t lda, const T* const* __restrict wr,
                              int64_t kc, const float* __restrict xk, int64_t ldk, int64_t c,
                              int64_t ncol) {
-  constexpr int V = NB <= 4 ? 4 : 2;
   __m512 a[NB][V];
   for (int b = 0; b < NB; ++b)
     for (int v = 0; v < V; ++v) a[b][v] = _mm512_loadu_ps(acc + b * lda + c + 16 * v);
@@ -1046,24 +1045,32 @@ inline void fma_stream_group(float* __restrict acc, int64_t lda, const T* const*
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + b * lda + c + 16 * v, a[b][v]);
 }
 
-template <typename T, int NB>
-inline void fma_stream_rows(float* acc, int64_t lda, const T* const* wr, int64_t kc,
-                            const float* xk, int64_t ldk, int64_t out, int64_t nb) {
+// fma_stream_group for nb <= NB batch rows
+template <typename T, int NB, int V>
+inline void fma_stream_rows(int64_t nb, float* acc, int64_t lda, const T* const* wr, int64_t kc,
+                            const float* xk, int64_t ldk, int64_t c, int64_t out) {
   if constexpr (NB > 1) {
     if (nb < NB) {
-      fma_stream_rows<T, NB - 1>(acc, lda, wr, kc, xk, ldk, out, nb);
+      fma_stream_rows<T, NB - 1, V>(nb, acc, lda, wr, kc, xk, ldk, c, out);
       return;
     }
   }
-  constexpr int64_t step = NB <= 4 ? 64 : 32;
+  fma_stream_group<T, NB, V>(acc, lda, wr, kc, xk, ldk, c, out);
+}
+
+// acc (B x lda) += the kc rows wr weighted by xk (kc x B), column steps of 16 V
+template <typename T, int V>
+inline void fma_stream_chunk(int64_t B, float* acc, int64_t lda, const T* const* wr, int64_t kc,
+                             const float* xk, int64_t out) {
+  constexpr int64_t step = 16 * V;
   constexpr int64_t ahead = 512 / sizeof(T);
   for (int64_t c = 0; c < out; c += step) {
-    for (int64_t k = 0; k < kc; ++k)
-      _mm_prefetch(reinterpret_cast<const char*>(wr[k] + c + ahead), _MM_HINT_T0);
-    if constexpr (step == 64 && sizeof(T) == 4)  // 64 fp32 columns are two lines
-      for (int64_t k = 0; k < kc; ++k)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[k] + c + ahead + 16), _MM_HINT_T0);
-    fma_stream_group<T, NB>(acc, lda, wr, kc, xk, ldk, c, out);
+    for (int64_t k = 0; k < kc; ++k)  // the step's lines, 512 bytes ahead
+      for (int64_t l = 0; l < step; l += 64 / int64_t(sizeof(T)))
+        _mm_prefetch(reinterpret_cast<const char*>(wr[k] + c + ahead + l), _MM_HINT_T0);
+    constexpr int G = V == 4 ? 4 : 8;  // batch rows per group: G x V <= 16 accumulators
+    for (int64_t b0 = 0; b0 < B; b0 += G)
+      fma_stream_rows<T, G, V>(B - b0, acc + b0 * lda, lda, wr, kc, xk + b0, B, c, out);
   }
 }
 
@@ -1093,9 +1100,10 @@ at::Tensor rows_fma_stream(const float* xa, int64_t B, const int64_t* rows, int6
       for (int64_t q = k0; q < k1; q += kChunk) {
         const int64_t kc = std::min(kChunk, k1 - q);
         for (int64_t k = 0; k < kc; ++k) wr[k] = w + rows[keep[q + k]] * out;
-        for (int64_t b0 = 0; b0 < B; b0 += 8)
-          fma_stream_rows<T, 8>(accs[t].data() + b0 * lda, lda, wr, kc, xk.data() + q * B + b0,
-                                B, out, B - b0);
+        if (B <= 4)
+          fma_stream_chunk<T, 4>(B, accs[t].data(), lda, wr, kc, xk.data() + q * B, out);
+        else
+          fma_stream_chunk<T, 2>(B, accs[t].data(), lda, wr, kc, xk.data() + q * B, out);
       }
     }
   });
@@ -1122,11 +1130,16 @@ at::Tensor rows_fma_stream(const float* xa, int64_t B, const int64_t* rows, int6
 // 32 0.75-0.87x (at::mm 0.75-0.81x), 64 0.61-0.71x (at::mm 0.77-0.87x); fp32 batch 6 1.34-1.68x
 // (staging 1.02-1.36x), 8 1.67-2.39x (tiles 1.13-1.31x), 16 1.40-1.66x (1.06-1.24x), 24
 // 1.09-1.31x (MKL 1.01-1.21x), 32 1.02-1.22x (MKL 0.99-1.18x), 64 0.75-0.87x (MKL 0.93-1.12x).
-// Batches 2-3 were level with the kernels they would replace. Not measured on AMD Zen 4.
+// Batches 2-3 were level with the kernels they would replace. Then every group of batch rows at
+// each column step, and every line of a step prefetched (fp32 had one of two): two runs against
+// the build before, fp32 batch 8 1.68-2.27x -> 1.80-2.64x, 16 1.41-1.59x -> 1.51-1.88x, 24
+// 1.11-1.25x -> 1.21-1.43x, fp16 level; and at batch 32 fp32 1.15-1.33x against MKL's
+// 0.98-1.13x, at 48 0.84-1.11x against 0.97-1.11x (fp16 48: 0.53-0.75x against oneDNN's
+// 0.78-0.84x). Not measured on AMD Zen 4.
 int64_t stream_batch_upto(bool fp32) {
   static const char* e = std::getenv("FASTARCH_GEMV_STREAM_UPTO");
   if (e) return std::atoll(e);
-  return fp32 ? 24 : 32;
+  return 32;
 }
 
 // Batch rows from which rows_axpy takes the register tiles (FASTARCH_GEMV_TILED_FROM overrides;
@@ -1449,10 +1462,9 @@ bool dense_wide_batches(at::ScalarType dt, int64_t in, int64_t out) {
 // F.linear at batch 4 0.82-1.04x / 1.49-2.01x, 6 0.78-1.13x / 0.76-0.91x, 8 0.75-1.07x /
 // 0.74-0.92x, 16 0.79-1.06x / 0.72-0.88x, 32 0.83-1.05x / 0.65-0.88x: from 6 rows. bf16 (AMX):
 // at::mm behind the kernel at 8-16 on every shape (0.63-0.89x / 0.82-0.94x), level at 32.
-// Since the streaming order (stream_batch_upto's comment, 2026-12-04): fp32 above 24 rows, fp16
-// above 32.
+// Since the streaming order (stream_batch_upto's comment, 2026-12-04): above 32 rows.
 int64_t wide_batch_above(at::ScalarType dt) {
-  if (dt == at::kFloat) return 24;
+  if (dt == at::kFloat) return 32;
   if (dt == at::kHalf) return 32;
   return 32;
 }
