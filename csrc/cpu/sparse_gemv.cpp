@@ -662,7 +662,8 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
 #endif
   const bool packed = amx || B >= kPackBatch;
   // AMX: batch rows in tiles of 16, pairs in tiles of 16; the coefficients are zero-padded to
-  // whole tiles (Bp x Pp), as are the accumulators. (Tiles of fewer rows were no faster.)
+  // whole tiles (Bp x Pp), as are the accumulators. (In this panel loop tiles of fewer rows were
+  // no faster; the streaming order takes 8-row tiles up to batch 8.)
   const int64_t m = amx ? kAmxRows : 0;
   const int64_t Bp = amx ? (B + m - 1) / m * m : B;
   // Rows with a non-zero coefficient in some batch row, paired in order; an odd one out is paired
@@ -1139,11 +1140,14 @@ at::Tensor rows_fma_stream(const float* xa, int64_t B, const int64_t* rows, int6
 int64_t stream_batch_upto(bool fp32) {
   static const char* e = std::getenv("FASTARCH_GEMV_STREAM_UPTO");
   if (e) return std::atoll(e);
+  (void)fp32;  // the same limit for both, measured separately
   return 32;
 }
 
-// Batch rows from which rows_axpy takes the register tiles (FASTARCH_GEMV_TILED_FROM overrides;
-// 0 turns them off). 2026-12-03, Sapphire Rapids-class Xeon (2 cores of a shared VM), against
+// Batch rows from which rows_axpy takes the batch kernels: the streaming order up to
+// stream_batch_upto, the register tiles above it (FASTARCH_GEMV_TILED_FROM overrides; 0 turns
+// both off). Since 2026-12-04 fp32 from 5 rows and fp16 from 4 (stream_batch_upto's comment);
+// the register tiles against the staging kernel before that, 2026-12-03, Sapphire Rapids-class Xeon (2 cores of a shared VM), against
 // F.linear, best of two alternating processes, the four Llama shapes of the bench, s = 0 / 0.5:
 //  * fp16: batch 5 staging 0.56-0.91x, tiles 0.71-0.80x; batch 8 0.50-0.71x vs 0.66-0.89x;
 //    batches 16-64 0.26-0.59x vs 0.53-0.90x (oneDNN's fp16 GEMM is not memory-bound there).

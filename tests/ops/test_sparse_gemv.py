@@ -165,12 +165,12 @@ import torch, fastarch
 from fastarch.ops import sparse_gemv as sg
 from fastarch import native
 print(native.cpu_gemv_paths())
-# batches below / at / above the 6-row and 16-row tiles; 263 inputs with 9 always inactive
-# (254 rows: three whole 64-row chunks and a partial one; 127 pairs: a whole 64-pair chunk, a
-# partial one, a partial 16-pair tile); 2053 columns (partial panels and tiles); a union of a
-# few rows; every row inactive
+# batches below / at / above the 4-, 6-, 8-, 16- and 32-row limits of the kernels; 263 inputs
+# with 9 always inactive (254 rows: three whole 64-row chunks and a partial one; 127 pairs: a
+# whole 64-pair chunk, a partial one, a partial 16-pair tile); 2053 columns (partial panels and
+# tiles); a union of a few rows; every row inactive
 for dt, tol in ((torch.bfloat16, 3e-2), (torch.float16, 3e-3), (torch.float32, 1e-4)):
-    for b in (2, 3, 5, 7, 8, 15, 16, 17, 33, 64):
+    for b in (2, 3, 4, 5, 7, 8, 15, 16, 17, 24, 32, 33, 64):
         g = torch.Generator().manual_seed(b)
         for inp, out in ((263, 2053), (40, 70)):
             x = torch.randn(b, inp, generator=g).to(dt)
