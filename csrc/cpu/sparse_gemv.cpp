@@ -474,42 +474,56 @@ FASTARCH_AMX_TARGET void amx_begin(int m) {  // m batch rows in tmm0-4, 16 pairs
 
 FASTARCH_AMX_TARGET void amx_end() { _tile_release(); }
 
-// acc (m rows of 64 columns, unpack order, row stride lda floats) += the np16 pairs of one packed
-// tile (pw: 4 vectors per pair) weighted by xp (m rows of pairs at row stride ldx), np16 % 16 == 0.
-FASTARCH_AMX_TARGET void amx_pairs_tile(float* acc, int64_t lda, const __m512i* pw,
-                                        const uint32_t* xp, int64_t ldx, int64_t np16) {
-  const int64_t sc = lda * 4, sa = ldx * 4, sb = 4 * 64;
+// The four C tiles of 64 columns (tmm0-3) from / to acc (row stride sc bytes), and one step of
+// 16 pairs on them: tmm4 holds the coefficients, b the 4 paired vectors per pair (row stride sb).
+FASTARCH_AMX_TARGET inline void amx_load_c4(const float* acc, int64_t sc) {
   _tile_loadd(0, acc, sc);
   _tile_loadd(1, acc + 16, sc);
   _tile_loadd(2, acc + 32, sc);
   _tile_loadd(3, acc + 48, sc);
-  for (int64_t p = 0; p < np16; p += 16) {
-    const __m512i* b = pw + 4 * p;
-    _tile_loadd(4, xp + p, sa);
-    _tile_loadd(5, b, sb);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_loadd(6, b + 1, sb);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_loadd(7, b + 2, sb);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, b + 3, sb);
-    _tile_dpbf16ps(3, 4, 5);
-  }
+}
+
+FASTARCH_AMX_TARGET inline void amx_store_c4(float* acc, int64_t sc) {
   _tile_stored(0, acc, sc);
   _tile_stored(1, acc + 16, sc);
   _tile_stored(2, acc + 32, sc);
   _tile_stored(3, acc + 48, sc);
 }
 
-// Batches of up to 16 rows (32 for up to 8192 columns), streaming: the pairs are split over the threads (each thread keeps
-// accumulators for every column, m x lda floats, summed at the end) and each chunk of 16 pairs
-// walks its 32 weight rows from end to end, 64 columns at a time: the 16 x 64 pairs of a tile
-// are unpacked into an L1 buffer and go straight into the tile products. The panel loop below
-// instead packs 64 pairs of a 1-2K column panel ahead of the tile work: 128 short row segments
-// per chunk, which the hardware prefetchers follow far worse. /tmp micro-benchmark, 2026-12-04,
-// the Xeon with AMX, 2 threads, batch 8: unpacking alone 45-54 GB/s in this order against 24-36
-// GB/s in panels; with the tile work 3.7-5.5 ms of 4096x14336 (the panel kernel ~8 ms, F.linear
-// ~6 ms). Tiles of 8 rows up to batch 8 halve the accumulator traffic (3.7-3.9 ms against
+FASTARCH_AMX_TARGET inline void amx_dp4(const __m512i* b, int64_t sb) {
+  _tile_loadd(5, b, sb);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(6, b + 1, sb);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_loadd(7, b + 2, sb);
+  _tile_dpbf16ps(2, 4, 7);
+  _tile_loadd(5, b + 3, sb);
+  _tile_dpbf16ps(3, 4, 5);
+}
+
+// acc (m rows of 64 columns, unpack order, row stride lda floats) += the np16 pairs of one packed
+// tile (pw: 4 vectors per pair) weighted by xp (m rows of pairs at row stride ldx), np16 % 16 == 0.
+FASTARCH_AMX_TARGET void amx_pairs_tile(float* acc, int64_t lda, const __m512i* pw,
+                                        const uint32_t* xp, int64_t ldx, int64_t np16) {
+  const int64_t sc = lda * 4, sa = ldx * 4, sb = 4 * 64;
+  amx_load_c4(acc, sc);
+  for (int64_t p = 0; p < np16; p += 16) {
+    _tile_loadd(4, xp + p, sa);
+    amx_dp4(pw + 4 * p, sb);
+  }
+  amx_store_c4(acc, sc);
+}
+
+// Batches of up to 16 rows (32 for up to 8192 columns), streaming: the pairs are split over the
+// threads (each thread keeps accumulators for every column, m x lda floats, summed at the end)
+// and each chunk of 16 pairs walks its 32 weight rows from end to end, 64 columns at a time: the
+// 16 x 64 pairs of a tile are unpacked into an L1 buffer and go straight into the tile products.
+// The panel loop below instead packs 64 pairs of a 1-2K column panel ahead of the tile work: 128
+// short row segments per chunk, which the hardware prefetchers follow far worse. /tmp
+// micro-benchmark, 2026-12-04, the Xeon with AMX, 2 threads, batch 8: unpacking alone 45-54 GB/s
+// in this order against 24-36 GB/s in panels; with the tile work 3.7-5.5 ms of 4096x14336 (the
+// panel kernel ~8 ms, F.linear ~6 ms).
+// Tiles of 8 rows up to batch 8 halve the accumulator traffic (3.7-3.9 ms against
 // 4.4-5.5 ms with 16 rows at that shape). Batches of 17-32 (two row groups, 32 columns at a time)
 // only up to 8192 columns: batch 32, 4096x4096 1.6-2.1 ms against F.linear's ~1.8 (the panel
 // loop ~2.5), 2048 -> 8192 1.6-1.9 against ~2.2; at 4096 -> 14336 the 1.8 MB of accumulators per
@@ -573,22 +587,9 @@ FASTARCH_AMX_TARGET void amx_stream_pairs(float* acc, int64_t lda, const uint16_
         }
         continue;
       }
-      _tile_loadd(0, a, sc);
-      _tile_loadd(1, a + 16, sc);
-      _tile_loadd(2, a + 32, sc);
-      _tile_loadd(3, a + 48, sc);
-      _tile_loadd(5, buf, sb);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, buf + 1, sb);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, buf + 2, sb);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, buf + 3, sb);
-      _tile_dpbf16ps(3, 4, 5);
-      _tile_stored(0, a, sc);
-      _tile_stored(1, a + 16, sc);
-      _tile_stored(2, a + 32, sc);
-      _tile_stored(3, a + 48, sc);
+      amx_load_c4(a, sc);
+      amx_dp4(buf, sb);
+      amx_store_c4(a, sc);
     }
   }
   amx_end();
@@ -965,19 +966,36 @@ inline void fma_group(int64_t nb, float* acc, int64_t lda, const float* pw, cons
   fma_tile<NB>(acc, lda, pw, xk, ldx, nk);
 }
 
-// y (B, out) fp32 = sum_k xa[b, k] * w_t[rows[k], :].
+// The rows some batch row uses (into keep) and their coefficients, row-major: xk[k * B + b].
+inline std::vector<float> used_coefficients(const float* xa, int64_t B, int64_t K,
+                                            std::vector<int64_t>& keep) {
+  keep = active_columns(xa, B, K, [](float v) { return v != 0.f; });
+  const int64_t nk = static_cast<int64_t>(keep.size());
+  std::vector<float> xk(static_cast<size_t>(nk * B));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < nk; ++k) xk[k * B + b] = xa[b * K + keep[k]];
+  return xk;
+}
+
+template <typename T>
+at::Tensor rows_fma_stream(at::Tensor y, int64_t B, const int64_t* rows,
+                           const std::vector<int64_t>& keep, const std::vector<float>& xk,
+                           const T* w, int64_t out);
+int64_t stream_batch_upto(bool fp32);
+
+// y (B, out) fp32 = sum_k xa[b, k] * w_t[rows[k], :]: up to stream_batch_upto rows in streaming
+// order (rows_fma_stream), else register tiles over column panels.
 template <typename T>
 at::Tensor rows_fma_tiled(const float* xa, int64_t B, const int64_t* rows, int64_t K, const T* w,
                           int64_t out) {
   auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
   if (K == 0 || out == 0 || B == 0) return y;
-  // the rows some batch row uses, and their coefficients row-major (xk[k * B + b])
-  const std::vector<int64_t> keep = active_columns(xa, B, K, [](float v) { return v != 0.f; });
+  std::vector<int64_t> keep;
+  const std::vector<float> xk = used_coefficients(xa, B, K, keep);
   const int64_t nk = static_cast<int64_t>(keep.size());
   if (nk == 0) return y;
-  std::vector<float> xk(static_cast<size_t>(nk * B));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < nk; ++k) xk[k * B + b] = xa[b * K + keep[k]];
+  if (B <= stream_batch_upto(std::is_same_v<T, float>))
+    return rows_fma_stream<T>(std::move(y), B, rows, keep, xk, w, out);
   const int64_t work = nk * out * B;
   const int64_t nthreads = std::max<int64_t>(
       1, std::min<int64_t>({int64_t(at::get_num_threads()), (out + 63) / 64, work >> 20}));
@@ -1076,16 +1094,10 @@ inline void fma_stream_chunk(int64_t B, float* acc, int64_t lda, const T* const*
 }
 
 template <typename T>
-at::Tensor rows_fma_stream(const float* xa, int64_t B, const int64_t* rows, int64_t K, const T* w,
-                           int64_t out) {
-  auto y = at::zeros({B, out}, at::TensorOptions().dtype(at::kFloat));
-  if (K == 0 || out == 0 || B == 0) return y;
-  const std::vector<int64_t> keep = active_columns(xa, B, K, [](float v) { return v != 0.f; });
+at::Tensor rows_fma_stream(at::Tensor y, int64_t B, const int64_t* rows,
+                           const std::vector<int64_t>& keep, const std::vector<float>& xk,
+                           const T* w, int64_t out) {
   const int64_t nk = static_cast<int64_t>(keep.size());
-  if (nk == 0) return y;
-  std::vector<float> xk(static_cast<size_t>(nk * B));  // row-major coefficients xk[k * B + b]
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < nk; ++k) xk[k * B + b] = xa[b * K + keep[k]];
   constexpr int64_t kChunk = 16;
   const int64_t chunks = (nk + kChunk - 1) / kChunk;
   const int64_t nthreads = std::max<int64_t>(
@@ -1147,8 +1159,9 @@ int64_t stream_batch_upto(bool fp32) {
 // Batch rows from which rows_axpy takes the batch kernels: the streaming order up to
 // stream_batch_upto, the register tiles above it (FASTARCH_GEMV_TILED_FROM overrides; 0 turns
 // both off). Since 2026-12-04 fp32 from 5 rows and fp16 from 4 (stream_batch_upto's comment);
-// the register tiles against the staging kernel before that, 2026-12-03, Sapphire Rapids-class Xeon (2 cores of a shared VM), against
-// F.linear, best of two alternating processes, the four Llama shapes of the bench, s = 0 / 0.5:
+// the register tiles against the staging kernel before that, 2026-12-03, Sapphire Rapids-class
+// Xeon (2 cores of a shared VM), against F.linear, best of two alternating processes, the four
+// Llama shapes of the bench, s = 0 / 0.5:
 //  * fp16: batch 5 staging 0.56-0.91x, tiles 0.71-0.80x; batch 8 0.50-0.71x vs 0.66-0.89x;
 //    batches 16-64 0.26-0.59x vs 0.53-0.90x (oneDNN's fp16 GEMM is not memory-bound there).
 //  * fp32: batch 5 1.11-1.73x vs 1.01-1.31x; batch 8 0.83-1.62x vs 1.33-1.74x; batches 16-64
@@ -1172,8 +1185,6 @@ at::Tensor rows_axpy(const float* xa, int64_t B, const int64_t* rows, int64_t K,
   }
 #endif
 #if defined(FASTARCH_TILED_FMA)
-  if (B >= tiled_batch_from(std::is_same_v<T, float>) && B <= stream_batch_upto(std::is_same_v<T, float>))
-    return rows_fma_stream<T>(xa, B, rows, K, w, out);
   if (B >= tiled_batch_from(std::is_same_v<T, float>))
     return rows_fma_tiled<T>(xa, B, rows, K, w, out);
 #endif
