@@ -363,6 +363,17 @@ inline void pair_rows(const uint16_t* wi, const uint16_t* wj, __mmask32 m0, __mm
   v[3] = _mm512_unpackhi_epi16(i1, j1);
 }
 
+// The n <= 32 columns of one block back in column order, from the lo / hi accumulators of the
+// paired-vector (unpack) order that pair_rows produces.
+inline void store_unpacked32(__m512 lo, __m512 hi, float* dst, int64_t n) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  float col[32];
+  _mm512_storeu_ps(col, _mm512_permutex2var_ps(lo, first, hi));
+  _mm512_storeu_ps(col + 16, _mm512_permutex2var_ps(lo, second, hi));
+  std::memcpy(dst, col, sizeof(float) * std::min<int64_t>(32, n));
+}
+
 // acc (NB rows of 64 columns, unpack order) += the np pairs of one tile. Packed: pw holds 4
 // vectors per pair and xp is pair-major (xp[p * ldx + b]); direct: the pairs are read from the
 // weight rows ri / rj (w points at the tile's first column) and xp is batch-major.
@@ -630,8 +641,6 @@ at::Tensor amx_stream_rows(at::Tensor y, int64_t B, const int64_t* ri, const int
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (out + 31) / 32;
   at::parallel_for(0, B * blocks, 256, [&](int64_t i0, int64_t i1) {
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / blocks, t0 = (i % blocks) * 32;
       __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
@@ -640,10 +649,7 @@ at::Tensor amx_stream_rows(at::Tensor y, int64_t B, const int64_t* ri, const int
         lo = _mm512_add_ps(lo, _mm512_loadu_ps(a));
         hi = _mm512_add_ps(hi, _mm512_loadu_ps(a + 16));
       }
-      float col[32];
-      _mm512_storeu_ps(col, _mm512_permutex2var_ps(lo, first, hi));
-      _mm512_storeu_ps(col + 16, _mm512_permutex2var_ps(lo, second, hi));
-      std::memcpy(yp + b * out + t0, col, sizeof(float) * std::min<int64_t>(32, out - t0));
+      store_unpacked32(lo, hi, yp + b * out + t0, out - t0);
     }
   });
   return y;
@@ -794,17 +800,12 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
           }
         }
       }
-      // Back to column order: block of 32 columns from its lo / hi accumulators.
-      const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-      const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+      // Back to column order, blocks of 32 columns.
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t t0 = 0; t0 < ncol; t0 += 32) {
           const float* a = acc.data() + b * lda + t0;
-          const __m512 lo = _mm512_loadu_ps(a), hi = _mm512_loadu_ps(a + 16);
-          float col[32];
-          _mm512_storeu_ps(col, _mm512_permutex2var_ps(lo, first, hi));
-          _mm512_storeu_ps(col + 16, _mm512_permutex2var_ps(lo, second, hi));
-          std::memcpy(yp + b * out + c0 + t0, col, sizeof(float) * std::min<int64_t>(32, ncol - t0));
+          store_unpacked32(_mm512_loadu_ps(a), _mm512_loadu_ps(a + 16), yp + b * out + c0 + t0,
+                           ncol - t0);
         }
       }
     }
