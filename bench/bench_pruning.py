@@ -197,7 +197,11 @@ def _select(args, names: list[str]) -> list[str]:
         import fnmatch
 
         pats = [m.strip() for m in args.models.split(",") if m.strip()]
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        # in the order of the patterns (a list sorted by size runs smallest first)
+        picked = []
+        for pat in pats:
+            picked += [n for n in names if fnmatch.fnmatchcase(n, pat) and n not in picked]
+        names = picked
     names = names[args.offset:args.offset + args.limit] if args.limit else names[args.offset:]
     return names[::args.stride] if args.stride > 1 else names
 
@@ -319,7 +323,7 @@ def main(argv=None):
     p.add_argument("--batches", default="1,32", help="--latency: comma list of batch sizes")
     p.add_argument("--models", default="",
                    help="--latency: comma list of model name prefixes (default: all four); "
-                        "--sweep: comma list of name patterns (fnmatch) to check")
+                        "--sweep: comma list of name patterns (fnmatch) to check, run in this order")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
