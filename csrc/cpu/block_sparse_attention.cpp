@@ -26,6 +26,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include "aligned.h"
 #include "convert.h"
 
 #include <algorithm>
@@ -183,9 +184,17 @@ inline float row_max(const float* __restrict s, int64_t n, float init) {
   float mx = init;
 #if defined(__AVX512F__)
   if (n >= 16) {
-    __m512 m = _mm512_set1_ps(init);
-    for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
-    mx = _mm512_reduce_max_ps(m);
+    // four independent maxima: one chain of vmaxps waits its latency per 16 scores (the row max
+    // was ~17% of a bf16 sliding-window call on AMX, perf)
+    __m512 m0 = _mm512_set1_ps(init), m1 = m0, m2 = m0, m3 = m0;
+    for (; j + 64 <= n; j += 64) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+      m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j + 32));
+      m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + j + 48));
+    }
+    for (; j + 16 <= n; j += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+    mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
@@ -635,6 +644,16 @@ bool attn_f32_brgemm() {
   return on;
 }
 
+// FASTARCH_ATTN_RUN_KEYS: the most keys of consecutive tiles fused into one product (0 or unset:
+// the defaults where Params::group is set).
+int64_t attn_run_keys() {
+  static const int64_t keys = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_RUN_KEYS");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(0);
+  }();
+  return keys;
+}
+
 // Everything a work item needs, gathered once.
 struct Params {
   int64_t B, Hq, Hkv, Lq, Lk, D, bs, Qt, Kt;
@@ -872,13 +891,36 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     // the odd key's zero pair; for brgemm the reduction is padded with zero keys to a multiple
     // of 32 (oneDNN's kernels are several times slower on other tails: 300 keys 500 GFLOP/s,
     // 288 keys 1100, /tmp micro-benchmark)
-    thread_local std::vector<uint16_t> pbf;
+    thread_local aligned_vector<uint16_t> pbf;
     const int64_t ldp = (ldS + 2 + 31) / 32 * 32;
     const int64_t npad = p.amx ? (n + 31) / 32 * 32 : n + (n & 1);
     if (dot) pbf.resize(size_t(bs * ldp));
 #endif
+    // The live columns of a row, [jl, jh): with a window and no prefix inside the run, every
+    // column outside the window that is not in a full tile is a partial tile's masked one, so
+    // the row max and the exp pass skip it and its P is zero (a 256-key window row spans 320
+    // keys of 64-key tiles; the diagonal tile of a causal row is half masked).
+    const bool ranged = (p.window_left >= 0 || p.window_right >= 0) && p.prefix_len <= c0;
+    int64_t full_lo = n, full_hi = 0;  // the columns of the run's full tiles
+    if (ranged) {
+      for (int64_t u = 0; u < g; ++u)
+        if (slots[tfirst + u] < 0) {
+          full_lo = std::min(full_lo, u * bs);
+          full_hi = std::max(full_hi, std::min(n, (u + 1) * bs));
+        }
+    }
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
+      int64_t jl = 0, jh = n;
+      if (ranged) {
+        const int64_t qpos = r0 + i + p.q_offset;
+        if (p.window_left >= 0) jl = std::clamp<int64_t>(qpos - p.window_left - c0, 0, n);
+        if (p.window_right >= 0) jh = std::clamp<int64_t>(qpos + p.window_right - c0 + 1, jl, n);
+        if (full_lo < full_hi) {
+          jl = std::min(jl, full_lo);
+          jh = std::max(jh, full_hi);
+        }
+      }
       if (p.amx && mul == 1.f && p.scale != 1.f) {
         const float sc = p.scale;
 #pragma omp simd
@@ -896,19 +938,24 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         }
         mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
       }
-      const float mx = mul == 1.f ? row_max(s, n, mrow[i])
-                                  : std::max(mrow[i], mul * row_max(s, n, kNegInf));
+      const float mx = mul == 1.f ? row_max(s + jl, jh - jl, mrow[i])
+                                  : std::max(mrow[i], mul * row_max(s + jl, jh - jl, kNegInf));
       const float mref = mx == kNegInf ? 0.f : mx;
       const float alpha = fast_exp(mrow[i] - mref);
       float sum;
 #if defined(FASTARCH_ATTN_BF16_DOT)
       if (dot) {
         uint16_t* pr = pbf.data() + i * ldp;
-        sum = exp_row_to_bf16(s, n, mul, mref, pr);
-        std::fill(pr + n, pr + npad, uint16_t(0));
+        std::fill(pr, pr + jl, uint16_t(0));
+        sum = exp_row_to_bf16(s + jl, jh - jl, mul, mref, pr + jl);
+        std::fill(pr + jh, pr + npad, uint16_t(0));
       } else
 #endif
-        sum = exp_sub_row(s, n, mref);
+      {
+        sum = exp_sub_row(s + jl, jh - jl, mref);
+        std::fill(s, s + jl, 0.f);
+        std::fill(s + jh, s + n, 0.f);
+      }
       lrow[i] = lrow[i] * alpha + sum;
       mrow[i] = mx;
       if (alpha != 1.f) {
@@ -1038,8 +1085,9 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
     fidx = full_kv_indices->contiguous();
   }
   // Consecutive tiles fused into one product: up to 256 keys, fewer for wide heads so that the
-  // K and V rows of a run (2 * 256 * D floats) stay within L2.
-  p.group = std::max<int64_t>(1, std::min<int64_t>(256, 16384 / std::max<int64_t>(D, 1)) / bs);
+  // K and V rows of a run (2 * 256 * D floats) stay within L2 (the AMX path sets its own below).
+  p.group = std::max<int64_t>(1, (attn_run_keys() > 0 ? attn_run_keys()
+                                  : std::min<int64_t>(256, 16384 / std::max<int64_t>(D, 1))) / bs);
   p.Bm = Bm; p.Hm = Hm; p.W = idx.size(3); p.Wf = fidx.defined() ? fidx.size(3) : 0;
   p.num = num.data_ptr<int32_t>();
   p.idx = idx.data_ptr<int32_t>();
@@ -1182,8 +1230,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     return e ? std::atoll(e) : int64_t(96);
   }();
 
-  std::vector<uint32_t> klocal, vlocal;  // the pair layouts of a call too large to keep
-  std::vector<float> kt_local;  // likewise the fp32 K^T tiles
+  aligned_vector<uint32_t> klocal, vlocal;  // the pair layouts of a call too large to keep
+  aligned_vector<float> kt_local;  // likewise the fp32 K^T tiles
 #if defined(FASTARCH_ATTN_BF16_DOT)
   // bf16 prefill with the bf16 dot instruction (D and the block a multiple of 16, up to 128): K
   // and V regrouped into bf16 pairs once per call (pure data movement, no rounding).
@@ -1201,9 +1249,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     // (S=4096, H=8, D=64: 7.0 -> 5.2 ms for a call that computes only the diagonal tiles).
     const size_t nk = size_t(B * Hkv * Kt * D2 * bs), nv = size_t(B * Hkv * lk2 * D);
     constexpr size_t kKeepWords = size_t(8) << 20;
-    thread_local std::vector<uint32_t> kcache, vcache;
-    std::vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kcache : klocal;
-    std::vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vcache : vlocal;
+    thread_local aligned_vector<uint32_t> kcache, vcache;
+    aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kcache : klocal;
+    aligned_vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vcache : vlocal;
     if (kvec.size() < nk) kvec.resize(nk);
     if (vvec.size() < nv) vvec.resize(nv);
     uint32_t* kd = kvec.data();
@@ -1263,6 +1311,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     pw.vp_all = vd;
     pw.vrows = lk2;
     pw.amx = attn_amx_enabled();
+    // On AMX, runs of up to 512 keys: bf16 K / V pairs of 512 keys are 64 KiB each at D = 64,
+    // within L2, and a longer P V product amortises its pass over the accumulator. Xeon with
+    // AMX, 2 threads, S=4096, H=8, bf16, alternated runs of a /tmp script (2026-12-07): causal
+    // 46-48 -> 39 ms at D=128 (SDPA 43-47), 26.4 -> 25.0 ms at D=64 (SDPA 31-32); the sliding
+    // window (5-tile rows) 11.6 -> 10.5 ms at D=128, level at D=64.
+    if (pw.amx && attn_run_keys() == 0) pw.group = std::max<int64_t>(1, 512 / bs);
   } else
 #endif
   if (Qt >= 2 && nsplit == 1 && ((kHaveNN && D <= nn_max_d) || attn_f32_brgemm())) {
@@ -1274,8 +1328,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk;
     const size_t nk = size_t(B * Hkv * Kt * D * bs);
     constexpr size_t kKeepFloats = size_t(8) << 20;
-    thread_local std::vector<float> kt_cache;
-    std::vector<float>& kvec = nk <= kKeepFloats ? kt_cache : kt_local;
+    thread_local aligned_vector<float> kt_cache;
+    aligned_vector<float>& kvec = nk <= kKeepFloats ? kt_cache : kt_local;
     if (kvec.size() < nk) kvec.resize(nk);
     float* kd = kvec.data();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "kt_tiles", [&] {
@@ -1327,14 +1381,17 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const int64_t stride = nsplit == 1 ? nch : total;
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       const int64_t gb = (p.group + 1) * bs;  // the longest run (attend_tiles)
-      std::vector<float> scratch(size_t(2 * bs * D + 2 * gb * D + bs * gb + 2 * bs));
+      // every buffer on a cache line: brgemm's tile rows must not straddle two (aligned.h)
+      const int64_t nq = lines_of_floats(bs * D), nkv = lines_of_floats(gb * D),
+                    ns = lines_of_floats(bs * gb), nm = lines_of_floats(bs);
+      aligned_vector<float> scratch(size_t(2 * nq + 2 * nkv + ns + 2 * nm));
       float* qbuf = scratch.data();
-      float* kbuf = qbuf + bs * D;
-      float* vbuf = kbuf + gb * D;
-      float* sbuf = vbuf + gb * D;
-      float* accb = sbuf + bs * gb;
-      float* mb = accb + bs * D;
-      float* lb = mb + bs;
+      float* kbuf = qbuf + nq;
+      float* vbuf = kbuf + nkv;
+      float* sbuf = vbuf + nkv;
+      float* accb = sbuf + ns;
+      float* mb = accb + nq;
+      float* lb = mb + nm;
       for (int64_t c = c0; c < c1; ++c)
       for (int64_t w = c; w < total; w += stride) {
         const int64_t item = w / nsplit, split = w % nsplit;

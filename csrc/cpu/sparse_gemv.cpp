@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "aligned.h"
+
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
@@ -628,7 +630,7 @@ at::Tensor amx_stream_rows(at::Tensor y, int64_t B, const int64_t* ri, const int
   const int64_t nthreads = std::max<int64_t>(
       1, std::min<int64_t>({int64_t(at::get_num_threads()), chunks, (2 * P * out * B) >> 20}));
   const int64_t per = (chunks + nthreads - 1) / nthreads * 16;
-  std::vector<std::vector<float>> accs(static_cast<size_t>(nthreads));
+  std::vector<aligned_vector<float>> accs(static_cast<size_t>(nthreads));
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p0 = std::min(P, t * per), p1 = std::min(P, p0 + per);
@@ -691,7 +693,7 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
   // Coefficient pairs (x[b, ka], x[b, kb]) as two bf16 in one 32-bit word, pair-major for the
   // packed path and batch-major for the direct one and AMX; split over the threads (B * P
   // conversions were a serial ~1 ms at batch 64 over 8192 inputs).
-  std::vector<uint32_t> xp(static_cast<size_t>(Bp * ldx), 0u);
+  aligned_vector<uint32_t> xp(static_cast<size_t>(Bp * ldx), 0u);
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* xr = xa + b * K;
@@ -726,7 +728,7 @@ at::Tensor rows_dot_bf16(const float* xa, int64_t B, const int64_t* rows, int64_
   const int64_t lda = amx ? panel_w + 16 : panel_w;  // accumulator row stride (see ldx)
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, panels, (panels + nthreads - 1) / nthreads, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(static_cast<size_t>(Bp * lda));
+    aligned_vector<float> acc(static_cast<size_t>(Bp * lda));
     // 64-byte aligned buffer of paired vectors: [tile][pair][4]
     std::vector<__m512i> pwbuf(packed ? static_cast<size_t>(tiles_max * chunk * 4) : 0);
 #if defined(FASTARCH_AMX)
@@ -1007,7 +1009,7 @@ at::Tensor rows_fma_tiled(const float* xa, int64_t B, const int64_t* rows, int64
   const int64_t lda = panel_w + 16;  // not a multiple of 4 KiB: rows in different L1 sets
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, panels, (panels + nthreads - 1) / nthreads, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(static_cast<size_t>(B * lda));
+    aligned_vector<float> acc(static_cast<size_t>(B * lda));
     std::vector<float> pw(static_cast<size_t>(panel_w / 64 * kTiledChunk * 64));
     for (int64_t panel = p0; panel < p1; ++panel) {
       const int64_t c0 = panel * panel_w, ncol = std::min(panel_w, out - c0);
@@ -1105,7 +1107,7 @@ at::Tensor rows_fma_stream(at::Tensor y, int64_t B, const int64_t* rows,
       1, std::min<int64_t>({int64_t(at::get_num_threads()), chunks, (nk * out * B) >> 20}));
   const int64_t per = (chunks + nthreads - 1) / nthreads * kChunk;
   const int64_t lda = (out + 63) / 64 * 64 + 16;  // rows not 4 KiB apart
-  std::vector<std::vector<float>> accs(static_cast<size_t>(nthreads));
+  std::vector<aligned_vector<float>> accs(static_cast<size_t>(nthreads));
   at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       accs[t].assign(static_cast<size_t>(B * lda), 0.f);

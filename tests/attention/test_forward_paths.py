@@ -140,3 +140,49 @@ def test_forced_tile_products(env):
         assert "amx" not in paths, paths
     if env.get("FASTARCH_ATTN_BRGEMM") == "0":
         assert "fp32 brgemm" not in paths, paths
+
+
+_LIVE = r"""
+import math, sys, torch
+from fastarch.attention import MaskSpec, and_masks, create_block_mask, document, sliding_window
+from fastarch.ops.block_sparse_attention import (block_sparse_attention,
+                                                 block_sparse_attention_reference)
+tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+# windows whose rows span full and partial tiles: left only, left and right, with documents,
+# with a 4-key sink (a prefix inside the first run only), and a prefix-LM whose prefix is longer
+# than one run
+masks = {"window255": sliding_window(255), "window100-30": sliding_window(100, 30),
+         "window-doc": and_masks(sliding_window(200), document(lengths=[500, 37, 563])),
+         "sink4-window90": MaskSpec("sink", window_left=90, window_right=0, prefix_len=4),
+         "prefix-lm700": MaskSpec("plm", window_right=0, prefix_len=700)}
+for dtype in (torch.float32, torch.bfloat16):
+    for name, mask in masks.items():
+        for lq, lk, block in ((1100, 1100, 64), (333, 1100, 64), (1100, 1100, 32)):
+            torch.manual_seed(lq + block)
+            q = torch.randn(1, 2, lq, 64, dtype=dtype)
+            k, v = (torch.randn(1, 2, lk, 64, dtype=dtype) for _ in range(2))
+            bm = create_block_mask(mask, q_len=lq, kv_len=lk, q_offset=lk - lq, block_size=block)
+            out, lse = block_sparse_attention(q, k, v, bm, return_lse=True)
+            ref, ref_lse = block_sparse_attention_reference(
+                q.double(), k.double(), v.double(), *bm.op_args(), None, None, block,
+                bm.q_offset, bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
+            t = tol[dtype]
+            torch.testing.assert_close(out.double(), ref, atol=t, rtol=t, msg=f"{name} {dtype} {lq}")
+            torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("run_keys", ["", "64", "1024"], ids=["default", "runs64", "runs1024"])
+def test_window_rows_over_long_runs(run_keys):
+    """Rows of windowed masks compute the max and exp over their live columns only (the window,
+    widened to the run's full tiles, unless a prefix lies inside the run); runs of up to 512
+    keys on AMX, 256 elsewhere, and forced to 64 / 1024 keys (FASTARCH_ATTN_RUN_KEYS)."""
+    env = dict(os.environ)
+    env.pop("FASTARCH_ATTN_RUN_KEYS", None)
+    if run_keys:
+        env["FASTARCH_ATTN_RUN_KEYS"] = run_keys
+    out = subprocess.run([sys.executable, "-c", _LIVE], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "ok", out.stdout[-2000:]
