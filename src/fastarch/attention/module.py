@@ -28,8 +28,14 @@ SDPA_DECODE_CAPABILITIES = ("AVX512",)
 # bf16 on CPUs with AMX (Intel Xeon, 2 threads, 2026-12-03, H=8, D=64/128, interleaved): torch's
 # SDPA runs its flash kernel on AMX tiles, and plain causal bf16 took 1.09-1.51x of SDPA's time in
 # the kernel (256-4096 tokens), one decode query 2.5-4.4x (256-4096 keys): plain causal / full
-# bf16 goes to SDPA there, prefill and decode.
+# bf16 goes to SDPA there, prefill and decode. 2026-12-07, after the kernel's buffers were put on
+# cache lines and its runs lengthened to 512 keys on AMX (same host, B=1, H=8, /tmp script,
+# interleaved, two runs): causal prefill kernel / SDPA 1.59-1.70x at 256 tokens, 0.86-0.99x at
+# 512, 0.83-0.94x at 1024, 0.79-0.90x at 2048-4096 (D 64 / 128); plain full attention stayed
+# behind up to 1024 (1.46-5.1x) and 0.86-0.96x at 2048. So causal prefill from
+# SDPA_AMX_CAUSAL_KERNEL_FROM tokens takes the kernel; shorter causal, full and decode stay on SDPA.
 SDPA_AMX_DTYPES = (torch.bfloat16,)
+SDPA_AMX_CAUSAL_KERNEL_FROM = 1024
 STATS = {"kernel": 0, "sdpa": 0}
 
 
@@ -141,6 +147,8 @@ class BlockSparseAttention(nn.Module):
                         or lq < SDPA_DENSE_MIN_LEN):
             return None
         if spec.window_right == 0:
+            if amx and lq >= SDPA_AMX_CAUSAL_KERNEL_FROM:
+                return None  # the kernel is ahead there (see SDPA_AMX_CAUSAL_KERNEL_FROM)
             return True if lq == lk else None  # SDPA's causal is aligned top-left
         return False
 
