@@ -39,6 +39,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -745,15 +747,21 @@ inline void score_mods_row(const Params& p, float* __restrict s, int64_t n, int6
 }
 
 // The element mask of a partial tile on one score row (s[j] = -inf where not allowed).
-inline void mask_row(const Params& p, float* __restrict s, int64_t n, int64_t qi, int64_t c0,
-                     const uint8_t* bmr, int64_t bd) {
+// The columns [jlo, jhi) of keys c0 .. c0 + n - 1 that query row qi's window allows (all n
+// without a window).
+inline std::pair<int64_t, int64_t> window_cols(const Params& p, int64_t qi, int64_t c0, int64_t n) {
   const int64_t qpos = qi + p.q_offset;
-  // Window (or prefix): the allowed columns are [jlo, jhi) plus [0, jpre).
   const int64_t big = int64_t(1) << 40;
   const int64_t lo = p.window_left < 0 ? -big : qpos - p.window_left;
   const int64_t hi = p.window_right < 0 ? big : qpos + p.window_right;
   const int64_t jlo = std::clamp<int64_t>(lo - c0, 0, n);
-  const int64_t jhi = std::clamp<int64_t>(hi - c0 + 1, jlo, n);
+  return {jlo, std::clamp<int64_t>(hi - c0 + 1, jlo, n)};
+}
+
+inline void mask_row(const Params& p, float* __restrict s, int64_t n, int64_t qi, int64_t c0,
+                     const uint8_t* bmr, int64_t bd) {
+  // Window (or prefix): the allowed columns are [jlo, jhi) plus [0, jpre).
+  const auto [jlo, jhi] = window_cols(p, qi, c0, n);
   const int64_t jpre = std::clamp<int64_t>(p.prefix_len - c0, 0, n);
   for (int64_t j = jpre; j < jlo; ++j) s[j] = kNegInf;
   for (int64_t j = std::max(jhi, jpre); j < n; ++j) s[j] = kNegInf;
@@ -913,9 +921,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       float* s = sbuf + i * ldS;
       int64_t jl = 0, jh = n;
       if (ranged) {
-        const int64_t qpos = r0 + i + p.q_offset;
-        if (p.window_left >= 0) jl = std::clamp<int64_t>(qpos - p.window_left - c0, 0, n);
-        if (p.window_right >= 0) jh = std::clamp<int64_t>(qpos + p.window_right - c0 + 1, jl, n);
+        std::tie(jl, jh) = window_cols(p, r0 + i, c0, n);
         if (full_lo < full_hi) {
           jl = std::min(jl, full_lo);
           jh = std::max(jh, full_hi);
@@ -1085,7 +1091,7 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
     fidx = full_kv_indices->contiguous();
   }
   // Consecutive tiles fused into one product: up to 256 keys, fewer for wide heads so that the
-  // K and V rows of a run (2 * 256 * D floats) stay within L2 (the AMX path sets its own below).
+  // K and V rows of a run (2 * 256 * D floats) stay within L2 (the AMX forward sets its own).
   p.group = std::max<int64_t>(1, (attn_run_keys() > 0 ? attn_run_keys()
                                   : std::min<int64_t>(256, 16384 / std::max<int64_t>(D, 1))) / bs);
   p.Bm = Bm; p.Hm = Hm; p.W = idx.size(3); p.Wf = fidx.defined() ? fidx.size(3) : 0;
