@@ -87,6 +87,26 @@ def test_vit_heads_and_mlp_equal_masked():
     assert model.blocks[0].attn.qkv.out_features == 3 * 2 * 64
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_parallel_vit_blocks_prune_mlp_and_report_heads(qkv_bias):
+    """timm's parallel blocks (ParallelScalingBlock: one in_proj cut by ``self.in_split`` into
+    MLP | q | k | v): the MLP neurons go and the stored sizes follow; the heads cannot go (the
+    block reshapes the attention output to its input's width) and are reported."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_pwee_patch16_reg1_gap_256", pretrained=False, img_size=32,
+                              depth=2, embed_dim=64, num_heads=4, qkv_bias=qkv_bias)
+    report = _equal_masked(model, torch.randn(2, 3, 32, 32), ratio=0.3)
+    for blk in model.blocks:
+        hidden = blk.mlp_out_proj.in_features
+        assert hidden == 320 - 96
+        assert blk.in_split == [hidden, 64, 64, 64]
+        assert blk.in_proj.out_features == hidden + 3 * 64
+        assert blk.num_heads == 4
+    assert {r["kind"] for r in report.removed} == {"channels"}
+    heads = [why for where, why in report.skipped if where.startswith("heads")]
+    assert len(heads) == 2 and all("breaks the forward pass" in why for why in heads)
+
+
 def test_vit_residual_width_runs():
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()

@@ -388,6 +388,9 @@ class DependencyGraph:
         self.constraints: list[tuple[torch.Tensor, int, str]] = []  # label, dim must be stable
         self.attention: list[AttentionSite] = []
         self.splits: list[tuple[str, torch.Tensor, int, int]] = []  # module, label, dim, pieces
+        # the same cuts by sizes, one entry per call: module, the pieces' labels, dim (a module
+        # may keep the sizes as one list: timm's ParallelScalingBlock ``in_split``)
+        self.split_lists: list[tuple[str, list[torch.Tensor], int]] = []
         # constant slices along labelled dims: source node, dim, start, end, label, module
         self.slices: list[tuple[str, int, int, int, torch.Tensor, str]] = []
         self.convs: dict[str, tuple[int, int]] = {}  # weight name -> (in per group, out per group)
@@ -766,6 +769,7 @@ class DependencyGraph:
                 # removal (and a size held anywhere else fails the verification run)
                 for p in pieces:
                     self.splits.append((where, p, dim, len(pieces)))
+                self.split_lists.append((where, list(pieces), dim))
             return [self.canon(p) for p in pieces]
         if name in ("select", "slice", "narrow", "index_select", "constant_pad_nd", "pad",
                     "unfold", "roll", "flip", "repeat", "tensor_split", "unbind"):

@@ -262,6 +262,21 @@ def _fix_split_attrs(model: nn.Module, graph: DependencyGraph, roots) -> None:
         new = _kept_along(label, dim, find, removed)
         if new != old:
             _set_matching(mod, WIDTH_ATTRS + ("embed_dim",), old, new)
+    for where, pieces, dim in graph.split_lists:
+        # the sizes kept as one list or tuple attribute, in the order of the cut: timm's
+        # parallel ViT blocks, ``torch.split(y, self.in_split, -1)`` into MLP | q | k | v
+        try:
+            mod = model.get_submodule(where) if where else model
+        except AttributeError:
+            continue
+        old = [p.shape[dim] for p in pieces]
+        new = [_kept_along(p, dim, find, removed) for p in pieces]
+        if new == old:
+            continue
+        for attr, val in list(mod.__dict__.items()):
+            if isinstance(val, (list, tuple)) and len(val) == len(old) and \
+                    all(type(v) is int for v in val) and list(val) == old:
+                setattr(mod, attr, type(val)(new))
 
 
 def _kept_along(label, dim: int, find, removed: set) -> int:
