@@ -78,15 +78,16 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
     ("sliding_window:32", torch.bfloat16, 100, 100, False),
     ("causal", torch.float16, 100, 100, False),  # fp16 is not on AMX here
     ("causal", torch.float32, 100, 100, False),
-    ("causal", torch.bfloat16, 1024, 1024, False),  # long causal prefill: the kernel is ahead
-    ("causal", torch.bfloat16, 1023, 1023, True),
-    ("full", torch.bfloat16, 1024, 1024, True),  # full attention stays on SDPA
+    ("causal", torch.bfloat16, 512, 512, False),  # longer causal prefill: the kernel is ahead
+    ("causal", torch.bfloat16, 511, 511, True),
+    ("full", torch.bfloat16, 1023, 1023, True),  # shorter full attention stays on SDPA
+    ("full", torch.bfloat16, 1024, 1024, False),  # and longer goes to the kernel
     ("causal", torch.bfloat16, 1, 1500, True),  # decode
 ])
 def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
     """On CPUs whose bf16 attention tiles run on AMX, SDPA's own AMX kernel is the faster dense
-    bf16 path for plain full attention, decode and causal prefill below
-    SDPA_AMX_CAUSAL_KERNEL_FROM tokens; longer causal prefill stays on the kernel."""
+    bf16 path for decode, causal prefill below SDPA_AMX_CAUSAL_KERNEL_FROM tokens and full
+    attention below SDPA_AMX_FULL_KERNEL_FROM; longer prefill stays on the kernel."""
     monkeypatch.setattr(module_mod, "_CPU_AMX", True)
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", "AVX512")
     torch.manual_seed(0)

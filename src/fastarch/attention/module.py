@@ -32,10 +32,16 @@ SDPA_DECODE_CAPABILITIES = ("AVX512",)
 # cache lines and its runs lengthened to 512 keys on AMX (same host, B=1, H=8, /tmp script,
 # interleaved, two runs): causal prefill kernel / SDPA 1.59-1.70x at 256 tokens, 0.86-0.99x at
 # 512, 0.83-0.94x at 1024, 0.79-0.90x at 2048-4096 (D 64 / 128); plain full attention stayed
-# behind up to 1024 (1.46-5.1x) and 0.86-0.96x at 2048. So causal prefill from
-# SDPA_AMX_CAUSAL_KERNEL_FROM tokens takes the kernel; shorter causal, full and decode stay on SDPA.
+# behind up to 1024 (1.46-5.1x) and 0.86-0.96x at 2048. Later the same day the kernel stopped
+# zeroing a fresh ~480 KiB scratch block per thread and call (runs of two builds alternated, then
+# one more): causal 1.05-1.16x at 256 tokens, 0.68-0.82x at 512, 0.74-0.84x at 1024; full
+# 1.19-1.31x at 256, 0.89x / 1.06-1.07x at 512 (D 64 / 128), 0.87-0.91x / 0.97-0.98x at 1024,
+# 0.81-0.85x / 0.91-0.92x at 2048. So causal prefill from
+# SDPA_AMX_CAUSAL_KERNEL_FROM tokens and full attention from SDPA_AMX_FULL_KERNEL_FROM take the
+# kernel; shorter prefill and decode stay on SDPA.
 SDPA_AMX_DTYPES = (torch.bfloat16,)
-SDPA_AMX_CAUSAL_KERNEL_FROM = 1024
+SDPA_AMX_CAUSAL_KERNEL_FROM = 512
+SDPA_AMX_FULL_KERNEL_FROM = 1024
 STATS = {"kernel": 0, "sdpa": 0}
 
 
@@ -150,6 +156,8 @@ class BlockSparseAttention(nn.Module):
             if amx and lq >= SDPA_AMX_CAUSAL_KERNEL_FROM:
                 return None  # the kernel is ahead there (see SDPA_AMX_CAUSAL_KERNEL_FROM)
             return True if lq == lk else None  # SDPA's causal is aligned top-left
+        if amx and lq >= SDPA_AMX_FULL_KERNEL_FROM:
+            return None  # likewise (SDPA_AMX_FULL_KERNEL_FROM)
         return False
 
     def forward(self, q, k, v, *, scale: float | None = None,
