@@ -188,8 +188,8 @@ inline float hsum8(__m256 v) {
 #endif
 
 #if defined(__AVX512F__)
-// 2^t in 16 lanes, for the exp passes of the softmax rows (fp32 P in exp_sub_row, bf16 P in
-// exp_row_to_bf16): 2^round(t) by scalef (exact) times a degree-5 polynomial for 2^f on
+// 2^t in 16 lanes, for the exp pass of the fp32 softmax rows (exp_sub_row; the bf16 P of
+// exp_row_to_bf16 takes exp2_16_p3_nonpos below): 2^round(t) by scalef (exact) times a degree-5 polynomial for 2^f on
 // [-1/2, 1/2], a relative-error fit (max 2.3e-7 in fp32, about 2 ulp; fast_exp's degree-7
 // series costs two multiply-adds and two multiplies more per 16 scores, and with AVX-512 the
 // softmax rows are much of what is left once the tile products run on AMX / oneDNN kernels).
@@ -204,6 +204,21 @@ inline __m512 exp2_16_p5(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022119720074633f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469670620412f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000716554334f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(keep, p, r);
+}
+
+// 2^t in 16 lanes for t <= 0 (or NaN, kept), at the precision of a bf16 P: a degree-3
+// relative-error fit of 2^f (max 7.5e-5, a 26th of bf16's half ulp) and no clamps (the mask of
+// round(t) < -126 also zeroes -inf, whose f is NaN). Four vector operations fewer than
+// exp2_16_p5 per 16 scores of the bf16 exp pass, most of a sliding-window call's softmax.
+inline __m512 exp2_16_p3_nonpos(__m512 t) {
+  const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, r);
+  __m512 p = _mm512_set1_ps(0.05517098307609558f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24260972440242767f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281764030457f));
   const __mmask16 keep = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
   return _mm512_maskz_scalef_ps(keep, p, r);
 }
@@ -547,14 +562,14 @@ inline float exp_row_to_bf16(const float* __restrict s, int64_t n, float mul, fl
   __m512 acc = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp2_16_p5(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vm, vs));
+    const __m512 e = exp2_16_p3_nonpos(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vm, vs));
     acc = _mm512_add_ps(acc, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(e));
   }
   if (j < n) {  // the lanes past n read as -inf: exp gives 0 there
     const __mmask16 k = __mmask16((1u << (n - j)) - 1);
     const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), k, s + j);
-    const __m512 e = exp2_16_p5(_mm512_fmsub_ps(x, vm, vs));
+    const __m512 e = exp2_16_p3_nonpos(_mm512_fmsub_ps(x, vm, vs));
     acc = _mm512_add_ps(acc, e);
     _mm256_mask_storeu_epi16(dst + j, k, (__m256i)_mm512_cvtneps_pbh(e));
   }
@@ -588,8 +603,11 @@ namespace cpublas = at::native::cpublas;
 
 // C (m x n) = A (m x k) B (k x n) by brgemm and by plain loops, on fixed data: max |difference|
 // relative to max |C|, or +inf when brgemm throws (not built with oneDNN's ukernels).
+// B is read with leading dimension ldb >= n (pairs: (k/2, ldb) pairs, of which the first n of
+// each row are used), as the forward reads a run of key tiles out of longer pair rows.
 template <typename T>
-double brgemm_self_check(int64_t m, int64_t n, int64_t k, bool pairs) {
+double brgemm_self_check(int64_t m, int64_t n, int64_t k, bool pairs, int64_t ldb = 0) {
+  if (ldb < n) ldb = n;
   std::vector<T> a(size_t(m * k)), b(size_t(k * n));
   std::vector<float> af(a.size()), bf(b.size()), c(size_t(m * n)), ref(size_t(m * n), 0.f);
   for (size_t i = 0; i < a.size(); ++i) {
@@ -600,19 +618,20 @@ double brgemm_self_check(int64_t m, int64_t n, int64_t k, bool pairs) {
     b[i] = T(float(int64_t(i * 5 % 11) - 5) / 4.f);
     bf[i] = float(b[i]);
   }
-  std::vector<T> bp(b.size());
-  if (pairs) {  // (k/2, n) pairs: bp[(t * n + j) * 2 + e] = b[(2t + e) * n + j]
-    for (int64_t t = 0; t < k / 2; ++t)
-      for (int64_t j = 0; j < n; ++j)
-        for (int e = 0; e < 2; ++e) bp[size_t((t * n + j) * 2 + e)] = b[size_t((2 * t + e) * n + j)];
-  } else {
-    bp = b;
-  }
+  // the unused columns past n hold a value that would show in C if they were read
+  std::vector<T> bp(size_t(k * ldb), T(1000.f));
+  for (int64_t t = 0; t < (pairs ? k / 2 : k); ++t)
+    for (int64_t j = 0; j < n; ++j) {
+      if (pairs)  // (k/2, ldb) pairs: bp[(t * ldb + j) * 2 + e] = b[(2t + e) * n + j]
+        for (int e = 0; e < 2; ++e) bp[size_t((t * ldb + j) * 2 + e)] = b[size_t((2 * t + e) * n + j)];
+      else
+        bp[size_t(t * ldb + j)] = b[size_t(t * n + j)];
+    }
   for (int64_t i = 0; i < m; ++i)
     for (int64_t t = 0; t < k; ++t)
       for (int64_t j = 0; j < n; ++j) ref[size_t(i * n + j)] += af[size_t(i * k + t)] * bf[size_t(t * n + j)];
   try {
-    cpublas::brgemm(m, n, k, k, n, n, false, a.data(), bp.data(), c.data(), pairs);
+    cpublas::brgemm(m, n, k, k, ldb, n, false, a.data(), bp.data(), c.data(), pairs);
     cpublas::brgemm_release(pairs);
   } catch (const std::exception&) {
     return std::numeric_limits<double>::infinity();
@@ -637,7 +656,8 @@ bool attn_amx_enabled() {
       return false;
     }
     // the products are exact in fp32 on these small integers over 8 / 4
-    return pack && brgemm_self_check<at::BFloat16>(37, 64, 96, true) < 1e-6;
+    return pack && brgemm_self_check<at::BFloat16>(37, 64, 96, true) < 1e-6 &&
+           brgemm_self_check<at::BFloat16>(37, 192, 64, true, 320) < 1e-6;
   }();
   return on;
 }
@@ -715,8 +735,9 @@ struct Params {
   // (B, Hkv, Lk, D) (V null when v is fp32 already: read in place), for gemm_nn.
   const float* kt_all = nullptr;
   const float* v32_all = nullptr;
-  // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, Kt, D/2, bs) 32-bit
-  // pairs (K[j, 2t], K[j, 2t+1]) and V as (B, Hkv, ceil(Lk/2), D) 32-bit pairs (V[2u, d],
+  // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, D/2, Kt * bs) 32-bit
+  // pairs (K[j, 2t], K[j, 2t+1]) (the keys of consecutive tiles adjacent, so that a run of tiles
+  // is one product) and V as (B, Hkv, ceil(Lk/2), D) 32-bit pairs (V[2u, d],
   // V[2u+1, d]), zero-padded, for dp_gemm.
   const uint32_t* kp_all = nullptr;
   const uint32_t* vp_all = nullptr;
@@ -924,17 +945,16 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     if (dot) {
       const int64_t bh = b * p.Hkv + hk;
       const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qb + r0 * p.qs[2]);
+      const int64_t lkp = p.Kt * bs;  // pairs per row of kp_all
+      const uint32_t* kpairs = p.kp_all + bh * (D / 2) * lkp + c0;
       if (p.amx) {  // unscaled: the scale is applied with the score mods
         const auto* qa = reinterpret_cast<const at::BFloat16*>(q32);
-        for (int64_t u = 0; u < g; ++u)
-          cpublas::brgemm(m, bs, D, p.qs[2], bs, ldS, false, qa,
-                          reinterpret_cast<const at::BFloat16*>(
-                              p.kp_all + ((bh * p.Kt + kt + u) * (D / 2)) * bs),
-                          sbuf + u * bs, true);
+        // the run's keys are adjacent columns of the pair rows: one product for all g tiles
+        cpublas::brgemm(m, g * bs, D, p.qs[2], lkp, ldS, false, qa,
+                        reinterpret_cast<const at::BFloat16*>(kpairs), sbuf, true);
       } else {
         for (int64_t u = 0; u < g; ++u)
-          dp_gemm(m, bs, D / 2, q32, p.qs[2] / 2,
-                  p.kp_all + ((bh * p.Kt + kt + u) * (D / 2)) * bs, bs, sbuf + u * bs, ldS,
+          dp_gemm(m, bs, D / 2, q32, p.qs[2] / 2, kpairs + u * bs, lkp, sbuf + u * bs, ldS,
                   false, p.scale);
       }
     } else
@@ -1002,12 +1022,17 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
       const auto [jl, jh] = live_cols(i);
+      // scale and score mods on the live columns only (the passes below read no others)
       if (p.amx && mul == 1.f && p.scale != 1.f) {
         const float sc = p.scale;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) s[j] *= sc;
+        for (int64_t j = jl; j < jh; ++j) s[j] *= sc;
       }
-      score_mods_row(p, s, n, r0 + i, c0, slope, relh, nullptr);
+      if (jl < jh) score_mods_row(p, s + jl, jh - jl, r0 + i, c0 + jl, slope, relh, nullptr);
+      // the live columns are the window's own (the run's full tiles inside it, as a block mask
+      // made from the window has them)
+      const bool live_is_window =
+          ranged && std::pair<int64_t, int64_t>{jl, jh} == window_cols(p, r0 + i, c0, n);
       for (int64_t u = 0; u < g; ++u) {
         const int64_t slot = slots[tfirst + u];
         if (slot < 0) continue;
@@ -1017,6 +1042,8 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
           const int32_t ti = p.tile_mask_index[row * p.W + slot];
           if (ti >= 0) bmr = p.tile_masks + (int64_t(ti) * bs + i) * bs;
         }
+        // what a window alone masks lies outside [jl, jh), which the passes below skip
+        if (bmr == nullptr && p.q_doc == nullptr && live_is_window) continue;
         mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
       }
       const float mx = mul == 1.f ? row_max(s + jl, jh - jl, mrow[i])
@@ -1334,7 +1361,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
                         p.qs[2] % 2 == 0 && attn_bf16_dot_enabled();
   if (bf16_dot) {
     // One pass each, in parallel over (batch, kv head) and tiles.
-    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2;
+    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lkp = Kt * bs;
     // V pairs per (b, kv head): every tile's, plus 16 zero rows for brgemm's reduction padded to
     // 32 keys past the last tile start (attend_tiles)
     const int64_t lk2 = Kt * bs / 2 + 16;
@@ -1357,7 +1384,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         const int64_t kt = w % Kt, bh = w / Kt, b = bh / Hkv, h = bh % Hkv;
         const uint16_t* kr = ks + b * p.ks[0] + h * p.ks[1];
         const uint16_t* vr = vs + b * p.vs[0] + h * p.vs[1];
-        uint32_t* kt_out = kd + w * D2 * bs;
+        uint32_t* kt_out = kd + bh * D2 * lkp + kt * bs;  // rows lkp apart
         // K tile rows -> (D/2, bs) pairs: a 32-bit transpose (each row's bf16 pairs are already
         // adjacent), 16 keys x 16 pairs at a time in registers; the partial last block of keys
         // and a D/2 that is not a multiple of 16 (D = 80, 112) take the scalar loop below.
@@ -1365,7 +1392,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         const int64_t t16 = D2 / 16 * 16;
         auto pairs_of_row = [&](const uint16_t* row, int64_t j, int64_t t_begin) {
           for (int64_t t = t_begin; t < D2; ++t)
-            kt_out[t * bs + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+            kt_out[t * lkp + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
         };
         for (int64_t j0 = 0; j0 < full; j0 += 16) {
           const uint16_t* r0 = kr + (kt * bs + j0) * p.ks[2];
@@ -1373,7 +1400,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             __m512i r[16];
             for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(r0 + i * p.ks[2] + 2 * t0);
             transpose16x16_epi32(r);
-            for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt_out + (t0 + i) * bs + j0, r[i]);
+            for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt_out + (t0 + i) * lkp + j0, r[i]);
           }
           for (int64_t j = j0; j < j0 + 16; ++j) pairs_of_row(r0 + (j - j0) * p.ks[2], j, t16);
         }
@@ -1382,7 +1409,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
           if (c < Lk) {
             pairs_of_row(kr + c * p.ks[2], j, 0);
           } else {
-            for (int64_t t = 0; t < D2; ++t) kt_out[t * bs + j] = 0;
+            for (int64_t t = 0; t < D2; ++t) kt_out[t * lkp + j] = 0;
           }
         }
         const int64_t u_end = kt + 1 == Kt ? lk2 : (kt + 1) * bs / 2;
@@ -1393,8 +1420,21 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             std::fill(o, o + D, 0u);
           } else if (2 * u + 1 < Lk) {
             const uint16_t* r1 = r0 + p.vs[2];
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) o[d] = uint32_t(r0[d]) | (uint32_t(r1[d]) << 16);
+            int64_t d = 0;
+#if defined(__AVX512BW__)
+            // 32 dims of both rows at a time: unpack interleaves 16-bit words within each
+            // 128-bit lane, the 64-bit permutes put the lanes back in order (the widening loop
+            // below was ~40% of this regrouping pass, perf)
+            const __m512i lanes0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+            const __m512i lanes1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+            for (; d + 32 <= D; d += 32) {
+              const __m512i a = _mm512_loadu_si512(r0 + d), b = _mm512_loadu_si512(r1 + d);
+              const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+              _mm512_storeu_si512(o + d, _mm512_permutex2var_epi64(lo, lanes0, hi));
+              _mm512_storeu_si512(o + d + 16, _mm512_permutex2var_epi64(lo, lanes1, hi));
+            }
+#endif
+            for (; d < D; ++d) o[d] = uint32_t(r0[d]) | (uint32_t(r1[d]) << 16);
           } else {
             for (int64_t d = 0; d < D; ++d) o[d] = r0[d];
           }
