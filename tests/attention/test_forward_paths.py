@@ -24,6 +24,7 @@ from fastarch.attention import (
     sliding_window,
 )
 from fastarch.ops.block_sparse_attention import (
+    BlockMask,
     block_sparse_attention,
     block_sparse_attention_reference,
 )
@@ -186,3 +187,31 @@ def test_window_rows_over_long_runs(run_keys):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == "ok", out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
+def test_window_with_full_tiles_outside_it(dtype):
+    """A hand-made block mask whose full tiles lie outside the window: each query tile lists its
+    own and the previous tile as partial (the 40-key window) and the tile before those as full
+    (every key allowed, a global block). A row's live columns then reach from the full tile to
+    the row, and the partial tile between must still be masked to the window."""
+    bs, qt = 64, 10
+    lq = lk = bs * qt
+    ts = torch.arange(qt)
+    num = torch.where(ts > 0, 2, 1).to(torch.int32)
+    idx = torch.stack([(ts - 1).clamp(min=0), ts], -1).to(torch.int32)
+    idx[0] = torch.tensor([0, 0])
+    fnum = (ts >= 2).to(torch.int32)
+    fidx = (ts - 2).clamp(min=0).to(torch.int32).unsqueeze(-1)
+    bm = BlockMask(num.view(1, 1, qt), idx.view(1, 1, qt, 2), fnum.view(1, 1, qt),
+                   fidx.view(1, 1, qt, 1), block_size=bs, q_len=lq, kv_len=lk,
+                   window_left=40, window_right=0)
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, lq, 64, dtype=dtype)
+    k, v = (torch.randn(1, 2, lk, 64, dtype=dtype) for _ in range(2))
+    out, lse = block_sparse_attention(q, k, v, bm, return_lse=True)
+    ref, ref_lse = block_sparse_attention_reference(
+        q.double(), k.double(), v.double(), *bm.op_args(), None, None, bs, 0, 40, 0, 0,
+        1 / math.sqrt(64), 0.0)
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
