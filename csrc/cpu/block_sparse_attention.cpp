@@ -708,6 +708,11 @@ int64_t attn_run_keys() {
   return keys;
 }
 
+// Row length of the bf16 K pairs, (D/2) rows of every key of a (batch, kv head): the keys plus
+// one cache line where that would be a multiple of 1 KiB, so that the 16 rows a register
+// transpose stores to do not all fall in the same L1 sets.
+inline int64_t kpairs_ld(int64_t keys) { return keys % 256 == 0 ? keys + 16 : keys; }
+
 // Everything a work item needs, gathered once.
 struct Params {
   int64_t B, Hq, Hkv, Lq, Lk, D, bs, Qt, Kt;
@@ -945,7 +950,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     if (dot) {
       const int64_t bh = b * p.Hkv + hk;
       const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qb + r0 * p.qs[2]);
-      const int64_t lkp = p.Kt * bs;  // pairs per row of kp_all
+      const int64_t lkp = kpairs_ld(p.Kt * bs);  // pairs per row of kp_all
       const uint32_t* kpairs = p.kp_all + bh * (D / 2) * lkp + c0;
       if (p.amx) {  // unscaled: the scale is applied with the score mods
         const auto* qa = reinterpret_cast<const at::BFloat16*>(q32);
@@ -1361,14 +1366,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
                         p.qs[2] % 2 == 0 && attn_bf16_dot_enabled();
   if (bf16_dot) {
     // One pass each, in parallel over (batch, kv head) and tiles.
-    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lkp = Kt * bs;
+    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lkp = kpairs_ld(Kt * bs);
     // V pairs per (b, kv head): every tile's, plus 16 zero rows for brgemm's reduction padded to
     // 32 keys past the last tile start (attend_tiles)
     const int64_t lk2 = Kt * bs / 2 + 16;
     // Up to 32 MiB are kept per calling thread for the next call: a fresh multi-MiB allocation
     // is fresh pages each call, and their first-touch faults cost as much as the regrouping
     // (S=4096, H=8, D=64: 7.0 -> 5.2 ms for a call that computes only the diagonal tiles).
-    const size_t nk = size_t(B * Hkv * Kt * D2 * bs), nv = size_t(B * Hkv * lk2 * D);
+    const size_t nk = size_t(B * Hkv * D2 * lkp), nv = size_t(B * Hkv * lk2 * D);
     constexpr size_t kKeepWords = size_t(8) << 20;
     thread_local aligned_vector<uint32_t> kcache, vcache;
     aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kcache : klocal;
