@@ -189,10 +189,11 @@ inline float hsum8(__m256 v) {
 
 #if defined(__AVX512F__)
 // 2^t in 16 lanes, for the exp pass of the fp32 softmax rows (exp_sub_row; the bf16 P of
-// exp_row_to_bf16 takes exp2_16_p3_nonpos below): 2^round(t) by scalef (exact) times a degree-5 polynomial for 2^f on
-// [-1/2, 1/2], a relative-error fit (max 2.3e-7 in fp32, about 2 ulp; fast_exp's degree-7
-// series costs two multiply-adds and two multiplies more per 16 scores, and with AVX-512 the
-// softmax rows are much of what is left once the tile products run on AMX / oneDNN kernels).
+// exp_row_to_bf16 takes exp2_16_p3_nonpos below): 2^round(t) by scalef (exact) times a
+// degree-5 polynomial for 2^f on [-1/2, 1/2], a relative-error fit (max 2.3e-7 in fp32, about
+// 2 ulp; fast_exp's degree-7 series costs two multiply-adds and two multiplies more per 16
+// scores, and with AVX-512 the softmax rows are much of what is left once the tile products run
+// on AMX / oneDNN kernels).
 // A mask zeroes what fast_exp flushes (round(t) < -126), so -inf gives 0; NaN stays NaN.
 inline __m512 exp2_16_p5(__m512 t) {
   t = _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), t));
@@ -740,9 +741,9 @@ struct Params {
   // (B, Hkv, Lk, D) (V null when v is fp32 already: read in place), for gemm_nn.
   const float* kt_all = nullptr;
   const float* v32_all = nullptr;
-  // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, D/2, Kt * bs) 32-bit
-  // pairs (K[j, 2t], K[j, 2t+1]) (the keys of consecutive tiles adjacent, so that a run of tiles
-  // is one product) and V as (B, Hkv, ceil(Lk/2), D) 32-bit pairs (V[2u, d],
+  // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, D/2, kpairs_ld(Kt * bs))
+  // 32-bit pairs (K[j, 2t], K[j, 2t+1]) (the keys of consecutive tiles adjacent, so that a run of
+  // tiles is one product) and V as (B, Hkv, ceil(Lk/2), D) 32-bit pairs (V[2u, d],
   // V[2u+1, d]), zero-padded, for dp_gemm.
   const uint32_t* kp_all = nullptr;
   const uint32_t* vp_all = nullptr;

@@ -189,7 +189,8 @@ def test_window_rows_over_long_runs(run_keys):
     assert out.stdout.split()[-1] == "ok", out.stdout[-2000:]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[1])
 def test_window_with_full_tiles_outside_it(dtype):
     """A hand-made block mask whose full tiles lie outside the window: each query tile lists its
     own and the previous tile as partial (the 40-key window) and the tile before those as full
@@ -211,7 +212,7 @@ def test_window_with_full_tiles_outside_it(dtype):
     k, v = (torch.randn(1, 2, lk, 64, dtype=dtype) for _ in range(2))
     out, lse = block_sparse_attention(q, k, v, bm, return_lse=True)
     ref, ref_lse = block_sparse_attention_reference(
-        q.double(), k.double(), v.double(), *bm.op_args(), None, None, bs, 0, 40, 0, 0,
-        1 / math.sqrt(64), 0.0)
+        q.double(), k.double(), v.double(), *bm.op_args(), None, None, bs, bm.q_offset,
+        bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
