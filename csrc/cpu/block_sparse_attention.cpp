@@ -189,7 +189,7 @@ inline float hsum8(__m256 v) {
 
 #if defined(__AVX512F__)
 // 2^t in 16 lanes, for the exp pass of the fp32 softmax rows (exp_sub_row; the bf16 P of
-// exp_row_to_bf16 takes exp2_16_p3_nonpos below): 2^round(t) by scalef (exact) times a
+// exp_live_to_bf16 takes exp2_16_p3_nonpos below): 2^round(t) by scalef (exact) times a
 // degree-5 polynomial for 2^f on [-1/2, 1/2], a relative-error fit (max 2.3e-7 in fp32, about
 // 2 ulp; fast_exp's degree-7 series costs two multiply-adds and two multiplies more per 16
 // scores, and with AVX-512 the softmax rows are much of what is left once the tile products run
@@ -554,26 +554,66 @@ inline void dp_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t
   }
 }
 
-// P row for the pair products: e = exp(mul * s[j] - sub) into bf16 dst[0 .. n), one pass (no
-// fp32 write-back); returns the sum of the fp32 e (the row sum l, as in the fp32 paths).
-inline float exp_row_to_bf16(const float* __restrict s, int64_t n, float mul, float sub,
-                             uint16_t* __restrict dst) {
+// The softmax rows of the pair path over their live columns [jl, jh) by aligned 16-lane steps:
+// the first and last step masked, so that no load or store splits a cache line (a window row's
+// live columns start one further per row, and the unaligned passes split most of theirs) and the
+// P row's zeros around the live columns are whole vector stores (a memset call each, before).
+// The lanes of a step at column j (a multiple of 16) that lie in [lo, hi).
+inline __mmask16 live_lanes(int64_t j, int64_t lo, int64_t hi) {
+  uint32_t k = 0xFFFFu;
+  if (j < lo) k &= ~((1u << (lo - j)) - 1u);
+  if (j + 16 > hi) k &= (1u << (hi - j)) - 1u;
+  return __mmask16(k);
+}
+
+// max(init, s[jl .. jh)), s readable up to column (jh + 15) / 16 * 16 (rows on 64 bytes: the
+// score rows are, so no step splits a line).
+inline float row_max_live(const float* __restrict s, int64_t jl, int64_t jh, float init) {
+  if (jl >= jh) return init;
+  const int64_t j0 = jl & ~int64_t(15), jlast = (jh - 1) & ~int64_t(15);
+  __m512 m0 = _mm512_set1_ps(init), m1 = m0, m2 = m0, m3 = m0;
+  m0 = _mm512_mask_max_ps(m0, live_lanes(j0, jl, jh), m0, _mm512_loadu_ps(s + j0));
+  if (jlast > j0) {
+    m1 = _mm512_mask_max_ps(m1, live_lanes(jlast, jl, jh), m1, _mm512_loadu_ps(s + jlast));
+    int64_t j = j0 + 16;
+    for (; j + 48 < jlast; j += 64) {  // four chains: one waits its latency per step
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+      m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j + 32));
+      m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + j + 48));
+    }
+    for (; j < jlast; j += 16) m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+
+// The bf16 P row dst[0 .. npad): exp(mul * s[j] - sub) on [jl, jh), zeros elsewhere (dst rows
+// writable up to a multiple of 16 past npad and past jh); returns the sum of the fp32 e.
+inline float exp_live_to_bf16(const float* __restrict s, int64_t jl, int64_t jh, int64_t npad,
+                              float mul, float sub, uint16_t* __restrict dst) {
+  auto zeros = [dst](int64_t from, int64_t to) {
+    for (int64_t j = from; j < to; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm256_setzero_si256());
+  };
+  if (jl >= jh) {
+    zeros(0, npad);
+    return 0.f;
+  }
   constexpr float kLog2e = 1.4426950408889634f;
   const __m512 vm = _mm512_set1_ps(mul * kLog2e), vs = _mm512_set1_ps(sub * kLog2e);
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  const int64_t j0 = jl & ~int64_t(15), jlast = (jh - 1) & ~int64_t(15);
+  zeros(0, j0);
   __m512 acc = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp2_16_p3_nonpos(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vm, vs));
+  for (int64_t j = j0; j <= jlast; j += 16) {
+    // lanes off the live columns read as -inf: exp gives 0 there
+    const __mmask16 k = j == j0 || j == jlast ? live_lanes(j, jl, jh) : __mmask16(0xFFFF);
+    const __m512 x = _mm512_mask_loadu_ps(ninf, k, s + j);
+    const __m512 e = exp2_16_p3_nonpos(_mm512_fmsub_ps(x, vm, vs));
     acc = _mm512_add_ps(acc, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(e));
   }
-  if (j < n) {  // the lanes past n read as -inf: exp gives 0 there
-    const __mmask16 k = __mmask16((1u << (n - j)) - 1);
-    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), k, s + j);
-    const __m512 e = exp2_16_p3_nonpos(_mm512_fmsub_ps(x, vm, vs));
-    acc = _mm512_add_ps(acc, e);
-    _mm256_mask_storeu_epi16(dst + j, k, (__m256i)_mm512_cvtneps_pbh(e));
-  }
+  zeros(jlast + 16, npad);
   return _mm512_reduce_add_ps(acc);
 }
 
@@ -709,6 +749,16 @@ int64_t attn_run_keys() {
   return keys;
 }
 
+// FASTARCH_ATTN_PAIRS_PER_HEAD=0: the bf16 K / V pairs by one call-wide pass before the tiles
+// (block_sparse_attention_cpu) even where each thread could regroup its own heads.
+bool attn_pairs_per_head() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_PAIRS_PER_HEAD");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
 // Row length of the bf16 K pairs, (D/2) rows of every key of a (batch, kv head): the keys plus
 // one cache line where that would be a multiple of 1 KiB, so that the 16 rows a register
 // transpose stores to do not all fall in the same L1 sets.
@@ -747,7 +797,11 @@ struct Params {
   // V[2u+1, d]), zero-padded, for dp_gemm.
   const uint32_t* kp_all = nullptr;
   const uint32_t* vp_all = nullptr;
+  int64_t kp_ld = 0;  // pairs per row of kp_all: kpairs_ld(Kt * bs)
   int64_t vrows = 0;  // rows of pairs per (batch, kv head) in vp_all (a multiple of 16)
+  // words from one (batch, kv head) of kp_all / vp_all to the next: (D/2) kp_ld and vrows D, or
+  // 0 where a thread holds the pairs of one (batch, kv head) at a time (pairs_per_head)
+  int64_t kp_stride = 0, vp_stride = 0;
   bool amx = false;   // the pair products by brgemm on AMX tiles (kp_all / vp_all set)
   bool brg32 = false;  // the fp32 tile products (kt_all set) by brgemm instead of gemm_nn
 };
@@ -918,15 +972,16 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
           full_hi = std::max(full_hi, std::min(n, (u + 1) * bs));
         }
     }
-    auto live_cols = [&](int64_t i) -> std::pair<int64_t, int64_t> {
-      if (!ranged) return {0, n};
-      auto [jl, jh] = window_cols(p, r0 + i, c0, n);
-      if (full_lo < full_hi) {
-        jl = std::min(jl, full_lo);
-        jh = std::max(jh, full_hi);
-      }
-      return {jl, jh};
+    // (the window's own columns of the row, and the live ones)
+    auto window_and_live_cols = [&](int64_t i) {
+      using Cols = std::pair<int64_t, int64_t>;
+      if (!ranged) return std::pair<Cols, Cols>{{0, n}, {0, n}};
+      const Cols w = window_cols(p, r0 + i, c0, n);
+      Cols live = w;
+      if (full_lo < full_hi) live = {std::min(w.first, full_lo), std::max(w.second, full_hi)};
+      return std::pair<Cols, Cols>{w, live};
     };
+    auto live_cols = [&](int64_t i) { return window_and_live_cols(i).second; };
     // fp32 products of a windowed run by blocks of kRowBlock rows, each over the columns some
     // row of the block sees (rounded out to 16 for aligned rows): a 64-row tile's window rows
     // cover 320 columns between them, a 32-row block's 288, so the products skip the dead
@@ -951,8 +1006,8 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     if (dot) {
       const int64_t bh = b * p.Hkv + hk;
       const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qb + r0 * p.qs[2]);
-      const int64_t lkp = kpairs_ld(p.Kt * bs);  // pairs per row of kp_all
-      const uint32_t* kpairs = p.kp_all + bh * (D / 2) * lkp + c0;
+      const int64_t lkp = p.kp_ld;
+      const uint32_t* kpairs = p.kp_all + bh * p.kp_stride + c0;
       if (p.amx) {  // unscaled: the scale is applied with the score mods
         const auto* qa = reinterpret_cast<const at::BFloat16*>(q32);
         // the run's keys are adjacent columns of the pair rows: one product for all g tiles
@@ -1027,7 +1082,8 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
 #endif
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
-      const auto [jl, jh] = live_cols(i);
+      const auto [wcols, lcols] = window_and_live_cols(i);
+      const auto [jl, jh] = lcols;
       // scale and score mods on the live columns only (the passes below read no others)
       if (p.amx && mul == 1.f && p.scale != 1.f) {
         const float sc = p.scale;
@@ -1037,9 +1093,11 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       if (jl < jh) score_mods_row(p, s + jl, jh - jl, r0 + i, c0 + jl, slope, relh, nullptr);
       // the live columns are the window's own (the run's full tiles inside it, as a block mask
       // made from the window has them)
-      const bool live_is_window =
-          ranged && std::pair<int64_t, int64_t>{jl, jh} == window_cols(p, r0 + i, c0, n);
-      for (int64_t u = 0; u < g; ++u) {
+      const bool live_is_window = ranged && lcols == wcols;
+      // what a window alone masks lies outside [jl, jh), which the passes below skip
+      const bool window_only =
+          p.tile_mask_index == nullptr && p.q_doc == nullptr && live_is_window;
+      for (int64_t u = 0; u < (window_only ? 0 : g); ++u) {
         const int64_t slot = slots[tfirst + u];
         if (slot < 0) continue;
         const int64_t cu = c0 + u * bs, nu = std::min(bs, p.Lk - cu);
@@ -1048,21 +1106,27 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
           const int32_t ti = p.tile_mask_index[row * p.W + slot];
           if (ti >= 0) bmr = p.tile_masks + (int64_t(ti) * bs + i) * bs;
         }
-        // what a window alone masks lies outside [jl, jh), which the passes below skip
         if (bmr == nullptr && p.q_doc == nullptr && live_is_window) continue;
         mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
       }
-      const float mx = mul == 1.f ? row_max(s + jl, jh - jl, mrow[i])
-                                  : std::max(mrow[i], mul * row_max(s + jl, jh - jl, kNegInf));
+      float mx;
+#if defined(FASTARCH_ATTN_BF16_DOT)
+      if (dot)
+        mx = mul == 1.f ? row_max_live(s, jl, jh, mrow[i])
+                        : std::max(mrow[i], mul * row_max_live(s, jl, jh, kNegInf));
+      else
+#endif
+        mx = mul == 1.f ? row_max(s + jl, jh - jl, mrow[i])
+                        : std::max(mrow[i], mul * row_max(s + jl, jh - jl, kNegInf));
       const float mref = mx == kNegInf ? 0.f : mx;
-      const float alpha = fast_exp(mrow[i] - mref);
+      // a row's first run: alpha = 0, and its accumulator holds only zeros (or NaN, from 0 * inf
+      // in V), which scaling by 0 would leave as they are
+      const bool first = mrow[i] == kNegInf;
+      const float alpha = first ? 0.f : fast_exp(mrow[i] - mref);
       float sum;
 #if defined(FASTARCH_ATTN_BF16_DOT)
       if (dot) {
-        uint16_t* pr = pbf.data() + i * ldp;
-        std::fill(pr, pr + jl, uint16_t(0));
-        sum = exp_row_to_bf16(s + jl, jh - jl, mul, mref, pr + jl);
-        std::fill(pr + jh, pr + npad, uint16_t(0));
+        sum = exp_live_to_bf16(s, jl, jh, npad, mul, mref, pbf.data() + i * ldp);
       } else
 #endif
       {
@@ -1072,7 +1136,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       }
       lrow[i] = lrow[i] * alpha + sum;
       mrow[i] = mx;
-      if (alpha != 1.f) {
+      if (alpha != 1.f && !first) {
         float* a = acc + i * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
@@ -1081,7 +1145,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
 #if defined(FASTARCH_ATTN_BF16_DOT)
     if (dot) {
       const int64_t bh = b * p.Hkv + hk;
-      const uint32_t* vpairs = p.vp_all + (bh * p.vrows + c0 / 2) * D;
+      const uint32_t* vpairs = p.vp_all + bh * p.vp_stride + (c0 / 2) * D;
       if (p.amx)
         cpublas::brgemm(m, D, npad, ldp, D, D, true,
                         reinterpret_cast<const at::BFloat16*>(pbf.data()),
@@ -1313,6 +1377,74 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
 
 }
 
+#if defined(FASTARCH_ATTN_BF16_DOT)
+// Key tile kt of (batch b, kv head h) into the bf16 pair layouts of Params::kp_all / vp_all (pure
+// data movement, no rounding): kbh and vbh are that (batch, kv head)'s pair rows. The last tile
+// also writes the zero pair rows past the keys.
+void pair_kv_tile(const Params& p, const uint16_t* ks, const uint16_t* vs, int64_t b, int64_t h,
+                  int64_t kt, uint32_t* kbh, uint32_t* vbh) {
+  const int64_t D = p.D, bs = p.bs, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lkp = p.kp_ld,
+                lk2 = p.vrows;
+  const uint16_t* kr = ks + b * p.ks[0] + h * p.ks[1];
+  const uint16_t* vr = vs + b * p.vs[0] + h * p.vs[1];
+  uint32_t* kt_out = kbh + kt * bs;  // rows lkp apart
+  // K tile rows -> (D/2, bs) pairs: a 32-bit transpose (each row's bf16 pairs are already
+  // adjacent), 16 keys x 16 pairs at a time in registers; the partial last block of keys
+  // and a D/2 that is not a multiple of 16 (D = 80, 112) take the scalar loop below.
+  const int64_t full = std::min<int64_t>(bs, std::max<int64_t>(0, Lk - kt * bs)) / 16 * 16;
+  const int64_t t16 = D2 / 16 * 16;
+  auto pairs_of_row = [&](const uint16_t* row, int64_t j, int64_t t_begin) {
+    for (int64_t t = t_begin; t < D2; ++t)
+      kt_out[t * lkp + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+  };
+  for (int64_t j0 = 0; j0 < full; j0 += 16) {
+    const uint16_t* r0 = kr + (kt * bs + j0) * p.ks[2];
+    for (int64_t t0 = 0; t0 < t16; t0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(r0 + i * p.ks[2] + 2 * t0);
+      transpose16x16_epi32(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt_out + (t0 + i) * lkp + j0, r[i]);
+    }
+    for (int64_t j = j0; j < j0 + 16; ++j) pairs_of_row(r0 + (j - j0) * p.ks[2], j, t16);
+  }
+  for (int64_t j = full; j < bs; ++j) {
+    const int64_t c = kt * bs + j;
+    if (c < Lk) {
+      pairs_of_row(kr + c * p.ks[2], j, 0);
+    } else {
+      for (int64_t t = 0; t < D2; ++t) kt_out[t * lkp + j] = 0;
+    }
+  }
+  const int64_t u_end = kt + 1 == Kt ? lk2 : (kt + 1) * bs / 2;
+  for (int64_t u = kt * bs / 2; u < u_end; ++u) {  // V pairs, zeros past the keys
+    const uint16_t* r0 = vr + (2 * u) * p.vs[2];
+    uint32_t* o = vbh + u * D;
+    if (2 * u >= Lk) {
+      std::fill(o, o + D, 0u);
+    } else if (2 * u + 1 < Lk) {
+      const uint16_t* r1 = r0 + p.vs[2];
+      int64_t d = 0;
+#if defined(__AVX512BW__)
+      // 32 dims of both rows at a time: unpack interleaves 16-bit words within each
+      // 128-bit lane, the 64-bit permutes put the lanes back in order (the widening loop
+      // below was ~40% of this regrouping pass, perf)
+      const __m512i lanes0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+      const __m512i lanes1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+      for (; d + 32 <= D; d += 32) {
+        const __m512i a = _mm512_loadu_si512(r0 + d), b = _mm512_loadu_si512(r1 + d);
+        const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+        _mm512_storeu_si512(o + d, _mm512_permutex2var_epi64(lo, lanes0, hi));
+        _mm512_storeu_si512(o + d + 16, _mm512_permutex2var_epi64(lo, lanes1, hi));
+      }
+#endif
+      for (; d < D; ++d) o[d] = uint32_t(r0[d]) | (uint32_t(r1[d]) << 16);
+    } else {
+      for (int64_t d = 0; d < D; ++d) o[d] = r0[d];
+    }
+  }
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
@@ -1365,91 +1497,59 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
   const bool bf16_dot = q.scalar_type() == at::kBFloat16 && Qt >= 2 && nsplit == 1 &&
                         D % 16 == 0 && D <= 128 && bs % 16 == 0 && bs <= 128 &&
                         p.qs[2] % 2 == 0 && attn_bf16_dot_enabled();
+  // Pairs per head: each thread takes whole (batch, kv head) units and regroups a unit's key
+  // tiles into its own buffers just before the unit's query tiles first read them, so that the
+  // pairs are written to and read from its caches and K / V are read once, instead of one pass
+  // over all of K and V into call-wide buffers first. Where the units do not divide evenly over
+  // the threads, or the block mask differs per batch or head (units of uneven cost), the
+  // call-wide pass is kept and the items are dealt per query tile.
+  // FASTARCH_ATTN_PAIRS_PER_HEAD=0 turns it off (comparisons, tests).
+  bool pairs_per_head = false;
+  const uint16_t* k16 = nullptr;
+  const uint16_t* v16 = nullptr;
   if (bf16_dot) {
-    // One pass each, in parallel over (batch, kv head) and tiles.
-    const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk, D2 = D / 2, lkp = kpairs_ld(Kt * bs);
+    const int64_t Hkv = p.Hkv, Kt = p.Kt, D2 = D / 2;
+    pw.kp_ld = kpairs_ld(Kt * bs);
     // V pairs per (b, kv head): every tile's, plus 16 zero rows for brgemm's reduction padded to
     // 32 keys past the last tile start (attend_tiles)
-    const int64_t lk2 = Kt * bs / 2 + 16;
-    // Up to 32 MiB are kept per calling thread for the next call: a fresh multi-MiB allocation
-    // is fresh pages each call, and their first-touch faults cost as much as the regrouping
-    // (S=4096, H=8, D=64: 7.0 -> 5.2 ms for a call that computes only the diagonal tiles).
-    const size_t nk = size_t(B * Hkv * D2 * lkp), nv = size_t(B * Hkv * lk2 * D);
-    constexpr size_t kKeepWords = size_t(8) << 20;
-    thread_local aligned_vector<uint32_t> kcache, vcache;
-    aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kcache : klocal;
-    aligned_vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vcache : vlocal;
-    if (kvec.size() < nk) kvec.resize(nk);
-    if (vvec.size() < nv) vvec.resize(nv);
-    uint32_t* kd = kvec.data();
-    uint32_t* vd = vvec.data();
-    const uint16_t* ks = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
-    const uint16_t* vs = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-    at::parallel_for(0, B * Hkv * Kt, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t kt = w % Kt, bh = w / Kt, b = bh / Hkv, h = bh % Hkv;
-        const uint16_t* kr = ks + b * p.ks[0] + h * p.ks[1];
-        const uint16_t* vr = vs + b * p.vs[0] + h * p.vs[1];
-        uint32_t* kt_out = kd + bh * D2 * lkp + kt * bs;  // rows lkp apart
-        // K tile rows -> (D/2, bs) pairs: a 32-bit transpose (each row's bf16 pairs are already
-        // adjacent), 16 keys x 16 pairs at a time in registers; the partial last block of keys
-        // and a D/2 that is not a multiple of 16 (D = 80, 112) take the scalar loop below.
-        const int64_t full = std::min<int64_t>(bs, std::max<int64_t>(0, Lk - kt * bs)) / 16 * 16;
-        const int64_t t16 = D2 / 16 * 16;
-        auto pairs_of_row = [&](const uint16_t* row, int64_t j, int64_t t_begin) {
-          for (int64_t t = t_begin; t < D2; ++t)
-            kt_out[t * lkp + j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
-        };
-        for (int64_t j0 = 0; j0 < full; j0 += 16) {
-          const uint16_t* r0 = kr + (kt * bs + j0) * p.ks[2];
-          for (int64_t t0 = 0; t0 < t16; t0 += 16) {
-            __m512i r[16];
-            for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(r0 + i * p.ks[2] + 2 * t0);
-            transpose16x16_epi32(r);
-            for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt_out + (t0 + i) * lkp + j0, r[i]);
-          }
-          for (int64_t j = j0; j < j0 + 16; ++j) pairs_of_row(r0 + (j - j0) * p.ks[2], j, t16);
+    pw.vrows = Kt * bs / 2 + 16;
+    pw.kp_stride = D2 * pw.kp_ld;
+    pw.vp_stride = pw.vrows * D;
+    const int64_t units = B * Hkv;
+    pairs_per_head = attn_pairs_per_head() && units >= threads && units % threads == 0 &&
+                     Bm == 1 && Hm == 1;
+    k16 = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+    v16 = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+    if (!pairs_per_head) {
+      // Up to 32 MiB are kept per calling thread for the next call: a fresh multi-MiB
+      // allocation is fresh pages each call, and their first-touch faults cost as much as the
+      // regrouping (S=4096, H=8, D=64: 7.0 -> 5.2 ms for a call that computes only the diagonal
+      // tiles).
+      const size_t nk = size_t(units * pw.kp_stride), nv = size_t(units * pw.vp_stride);
+      constexpr size_t kKeepWords = size_t(8) << 20;
+      thread_local aligned_vector<uint32_t> kcache, vcache;
+      aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kcache : klocal;
+      aligned_vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vcache : vlocal;
+      if (kvec.size() < nk) kvec.resize(nk);
+      if (vvec.size() < nv) vvec.resize(nv);
+      uint32_t* kd = kvec.data();
+      uint32_t* vd = vvec.data();
+      // one pass, in parallel over (batch, kv head) and key tiles
+      at::parallel_for(0, units * Kt, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t kt = w % Kt, bh = w / Kt;
+          pair_kv_tile(p, k16, v16, bh / Hkv, bh % Hkv, kt, kd + bh * p.kp_stride,
+                       vd + bh * p.vp_stride);
         }
-        for (int64_t j = full; j < bs; ++j) {
-          const int64_t c = kt * bs + j;
-          if (c < Lk) {
-            pairs_of_row(kr + c * p.ks[2], j, 0);
-          } else {
-            for (int64_t t = 0; t < D2; ++t) kt_out[t * lkp + j] = 0;
-          }
-        }
-        const int64_t u_end = kt + 1 == Kt ? lk2 : (kt + 1) * bs / 2;
-        for (int64_t u = kt * bs / 2; u < u_end; ++u) {  // V pairs, zeros past the keys
-          const uint16_t* r0 = vr + (2 * u) * p.vs[2];
-          uint32_t* o = vd + (bh * lk2 + u) * D;
-          if (2 * u >= Lk) {
-            std::fill(o, o + D, 0u);
-          } else if (2 * u + 1 < Lk) {
-            const uint16_t* r1 = r0 + p.vs[2];
-            int64_t d = 0;
-#if defined(__AVX512BW__)
-            // 32 dims of both rows at a time: unpack interleaves 16-bit words within each
-            // 128-bit lane, the 64-bit permutes put the lanes back in order (the widening loop
-            // below was ~40% of this regrouping pass, perf)
-            const __m512i lanes0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-            const __m512i lanes1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-            for (; d + 32 <= D; d += 32) {
-              const __m512i a = _mm512_loadu_si512(r0 + d), b = _mm512_loadu_si512(r1 + d);
-              const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
-              _mm512_storeu_si512(o + d, _mm512_permutex2var_epi64(lo, lanes0, hi));
-              _mm512_storeu_si512(o + d + 16, _mm512_permutex2var_epi64(lo, lanes1, hi));
-            }
-#endif
-            for (; d < D; ++d) o[d] = uint32_t(r0[d]) | (uint32_t(r1[d]) << 16);
-          } else {
-            for (int64_t d = 0; d < D; ++d) o[d] = r0[d];
-          }
-        }
-      }
-    });
-    pw.kp_all = kd;
-    pw.vp_all = vd;
-    pw.vrows = lk2;
+      });
+      pw.kp_all = kd;
+      pw.vp_all = vd;
+    } else {
+      // each thread points its copy of the Params at its own buffers (the attend loop below);
+      // non-null here marks the pair path
+      pw.kp_all = pw.vp_all = reinterpret_cast<const uint32_t*>(k16);
+      pw.kp_stride = pw.vp_stride = 0;
+    }
     pw.amx = attn_amx_enabled();
     // On AMX, runs of up to 512 keys: bf16 K / V pairs of 512 keys are 64 KiB each at D = 64,
     // within L2, and a longer P V product amortises its pass over the accumulator. Xeon with
@@ -1560,22 +1660,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       float* mb = accb + nq;
       float* lb = mb + nm;
       bool streamed = false;
-      for (int64_t c = c0; c < c1; ++c)
-      for (int64_t w = c; w < total; w += stride) {
-        const int64_t item = w / nsplit, split = w % nsplit;
-        const int64_t qt = item % Qt, h = (item / Qt) % Hq, b = item / (Qt * Hq);
-        const int64_t bm = Bm == 1 ? 0 : b, hm = Hm == 1 ? 0 : h;
-        const int64_t row = (bm * Hm + hm) * Qt + qt;
-        const int64_t ntile = int64_t(p.num[row]) + (p.fnum ? p.fnum[row] : 0);
-        const int64_t per = (ntile + nsplit - 1) / nsplit;
-        const int64_t t0 = std::min(ntile, split * per), t1 = std::min(ntile, t0 + per);
+      // the output rows of one item (acc normalised by the row sums) and their lse
+      auto store_item = [&](int64_t b, int64_t h, int64_t qt, const float* acc, const float* mr,
+                            const float* lr) {
         const int64_t r0 = qt * bs, m = std::min(bs, Lq - r0);
-        float* acc = nsplit > 1 ? pacc.data() + w * bs * D : accb;
-        float* mr = nsplit > 1 ? pm.data() + w * bs : mb;
-        float* lr = nsplit > 1 ? pl.data() + w * bs : lb;
-        attend_tiles<scalar_t>(p, qp, kp, vp, b, h, qt, t0, t1, qbuf, kbuf, vbuf, sbuf, acc, mr,
-                               lr);
-        if (nsplit > 1) continue;
         for (int64_t i = 0; i < m; ++i) {
           const int64_t o = ((b * Hq + h) * Lq + r0 + i);
           const float l = lr[i], inv = !(l <= 0.f) ? 1.f / l : 0.f;
@@ -1585,6 +1673,63 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             store_row<scalar_t>(acc + i * D, op + o * D, D, inv);
           lp[o] = !(l <= 0.f) ? mr[i] + std::log(l) : kNegInf;
         }
+      };
+#if defined(FASTARCH_ATTN_BF16_DOT)
+      if (pairs_per_head) {
+        // (batch, kv head) units dealt round-robin to the chunks; the query heads of a unit take
+        // turns per query tile, so a key tile is read by the whole GQA group while it is hot
+        const int64_t Hkv = p.Hkv, G = Hq / Hkv, units = B * Hkv;
+        const size_t nk = size_t((D / 2) * p.kp_ld), nv = size_t(p.vrows * D);
+        constexpr size_t kKeepWords = size_t(8) << 20;
+        thread_local aligned_vector<uint32_t> kh_cache, vh_cache;
+        aligned_vector<uint32_t> kh_local, vh_local;
+        aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kh_cache : kh_local;
+        aligned_vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vh_cache : vh_local;
+        if (kvec.size() < nk) kvec.resize(nk);
+        if (vvec.size() < nv) vvec.resize(nv);
+        Params pt = p;
+        pt.kp_all = kvec.data();
+        pt.vp_all = vvec.data();
+        for (int64_t c = c0; c < c1; ++c)
+        for (int64_t unit = c; unit < units; unit += nch) {
+          const int64_t b = unit / Hkv, hk = unit % Hkv;
+          int64_t paired = 0;  // key tiles [0, paired) of this unit are in the buffers
+          for (int64_t qt = 0; qt < Qt; ++qt) {
+            const int64_t row = qt;  // one block-mask row set (Bm == Hm == 1)
+            const int64_t np = p.num[row], nf = p.fnum ? p.fnum[row] : 0;
+            int64_t last = -1;
+            for (int64_t t = 0; t < np; ++t) last = std::max<int64_t>(last, p.idx[row * p.W + t]);
+            for (int64_t t = 0; t < nf; ++t)
+              last = std::max<int64_t>(last, p.fidx[row * p.Wf + t]);
+            // and one tile more: a product's reduction padded to 32 keys reads up to 31 keys
+            // past a run, which must be finite (zeros times stale infinities would be NaN)
+            const int64_t need = std::min(p.Kt, last + 2);
+            for (; paired < need; ++paired)
+              pair_kv_tile(pt, k16, v16, b, hk, paired, kvec.data(), vvec.data());
+            for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+              attend_tiles<scalar_t>(pt, qp, kp, vp, b, h, qt, 0, np + nf, qbuf, kbuf, vbuf,
+                                     sbuf, accb, mb, lb);
+              store_item(b, h, qt, accb, mb, lb);
+            }
+          }
+        }
+      } else
+#endif
+      for (int64_t c = c0; c < c1; ++c)
+      for (int64_t w = c; w < total; w += stride) {
+        const int64_t item = w / nsplit, split = w % nsplit;
+        const int64_t qt = item % Qt, h = (item / Qt) % Hq, b = item / (Qt * Hq);
+        const int64_t bm = Bm == 1 ? 0 : b, hm = Hm == 1 ? 0 : h;
+        const int64_t row = (bm * Hm + hm) * Qt + qt;
+        const int64_t ntile = int64_t(p.num[row]) + (p.fnum ? p.fnum[row] : 0);
+        const int64_t per = (ntile + nsplit - 1) / nsplit;
+        const int64_t t0 = std::min(ntile, split * per), t1 = std::min(ntile, t0 + per);
+        float* acc = nsplit > 1 ? pacc.data() + w * bs * D : accb;
+        float* mr = nsplit > 1 ? pm.data() + w * bs : mb;
+        float* lr = nsplit > 1 ? pl.data() + w * bs : lb;
+        attend_tiles<scalar_t>(p, qp, kp, vp, b, h, qt, t0, t1, qbuf, kbuf, vbuf, sbuf, acc, mr,
+                               lr);
+        if (nsplit == 1) store_item(b, h, qt, acc, mr, lr);
       }
       if (streamed) _mm_sfence();
       if (p.amx) cpublas::brgemm_release(true);  // the tile configuration of this thread

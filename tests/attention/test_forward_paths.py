@@ -128,8 +128,9 @@ print("ok")
 
 
 @pytest.mark.parametrize("env", [{"FASTARCH_ATTN_AMX": "0"}, {"FASTARCH_ATTN_BRGEMM": "0"},
-                                 {"FASTARCH_ATTN_BRGEMM": "1"}, {}],
-                         ids=["no-amx", "no-brgemm", "brgemm", "default"])
+                                 {"FASTARCH_ATTN_BRGEMM": "1"},
+                                 {"FASTARCH_ATTN_PAIRS_PER_HEAD": "0"}, {}],
+                         ids=["no-amx", "no-brgemm", "brgemm", "call-wide-pairs", "default"])
 def test_forced_tile_products(env):
     out = subprocess.run([sys.executable, "-c", _FORCED], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=600)
@@ -216,3 +217,30 @@ def test_window_with_full_tiles_outside_it(dtype):
         bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
     torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (3, 3)], ids=["mha4", "gqa8-2", "mha3"])
+def test_bf16_pairs_per_head_read_only_their_own_tiles(heads):
+    """bf16 pairs regrouped per (batch, kv head) by the thread that attends it, tile by tile as
+    its query tiles first need them: a thread's buffers still hold the previous head's tiles
+    past those. With 16-key blocks the AMX products pad a run to 32 keys and so read the tile
+    after it; head 0's V is infinite, and no other head may see it (0 * inf would be NaN).
+    3 kv heads over 2 threads take the call-wide regrouping instead."""
+    hq, hkv = heads
+    lq = lk = 200
+    torch.manual_seed(hq)
+    q = torch.randn(1, hq, lq, 64, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, hkv, lk, 64, dtype=torch.bfloat16) for _ in range(2))
+    v[:, 0] = float("inf")
+    bm = create_block_mask(causal(), q_len=lq, kv_len=lk, block_size=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = block_sparse_attention(q, k, v, bm)
+    finally:
+        torch.set_num_threads(threads)
+    ref, _ = block_sparse_attention_reference(
+        q.double(), k.double(), v.double(), *bm.op_args(), None, None, 16, bm.q_offset,
+        bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
+    g = hq // hkv
+    torch.testing.assert_close(out[:, g:].double(), ref[:, g:], atol=2e-2, rtol=2e-2)
