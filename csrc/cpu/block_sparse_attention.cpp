@@ -209,32 +209,34 @@ inline __m512 exp2_16_p5(__m512 t) {
   return _mm512_maskz_scalef_ps(keep, p, r);
 }
 
+// c3 f^3 + c2 f^2 + c1 f + c0 in 16 lanes
+inline __m512 poly3_16(__m512 f, float c3, float c2, float c1, float c0) {
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(c3), f, _mm512_set1_ps(c2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c1));
+  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(c0));
+}
+
 // 2^t in 16 lanes for t <= 0 (or NaN, kept), at the precision of a bf16 P: a degree-3
 // relative-error fit of 2^f (max 7.5e-5, a 26th of bf16's half ulp) and no clamps (the mask of
-// t < -126, or round(t) < -126 without AVX512DQ, also zeroes -inf, whose f is NaN). Four vector operations fewer than
-// exp2_16_p5 per 16 scores of the bf16 exp pass, most of a sliding-window call's softmax.
+// an exponent e < -126 also zeroes -inf, whose f is NaN). Four vector operations fewer than
+// exp2_16_p5 per 16 scores (five with AVX512DQ) in the bf16 exp pass, most of a sliding-window
+// call's softmax.
 inline __m512 exp2_16_p3_nonpos(__m512 t) {
 #if defined(__AVX512DQ__)
   // f = t - floor(t) in [0, 1) in one step (vreduceps), and scalef takes floor(t) from t
-  // itself: one vector operation fewer per 16 scores than rounding and subtracting. The fit on
-  // [0, 1) has the same relative error (2^f on [0, 1) is 2^(1/2) 2^(f - 1/2)).
+  // itself: one vector operation fewer than rounding and subtracting. The fit on [0, 1) has
+  // the same relative error (2^f on [0, 1) is 2^(1/2) 2^(f - 1/2)).
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(0.07802452f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606717f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69583353f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99992522f));
-  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  return _mm512_maskz_scalef_ps(keep, p, t);
+  const __m512 e = t;
+  const __m512 p = poly3_16(f, 0.07802452f, 0.22606717f, 0.69583353f, 0.99992522f);
 #else
-  const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, r);
-  __m512 p = _mm512_set1_ps(0.05517098307609558f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24260972440242767f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932609677314758f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999281764030457f));
-  const __mmask16 keep = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  return _mm512_maskz_scalef_ps(keep, p, r);
+  const __m512 e = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, e);  // in [-1/2, 1/2]
+  const __m512 p = poly3_16(f, 0.05517098307609558f, 0.24260972440242767f, 0.6932609677314758f,
+                            0.9999281764030457f);
 #endif
+  const __mmask16 keep = _mm512_cmp_ps_mask(e, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(keep, p, e);
 }
 #endif
 
