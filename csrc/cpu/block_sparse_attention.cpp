@@ -1694,8 +1694,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         // (batch, kv head) units dealt round-robin to the chunks; the query heads of a unit take
         // turns per query tile, so a key tile is read by the whole GQA group while it is hot
         const int64_t Hkv = p.Hkv, G = Hq / Hkv, units = B * Hkv;
+        // kept for the next call up to 8 MiB per thread, as every worker thread holds its own
+        // (8192 keys take 4 MiB at D = 128, 2 MiB at D = 64); longer calls allocate per call
         const size_t nk = size_t((D / 2) * p.kp_ld), nv = size_t(p.vrows * D);
-        constexpr size_t kKeepWords = size_t(8) << 20;
+        constexpr size_t kKeepWords = size_t(2) << 20;
         thread_local aligned_vector<uint32_t> kh_cache, vh_cache;
         aligned_vector<uint32_t> kh_local, vh_local;
         aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kh_cache : kh_local;

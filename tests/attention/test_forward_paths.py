@@ -244,3 +244,27 @@ def test_bf16_pairs_per_head_read_only_their_own_tiles(heads):
         bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
     g = hq // hkv
     torch.testing.assert_close(out[:, g:].double(), ref[:, g:], atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_window_over_long_keys_samples_rows():
+    """16400 keys at D=128: a head's bf16 pairs (8 MiB) are over what a thread keeps between
+    calls, so they take the per-call buffers. Sampled rows against their window in fp64."""
+    torch.manual_seed(0)
+    lq = lk = 16400
+    d, w = 128, 255
+    q = torch.randn(1, 2, lq, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, lk, d, dtype=torch.bfloat16) for _ in range(2))
+    bm = create_block_mask(sliding_window(w), q_len=lq, kv_len=lk, block_size=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = block_sparse_attention(q, k, v, bm)
+    finally:
+        torch.set_num_threads(threads)
+    rows = torch.cat([torch.randint(0, lq, (40,)), torch.tensor([0, 1, 255, 256, lq - 1])])
+    for i in rows.tolist():
+        lo = max(0, i - w)
+        s = (q[0, :, i].double().unsqueeze(1) @ k[0, :, lo:i + 1].double().transpose(1, 2))
+        p = torch.softmax(s / math.sqrt(d), -1)
+        ref = (p @ v[0, :, lo:i + 1].double()).squeeze(1)
+        torch.testing.assert_close(out[0, :, i].double(), ref, atol=2e-2, rtol=2e-2)
