@@ -218,7 +218,7 @@ inline __m512 poly3_16(__m512 f, float c3, float c2, float c1, float c0) {
 
 // 2^t in 16 lanes for t <= 0 (or NaN, kept), at the precision of a bf16 P: a degree-3
 // relative-error fit of 2^f (max 7.5e-5, a 26th of bf16's half ulp) and no clamps (the mask of
-// an exponent e < -126 also zeroes -inf, whose f is NaN). Four vector operations fewer than
+// an exponent e < -126 also zeroes -inf, whatever its f). Four vector operations fewer than
 // exp2_16_p5 per 16 scores (five with AVX512DQ) in the bf16 exp pass, most of a sliding-window
 // call's softmax.
 inline __m512 exp2_16_p3_nonpos(__m512 t) {
@@ -808,8 +808,8 @@ struct Params {
   const float* v32_all = nullptr;
   // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, D/2, kpairs_ld(Kt * bs))
   // 32-bit pairs (K[j, 2t], K[j, 2t+1]) (the keys of consecutive tiles adjacent, so that a run of
-  // tiles is one product) and V as (B, Hkv, ceil(Lk/2), D) 32-bit pairs (V[2u, d],
-  // V[2u+1, d]), zero-padded, for dp_gemm.
+  // tiles is one product) and V as (B, Hkv, vrows, D) 32-bit pairs (V[2u, d], V[2u+1, d]),
+  // zero-padded, for brgemm on AMX or dp_gemm.
   const uint32_t* kp_all = nullptr;
   const uint32_t* vp_all = nullptr;
   int64_t kp_ld = 0;  // pairs per row of kp_all: kpairs_ld(Kt * bs)
@@ -1694,10 +1694,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         // (batch, kv head) units dealt round-robin to the chunks; the query heads of a unit take
         // turns per query tile, so a key tile is read by the whole GQA group while it is hot
         const int64_t Hkv = p.Hkv, G = Hq / Hkv, units = B * Hkv;
-        // kept for the next call up to 8 MiB per thread, as every worker thread holds its own
-        // (8192 keys take 4 MiB at D = 128, 2 MiB at D = 64); longer calls allocate per call
+        // kept for the next call up to 8 MiB per thread, and 64 MiB over all the threads, as
+        // every worker holds its own (8192 keys take 4 MiB at D = 128, 2 MiB at D = 64);
+        // longer calls allocate theirs per call
         const size_t nk = size_t((D / 2) * p.kp_ld), nv = size_t(p.vrows * D);
-        constexpr size_t kKeepWords = size_t(2) << 20;
+        const size_t kKeepWords = std::min<size_t>(
+            size_t(2) << 20, (size_t(16) << 20) / size_t(std::max<int64_t>(1, threads)));
         thread_local aligned_vector<uint32_t> kh_cache, vh_cache;
         aligned_vector<uint32_t> kh_local, vh_local;
         aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kh_cache : kh_local;

@@ -99,6 +99,7 @@ from fastarch.attention import and_masks, causal, create_block_mask, document, s
 from fastarch.ops.block_sparse_attention import (block_sparse_attention,
                                                  block_sparse_attention_reference)
 print(native.cpu_attention_paths())
+torch.set_num_threads(2)  # 2 kv heads: the bf16 pairs per head where threads divide them
 tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 masks = [causal(), sliding_window(45, 3), and_masks(causal(), document(lengths=[77, 3, 120]))]
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -219,20 +220,21 @@ def test_window_with_full_tiles_outside_it(dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block", [16, 48, 80, 112])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (3, 3)], ids=["mha4", "gqa8-2", "mha3"])
-def test_bf16_pairs_per_head_read_only_their_own_tiles(heads):
+def test_bf16_pairs_per_head_read_only_their_own_tiles(heads, block):
     """bf16 pairs regrouped per (batch, kv head) by the thread that attends it, tile by tile as
     its query tiles first need them: a thread's buffers still hold the previous head's tiles
-    past those. With 16-key blocks the AMX products pad a run to 32 keys and so read the tile
-    after it; head 0's V is infinite, and no other head may see it (0 * inf would be NaN).
-    3 kv heads over 2 threads take the call-wide regrouping instead."""
+    past those. With blocks of an odd multiple of 16 keys the AMX products pad a run to 32 keys
+    and so read into the tile after it. Head 0's V is infinite, and no other head may see it
+    (0 * inf would be NaN). 3 kv heads over 2 threads take the call-wide regrouping instead."""
     hq, hkv = heads
     lq = lk = 200
     torch.manual_seed(hq)
     q = torch.randn(1, hq, lq, 64, dtype=torch.bfloat16)
     k, v = (torch.randn(1, hkv, lk, 64, dtype=torch.bfloat16) for _ in range(2))
     v[:, 0] = float("inf")
-    bm = create_block_mask(causal(), q_len=lq, kv_len=lk, block_size=16)
+    bm = create_block_mask(causal(), q_len=lq, kv_len=lk, block_size=block)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -240,17 +242,17 @@ def test_bf16_pairs_per_head_read_only_their_own_tiles(heads):
     finally:
         torch.set_num_threads(threads)
     ref, _ = block_sparse_attention_reference(
-        q.double(), k.double(), v.double(), *bm.op_args(), None, None, 16, bm.q_offset,
+        q.double(), k.double(), v.double(), *bm.op_args(), None, None, block, bm.q_offset,
         bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
     g = hq // hkv
     torch.testing.assert_close(out[:, g:].double(), ref[:, g:], atol=2e-2, rtol=2e-2)
 
 
 def test_bf16_window_over_long_keys_samples_rows():
-    """16400 keys at D=128: a head's bf16 pairs (8 MiB) are over what a thread keeps between
+    """17000 keys at D=128: a head's bf16 pairs (8.3 MiB) are over what a thread keeps between
     calls, so they take the per-call buffers. Sampled rows against their window in fp64."""
     torch.manual_seed(0)
-    lq = lk = 16400
+    lq = lk = 17000
     d, w = 128, 255
     q = torch.randn(1, 2, lq, d, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, lk, d, dtype=torch.bfloat16) for _ in range(2))
