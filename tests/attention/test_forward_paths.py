@@ -220,6 +220,16 @@ def test_window_with_full_tiles_outside_it(dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+def _on_two_threads(fn, *args):
+    """fn(*args) with 2 intra-op threads, the count the per-head pair path is chosen by here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("block", [16, 48, 80, 112])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (3, 3)], ids=["mha4", "gqa8-2", "mha3"])
 def test_bf16_pairs_per_head_read_only_their_own_tiles(heads, block):
@@ -235,12 +245,7 @@ def test_bf16_pairs_per_head_read_only_their_own_tiles(heads, block):
     k, v = (torch.randn(1, hkv, lk, 64, dtype=torch.bfloat16) for _ in range(2))
     v[:, 0] = float("inf")
     bm = create_block_mask(causal(), q_len=lq, kv_len=lk, block_size=block)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = block_sparse_attention(q, k, v, bm)
-    finally:
-        torch.set_num_threads(threads)
+    out = _on_two_threads(block_sparse_attention, q, k, v, bm)
     ref, _ = block_sparse_attention_reference(
         q.double(), k.double(), v.double(), *bm.op_args(), None, None, block, bm.q_offset,
         bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(64), 0.0)
@@ -257,12 +262,7 @@ def test_bf16_window_over_long_keys_samples_rows():
     q = torch.randn(1, 2, lq, d, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, lk, d, dtype=torch.bfloat16) for _ in range(2))
     bm = create_block_mask(sliding_window(w), q_len=lq, kv_len=lk, block_size=64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = block_sparse_attention(q, k, v, bm)
-    finally:
-        torch.set_num_threads(threads)
+    out = _on_two_threads(block_sparse_attention, q, k, v, bm)
     rows = torch.cat([torch.randint(0, lq, (40,)), torch.tensor([0, 1, 255, 256, lq - 1])])
     for i in rows.tolist():
         lo = max(0, i - w)
