@@ -1109,10 +1109,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       // the live columns are the window's own (the run's full tiles inside it, as a block mask
       // made from the window has them)
       const bool live_is_window = ranged && lcols == wcols;
-      // what a window alone masks lies outside [jl, jh), which the passes below skip
-      const bool window_only =
-          p.tile_mask_index == nullptr && p.q_doc == nullptr && live_is_window;
-      for (int64_t u = 0; u < (window_only ? 0 : g); ++u) {
+      for (int64_t u = 0; u < g; ++u) {
         const int64_t slot = slots[tfirst + u];
         if (slot < 0) continue;
         const int64_t cu = c0 + u * bs, nu = std::min(bs, p.Lk - cu);
@@ -1121,6 +1118,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
           const int32_t ti = p.tile_mask_index[row * p.W + slot];
           if (ti >= 0) bmr = p.tile_masks + (int64_t(ti) * bs + i) * bs;
         }
+        // what a window alone masks lies outside [jl, jh), which the passes below skip
         if (bmr == nullptr && p.q_doc == nullptr && live_is_window) continue;
         mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
       }
