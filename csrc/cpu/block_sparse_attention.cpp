@@ -632,6 +632,33 @@ inline float exp_live_to_bf16(const float* __restrict s, int64_t jl, int64_t jh,
   return _mm512_reduce_add_ps(acc);
 }
 
+// The bf16 exp pass against a guessed reference. The softmax only needs some reference r with
+// every exp(s - r) in range, not the row max: the pass takes the previous row's lse (neighbouring
+// rows of a tile score alike) or, on a row's later runs, the reference of its first, and keeps the
+// result when the row sum lies in [2^-40, 2^40]. Then no exp overflowed, nothing that matters
+// underflowed (an e below 2^-126 is under 2^-86 of the sum), the bf16 P keeps its relative
+// precision and a later run needs no rescale of the accumulator. Otherwise (the guess was off by
+// more than ~27 in the exponent, or the row saw nothing or a NaN) the row is redone against its
+// max. This drops the max pass, a sixth of a window row's softmax. lse = r + log(l) holds for
+// any r, and the key-split merge takes the largest r as it took the largest max.
+// FASTARCH_ATTN_GUESSED_REF=0 always takes the max (tests compare the two).
+inline bool guessed_exp_ok(float total) { return total >= 0x1p-40f && total <= 0x1p40f; }
+
+// ln(x) to within ln 2 for a normal x > 0: the binary exponent (a guess needs no more)
+inline float ln_approx(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return float(int((u >> 23) & 0xFFu) - 127) * 0.6931471805599453f;
+}
+
+bool attn_guessed_ref_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_GUESSED_REF");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
 // FASTARCH_ATTN_BF16_DOT=0: bf16 attention through fp32 tiles instead (comparisons, tests).
 bool attn_bf16_dot_enabled() {
   static const bool on = [] {
@@ -1095,6 +1122,8 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     const int64_t npad = p.amx ? (n + 31) / 32 * 32 : n + (n & 1);
     if (dot) pbf.resize(size_t(bs * ldp));
 #endif
+    const bool lazy = dot && attn_guessed_ref_enabled();
+    float guess = kNegInf;  // the next row's reference: this row's lse (-inf: none yet)
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
       const auto [wcols, lcols] = window_and_live_cols(i);
@@ -1124,6 +1153,21 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       }
       float mx;
 #if defined(FASTARCH_ATTN_BF16_DOT)
+      if (dot && lazy) {
+        // The exp pass against a guessed reference instead of the row max (guessed_exp_ok)
+        const bool first = mrow[i] == kNegInf;
+        const float ref = first ? guess : mrow[i];
+        if (ref != kNegInf) {
+          const float sum = exp_live_to_bf16(s, jl, jh, npad, mul, ref, pbf.data() + i * ldp);
+          const float total = first ? sum : lrow[i] + sum;
+          if (guessed_exp_ok(total)) {
+            lrow[i] = total;
+            mrow[i] = ref;
+            guess = ref + ln_approx(total);
+            continue;
+          }
+        }
+      }
       if (dot)
         mx = mul == 1.f ? row_max_live(s, jl, jh, mrow[i])
                         : std::max(mrow[i], mul * row_max_live(s, jl, jh, kNegInf));
@@ -1149,6 +1193,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       }
       lrow[i] = lrow[i] * alpha + sum;
       mrow[i] = mx;
+      if (lazy) guess = guessed_exp_ok(lrow[i]) ? mref + ln_approx(lrow[i]) : kNegInf;
       if (alpha != 1.f && !first) {
         float* a = acc + i * D;
 #pragma omp simd

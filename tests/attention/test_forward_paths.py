@@ -130,8 +130,10 @@ print("ok")
 
 @pytest.mark.parametrize("env", [{"FASTARCH_ATTN_AMX": "0"}, {"FASTARCH_ATTN_BRGEMM": "0"},
                                  {"FASTARCH_ATTN_BRGEMM": "1"},
-                                 {"FASTARCH_ATTN_PAIRS_PER_HEAD": "0"}, {}],
-                         ids=["no-amx", "no-brgemm", "brgemm", "call-wide-pairs", "default"])
+                                 {"FASTARCH_ATTN_PAIRS_PER_HEAD": "0"},
+                                 {"FASTARCH_ATTN_GUESSED_REF": "0"}, {}],
+                         ids=["no-amx", "no-brgemm", "brgemm", "call-wide-pairs", "row-max-ref",
+                              "default"])
 def test_forced_tile_products(env):
     out = subprocess.run([sys.executable, "-c", _FORCED], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=600)
@@ -270,3 +272,28 @@ def test_bf16_window_over_long_keys_samples_rows():
         p = torch.softmax(s / math.sqrt(d), -1)
         ref = (p @ v[0, :, lo:i + 1].double()).squeeze(1)
         torch.testing.assert_close(out[0, :, i].double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mask", ["causal", "window"])
+def test_bf16_rows_far_from_their_neighbours(mask):
+    """The bf16 pair path's exp pass takes the previous row's lse as its reference and redoes
+    a row whose sum leaves [2^-40, 2^40]. Here neighbouring rows score on scales 0.01 to 200
+    (the guess overflows, or underflows to nothing), and the last keys score high, so a causal
+    row's later runs outgrow the reference of its first. Out and lse against fp64."""
+    torch.manual_seed(5)
+    lq = lk = 300
+    d = 64
+    scales = torch.tensor([1.0, 30.0, 0.01, 200.0, 1.0, 5.0])[torch.arange(lq) % 6]
+    q = (torch.randn(1, 4, lq, d) * scales[:, None]).bfloat16()
+    k, v = (torch.randn(1, 2, lk, d) for _ in range(2))
+    k[:, :, 250:] *= 8
+    k, v = k.bfloat16(), v.bfloat16()
+    bm = create_block_mask(causal() if mask == "causal" else sliding_window(100), q_len=lq,
+                           kv_len=lk, block_size=16)
+    out, lse = _on_two_threads(lambda: block_sparse_attention(q, k, v, bm, return_lse=True))
+    ref, ref_lse = block_sparse_attention_reference(
+        q.double(), k.double(), v.double(), *bm.op_args(), None, None, 16, bm.q_offset,
+        bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(d), 0.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
