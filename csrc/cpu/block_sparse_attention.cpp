@@ -836,7 +836,9 @@ struct Params {
   // Forward, bf16 with the bf16 dot instruction, when set: K as (B, Hkv, D/2, kpairs_ld(Kt * bs))
   // 32-bit pairs (K[j, 2t], K[j, 2t+1]) (the keys of consecutive tiles adjacent, so that a run of
   // tiles is one product) and V as (B, Hkv, vrows, D) 32-bit pairs (V[2u, d], V[2u+1, d]),
-  // zero-padded, for brgemm on AMX or dp_gemm.
+  // zero-padded, for brgemm on AMX or dp_gemm. With pairs per head, each thread's copy of the
+  // Params points at its own buffers, and the call's own Params hold none.
+  bool pairs = false;  // the bf16 pair products (Q read in place, scaled in S)
   const uint32_t* kp_all = nullptr;
   const uint32_t* vp_all = nullptr;
   int64_t kp_ld = 0;  // pairs per row of kp_all: kpairs_ld(Kt * bs)
@@ -966,7 +968,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
   const T* qb = q + b * p.qs[0] + h * p.qs[1];
   const T* kb = k + b * p.ks[0] + hk * p.ks[1];
   const T* vb = v + b * p.vs[0] + hk * p.vs[1];
-  const bool dot = p.kp_all != nullptr;  // bf16 pair products (Q read in place, scaled in S)
+  const bool dot = p.pairs;
   if (!dot) {
     for (int64_t i = 0; i < m; ++i)
       load_row_f32<T>(qb + (r0 + i) * p.qs[2], qbuf + i * D, D, p.scale);
@@ -1435,6 +1437,16 @@ void prepare(Prepared& pr, const at::Tensor& q_in, const at::Tensor& k_in, const
 
 }
 
+// n elements of scratch: the calling thread's kept buffer (grown as needed, left for its next
+// call: a fresh multi-MiB allocation is fresh pages, whose first-touch faults cost as much as
+// filling them) where keep, else the call's own.
+template <typename T>
+T* kept_or_local(bool keep, aligned_vector<T>& kept, aligned_vector<T>& local, size_t n) {
+  aligned_vector<T>& buf = keep ? kept : local;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 #if defined(FASTARCH_ATTN_BF16_DOT)
 // Key tile kt of (batch b, kv head h) into the bf16 pair layouts of Params::kp_all / vp_all (pure
 // data movement, no rounding): kbh and vbh are that (batch, kv head)'s pair rows. The last tile
@@ -1584,14 +1596,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       // regrouping (S=4096, H=8, D=64: 7.0 -> 5.2 ms for a call that computes only the diagonal
       // tiles).
       const size_t nk = size_t(units * pw.kp_stride), nv = size_t(units * pw.vp_stride);
-      constexpr size_t kKeepWords = size_t(8) << 20;
+      const bool keep = nk + nv <= (size_t(8) << 20);
       thread_local aligned_vector<uint32_t> kcache, vcache;
-      aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kcache : klocal;
-      aligned_vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vcache : vlocal;
-      if (kvec.size() < nk) kvec.resize(nk);
-      if (vvec.size() < nv) vvec.resize(nv);
-      uint32_t* kd = kvec.data();
-      uint32_t* vd = vvec.data();
+      uint32_t* kd = kept_or_local(keep, kcache, klocal, nk);
+      uint32_t* vd = kept_or_local(keep, vcache, vlocal, nv);
       // one pass, in parallel over (batch, kv head) and key tiles
       at::parallel_for(0, units * Kt, 1, [&](int64_t w0, int64_t w1) {
         for (int64_t w = w0; w < w1; ++w) {
@@ -1603,11 +1611,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
       pw.kp_all = kd;
       pw.vp_all = vd;
     } else {
-      // each thread points its copy of the Params at its own buffers (the attend loop below);
-      // non-null here marks the pair path
-      pw.kp_all = pw.vp_all = reinterpret_cast<const uint32_t*>(k16);
-      pw.kp_stride = pw.vp_stride = 0;
+      pw.kp_stride = pw.vp_stride = 0;  // each thread's own buffers (the attend loop below)
     }
+    pw.pairs = true;
     pw.amx = attn_amx_enabled();
     // On AMX, runs of up to 512 keys: bf16 K / V pairs of 512 keys are 64 KiB each at D = 64,
     // within L2, and a longer P V product amortises its pass over the accumulator. Xeon with
@@ -1625,11 +1631,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     // bf16 pairs below, up to 32 MiB per calling thread.
     const int64_t Hkv = p.Hkv, Kt = p.Kt, Lk = p.Lk;
     const size_t nk = size_t(B * Hkv * Kt * D * bs);
-    constexpr size_t kKeepFloats = size_t(8) << 20;
     thread_local aligned_vector<float> kt_cache;
-    aligned_vector<float>& kvec = nk <= kKeepFloats ? kt_cache : kt_local;
-    if (kvec.size() < nk) kvec.resize(nk);
-    float* kd = kvec.data();
+    float* kd = kept_or_local(nk <= (size_t(8) << 20), kt_cache, kt_local, nk);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "kt_tiles", [&] {
       const scalar_t* ks = k.data_ptr<scalar_t>();
       at::parallel_for(0, B * Hkv * Kt, 1, [&](int64_t w0, int64_t w1) {
@@ -1741,17 +1744,15 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         // every worker holds its own (8192 keys take 4 MiB at D = 128, 2 MiB at D = 64);
         // longer calls allocate theirs per call
         const size_t nk = size_t((D / 2) * p.kp_ld), nv = size_t(p.vrows * D);
-        const size_t kKeepWords = std::min<size_t>(
+        const bool keep = nk + nv <= std::min<size_t>(
             size_t(2) << 20, (size_t(16) << 20) / size_t(std::max<int64_t>(1, threads)));
         thread_local aligned_vector<uint32_t> kh_cache, vh_cache;
         aligned_vector<uint32_t> kh_local, vh_local;
-        aligned_vector<uint32_t>& kvec = nk + nv <= kKeepWords ? kh_cache : kh_local;
-        aligned_vector<uint32_t>& vvec = nk + nv <= kKeepWords ? vh_cache : vh_local;
-        if (kvec.size() < nk) kvec.resize(nk);
-        if (vvec.size() < nv) vvec.resize(nv);
         Params pt = p;
-        pt.kp_all = kvec.data();
-        pt.vp_all = vvec.data();
+        uint32_t* kd = kept_or_local(keep, kh_cache, kh_local, nk);
+        uint32_t* vd = kept_or_local(keep, vh_cache, vh_local, nv);
+        pt.kp_all = kd;
+        pt.vp_all = vd;
         for (int64_t c = c0; c < c1; ++c)
         for (int64_t unit = c; unit < units; unit += nch) {
           const int64_t b = unit / Hkv, hk = unit % Hkv;
@@ -1767,7 +1768,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
             // past a run, which must be finite (zeros times stale infinities would be NaN)
             const int64_t need = std::min(p.Kt, last + 2);
             for (; paired < need; ++paired)
-              pair_kv_tile(pt, k16, v16, b, hk, paired, kvec.data(), vvec.data());
+              pair_kv_tile(pt, k16, v16, b, hk, paired, kd, vd);
             for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
               attend_tiles<scalar_t>(pt, qp, kp, vp, b, h, qt, 0, np + nf, qbuf, kbuf, vbuf,
                                      sbuf, accb, mb, lb);
