@@ -218,9 +218,10 @@ inline __m512 poly3_16(__m512 f, float c3, float c2, float c1, float c0) {
 
 // 2^t in 16 lanes for t <= 0 (or NaN, kept), at the precision of a bf16 P: a degree-3
 // relative-error fit of 2^f (max 7.5e-5, a 26th of bf16's half ulp) and no clamps (the mask of
-// an exponent e < -126 also zeroes -inf, whatever its f). Four vector operations fewer than
-// exp2_16_p5 per 16 scores (five with AVX512DQ) in the bf16 exp pass, most of a sliding-window
-// call's softmax.
+// an exponent e < -126 also zeroes -inf, whatever its f). Against a guessed reference t may be
+// positive: 2^t then grows, up to inf, which the row sum's check catches (guessed_exp_ok).
+// Four vector operations fewer than exp2_16_p5 per 16 scores (five with AVX512DQ) in the bf16
+// exp pass, most of a sliding-window call's softmax.
 inline __m512 exp2_16_p3_nonpos(__m512 t) {
 #if defined(__AVX512DQ__)
   // f = t - floor(t) in [0, 1) in one step (vreduceps), and scalef takes floor(t) from t
@@ -502,6 +503,41 @@ inline void transpose16x16_epi32(__m512i (&r)[16]) {
 }
 #endif
 
+// The bf16 exp pass against a guessed reference. The softmax only needs some reference r with
+// every exp(s - r) in range, not the row max: the pass takes the previous row's lse (neighbouring
+// rows of a tile score alike) or, on a row's later runs, the reference of its first, and keeps the
+// result when the row sum lies in [2^-40, 2^40]. Then no exp overflowed, nothing that matters
+// underflowed (an e below 2^-126 is under 2^-86 of the sum), the bf16 P keeps its relative
+// precision and a later run needs no rescale of the accumulator. Otherwise (the guess was off by
+// more than ~27 in the exponent, or the row saw nothing or a NaN) the row is redone against its
+// max. This drops the max pass, a sixth of a window row's softmax. lse = r + log(l) holds for
+// any r (the pair path never splits the keys of a row, so no merge sees r). The range costs
+// headroom: P reaches 2^40, so P V overflows for |V| above ~2^80 (before, ~2^120).
+// FASTARCH_ATTN_GUESSED_REF=0 always takes the max (tests compare the two).
+inline bool guessed_exp_ok(float total) { return total >= 0x1p-40f && total <= 0x1p40f; }
+
+// ln(x) to within ln 2 for a normal x > 0: the binary exponent (a guess needs no more)
+inline float ln_approx(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return float(int((u >> 23) & 0xFFu) - 127) * 0.6931471805599453f;
+}
+
+bool attn_guessed_ref_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_GUESSED_REF");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
+// O += P V on AMX by 32-row products at D = 128: oneDNN's kernel for a 64-row tile's 64 x 128
+// output runs well below its rate at 32 rows (one thread, 320 keys: 4.8 vs 3.5 us per tile,
+// /tmp micro-benchmark); 2 threads, S=4096, H=8, bf16, alternated: the window 7.5-7.7 ->
+// 6.6-6.9 ms in 4 rounds of 5, causal 1-3% faster. At D = 64 it was 5% slower, at D = 80 / 96
+// level, so they keep one product.
+inline bool pv_by_32_rows(int64_t m, int64_t D) { return m > 32 && D >= 128; }
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define FASTARCH_ATTN_BF16_DOT 1
 
@@ -631,40 +667,6 @@ inline float exp_live_to_bf16(const float* __restrict s, int64_t jl, int64_t jh,
   zeros(jlast + 16, npad);
   return _mm512_reduce_add_ps(acc);
 }
-
-// The bf16 exp pass against a guessed reference. The softmax only needs some reference r with
-// every exp(s - r) in range, not the row max: the pass takes the previous row's lse (neighbouring
-// rows of a tile score alike) or, on a row's later runs, the reference of its first, and keeps the
-// result when the row sum lies in [2^-40, 2^40]. Then no exp overflowed, nothing that matters
-// underflowed (an e below 2^-126 is under 2^-86 of the sum), the bf16 P keeps its relative
-// precision and a later run needs no rescale of the accumulator. Otherwise (the guess was off by
-// more than ~27 in the exponent, or the row saw nothing or a NaN) the row is redone against its
-// max. This drops the max pass, a sixth of a window row's softmax. lse = r + log(l) holds for
-// any r, and the key-split merge takes the largest r as it took the largest max.
-// FASTARCH_ATTN_GUESSED_REF=0 always takes the max (tests compare the two).
-inline bool guessed_exp_ok(float total) { return total >= 0x1p-40f && total <= 0x1p40f; }
-
-// ln(x) to within ln 2 for a normal x > 0: the binary exponent (a guess needs no more)
-inline float ln_approx(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return float(int((u >> 23) & 0xFFu) - 127) * 0.6931471805599453f;
-}
-
-bool attn_guessed_ref_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("FASTARCH_ATTN_GUESSED_REF");
-    return !(e && e[0] == '0');
-  }();
-  return on;
-}
-
-// O += P V on AMX by 32-row products at D = 128: oneDNN's kernel for a 64-row tile's 64 x 128
-// output runs well below its rate at 32 rows (one thread, 320 keys: 4.8 vs 3.5 us per tile,
-// /tmp micro-benchmark); 2 threads, S=4096, H=8, bf16, alternated: the window 7.5-7.7 ->
-// 6.6-6.9 ms in 4 rounds of 5, causal 1-3% faster. At D = 64 it was 5% slower, at D = 80 / 96
-// level, so they keep one product.
-inline bool pv_by_32_rows(int64_t m, int64_t D) { return m > 32 && D >= 128; }
 
 // FASTARCH_ATTN_BF16_DOT=0: bf16 attention through fp32 tiles instead (comparisons, tests).
 bool attn_bf16_dot_enabled() {
@@ -853,7 +855,7 @@ struct Params {
   // words from one (batch, kv head) of kp_all / vp_all to the next: (D/2) kp_ld and vrows D, or
   // 0 where a thread holds the pairs of one (batch, kv head) at a time (pairs_per_head)
   int64_t kp_stride = 0, vp_stride = 0;
-  bool amx = false;   // the pair products by brgemm on AMX tiles (kp_all / vp_all set)
+  bool amx = false;   // the pair products by brgemm on AMX tiles (pairs set)
   bool brg32 = false;  // the fp32 tile products (kt_all set) by brgemm instead of gemm_nn
 };
 
@@ -964,7 +966,8 @@ inline int64_t merged_tiles(const Params& p, int64_t row, std::vector<int64_t>& 
 }
 
 // One (b, h, q tile) walks tiles [t0, t1) of its row (full and partial tiles merged in key order),
-// leaving the unnormalised accumulator acc (m x D), the row max mrow and row sum lrow.
+// leaving the unnormalised accumulator acc (m x D), the row reference mrow (the row max, or on
+// the bf16 pair path a guessed reference: guessed_exp_ok) and row sum lrow relative to it.
 template <typename T>
 void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b, int64_t h,
                   int64_t qt, int64_t t0, int64_t t1, float* qbuf, float* kbuf, float* vbuf,
@@ -1168,7 +1171,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         const float ref = first ? guess : mrow[i];
         if (ref != kNegInf) {
           const float sum = exp_live_to_bf16(s, jl, jh, npad, mul, ref, pbf.data() + i * ldp);
-          const float total = first ? sum : lrow[i] + sum;
+          const float total = lrow[i] + sum;  // (0, or the NaN of a run that saw one)
           if (guessed_exp_ok(total)) {
             lrow[i] = total;
             mrow[i] = ref;

@@ -274,26 +274,45 @@ def test_bf16_window_over_long_keys_samples_rows():
         torch.testing.assert_close(out[0, :, i].double(), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("mask", ["causal", "window"])
-def test_bf16_rows_far_from_their_neighbours(mask):
+_FAR_ROWS = """
+import math, torch
+from fastarch.attention import causal, create_block_mask, sliding_window
+from fastarch.ops.block_sparse_attention import (block_sparse_attention,
+                                                 block_sparse_attention_reference)
+torch.set_num_threads(2)
+lq = lk = 300
+scales = torch.tensor([1.0, 30.0, 0.01, 200.0, 1.0, 5.0])[torch.arange(lq) % 6]
+for d, block in ((64, 16), (128, 64)):
+    for mask in (causal(), sliding_window(100)):
+        torch.manual_seed(d)
+        q = (torch.randn(1, 4, lq, d) * scales[:, None]).bfloat16()
+        k, v = (torch.randn(1, 2, lk, d) for _ in range(2))
+        k[:, :, 250:] *= 8
+        k, v = k.bfloat16(), v.bfloat16()
+        bm = create_block_mask(mask, q_len=lq, kv_len=lk, block_size=block)
+        out, lse = block_sparse_attention(q, k, v, bm, return_lse=True)
+        ref, ref_lse = block_sparse_attention_reference(
+            q.double(), k.double(), v.double(), *bm.op_args(), None, None, block, bm.q_offset,
+            bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(d), 0.0)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("run_keys", [None, "64"], ids=["default-runs", "64-key-runs"])
+def test_bf16_rows_far_from_their_neighbours(run_keys):
     """The bf16 pair path's exp pass takes the previous row's lse as its reference and redoes
     a row whose sum leaves [2^-40, 2^40]. Here neighbouring rows score on scales 0.01 to 200
-    (the guess overflows, or underflows to nothing), and the last keys score high, so a causal
-    row's later runs outgrow the reference of its first. Out and lse against fp64."""
-    torch.manual_seed(5)
-    lq = lk = 300
-    d = 64
-    scales = torch.tensor([1.0, 30.0, 0.01, 200.0, 1.0, 5.0])[torch.arange(lq) % 6]
-    q = (torch.randn(1, 4, lq, d) * scales[:, None]).bfloat16()
-    k, v = (torch.randn(1, 2, lk, d) for _ in range(2))
-    k[:, :, 250:] *= 8
-    k, v = k.bfloat16(), v.bfloat16()
-    bm = create_block_mask(causal() if mask == "causal" else sliding_window(100), q_len=lq,
-                           kv_len=lk, block_size=16)
-    out, lse = _on_two_threads(lambda: block_sparse_attention(q, k, v, bm, return_lse=True))
-    ref, ref_lse = block_sparse_attention_reference(
-        q.double(), k.double(), v.double(), *bm.op_args(), None, None, 16, bm.q_offset,
-        bm.window_left, bm.window_right, bm.prefix_len, 1 / math.sqrt(d), 0.0)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    (the guess overflows, or underflows to nothing), and the last keys score high. With runs
+    of 64 keys (a switch read once per process) a causal row's later runs outgrow the reference
+    of its first. D=128 with 64-row tiles takes the 32-row P V products. Out and lse against
+    fp64."""
+    env = dict(os.environ)
+    if run_keys:
+        env["FASTARCH_ATTN_RUN_KEYS"] = run_keys
+    out = subprocess.run([sys.executable, "-c", _FAR_ROWS], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
