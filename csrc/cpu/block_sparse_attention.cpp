@@ -1042,8 +1042,11 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     // corners of the two partial tiles (~10% of their multiply-adds at window 256).
     constexpr int64_t kRowBlock = 32;
     const bool blocked = ranged && !dot && p.kt_all != nullptr && m > kRowBlock;
+    // and O += P V of the bf16 pair path on AMX by such blocks (pv_by_32_rows)
+    const bool pv_blocked = dot && p.amx && pv_by_32_rows(m, D);
+    static_assert(kRowBlock == 32, "pv_by_32_rows splits by kRowBlock rows");
     std::array<std::pair<int64_t, int64_t>, 256 / kRowBlock> cols_of_block{};  // (bs <= 256)
-    if (blocked) {
+    if (blocked || (ranged && pv_blocked)) {
       for (int64_t a = 0; a < m; a += kRowBlock) {
         int64_t lo = n, hi = 0;
         for (int64_t i = a; i < std::min(m, a + kRowBlock); ++i) {
@@ -1136,6 +1139,10 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
 #endif
     const bool lazy = dot && attn_guessed_ref_enabled();
     float guess = kNegInf;  // the next row's reference: this row's lse (-inf: none yet)
+    // a row's lse as the next row's guess, where its sum passes the check
+    auto lse_guess = [](float m, float l) {
+      return guessed_exp_ok(l) ? m + ln_approx(l) : kNegInf;
+    };
     for (int64_t i = 0; i < m; ++i) {
       float* s = sbuf + i * ldS;
       const auto [wcols, lcols] = window_and_live_cols(i);
@@ -1163,11 +1170,13 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         if (bmr == nullptr && p.q_doc == nullptr && live_is_window) continue;
         mask_row(p, s + u * bs, nu, r0 + i, cu, bmr, bd);
       }
+      // a row's first run: alpha = 0, and its accumulator holds only zeros (or NaN, from 0 * inf
+      // in V), which scaling by 0 would leave as they are
+      const bool first = mrow[i] == kNegInf;
       float mx;
 #if defined(FASTARCH_ATTN_BF16_DOT)
       if (dot && lazy) {
         // The exp pass against a guessed reference instead of the row max (guessed_exp_ok)
-        const bool first = mrow[i] == kNegInf;
         const float ref = first ? guess : mrow[i];
         if (ref != kNegInf) {
           const float sum = exp_live_to_bf16(s, jl, jh, npad, mul, ref, pbf.data() + i * ldp);
@@ -1175,7 +1184,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
           if (guessed_exp_ok(total)) {
             lrow[i] = total;
             mrow[i] = ref;
-            guess = ref + ln_approx(total);
+            guess = lse_guess(ref, total);
             continue;
           }
         }
@@ -1188,9 +1197,6 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
         mx = mul == 1.f ? row_max(s + jl, jh - jl, mrow[i])
                         : std::max(mrow[i], mul * row_max(s + jl, jh - jl, kNegInf));
       const float mref = mx == kNegInf ? 0.f : mx;
-      // a row's first run: alpha = 0, and its accumulator holds only zeros (or NaN, from 0 * inf
-      // in V), which scaling by 0 would leave as they are
-      const bool first = mrow[i] == kNegInf;
       const float alpha = first ? 0.f : fast_exp(mrow[i] - mref);
       float sum;
 #if defined(FASTARCH_ATTN_BF16_DOT)
@@ -1205,7 +1211,7 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
       }
       lrow[i] = lrow[i] * alpha + sum;
       mrow[i] = mx;
-      if (lazy) guess = guessed_exp_ok(lrow[i]) ? mref + ln_approx(lrow[i]) : kNegInf;
+      if (lazy) guess = lse_guess(mref, lrow[i]);
       if (alpha != 1.f && !first) {
         float* a = acc + i * D;
 #pragma omp simd
@@ -1216,21 +1222,17 @@ void attend_tiles(const Params& p, const T* q, const T* k, const T* v, int64_t b
     if (dot) {
       const int64_t bh = b * p.Hkv + hk;
       const uint32_t* vpairs = p.vp_all + bh * p.vp_stride + (c0 / 2) * D;
-      if (p.amx && pv_by_32_rows(m, D)) {
-        // 32 rows a product, each over the keys its rows see (rounded out to 32: P is zero
-        // past a row's live columns)
-        for (int64_t a = 0; a < m; a += 32) {
-          const int64_t mh = std::min<int64_t>(32, m - a);
+      if (pv_blocked) {
+        // kRowBlock rows a product, each over the keys its rows see (block_cols, rounded out
+        // to 32: P is zero past a row's live columns)
+        for (int64_t a = 0; a < m; a += kRowBlock) {
+          const int64_t mh = std::min(kRowBlock, m - a);
           int64_t lo = 0, hi = npad;
           if (ranged) {
-            lo = npad, hi = 0;
-            for (int64_t i = a; i < a + mh; ++i) {
-              const auto [jl, jh] = live_cols(i);
-              if (jl < jh) lo = std::min(lo, jl), hi = std::max(hi, jh);
-            }
-            if (lo >= hi) continue;  // rows that see nothing: P is zero
-            lo = lo / 32 * 32;
-            hi = std::min(npad, (hi + 31) / 32 * 32);
+            const auto [cl, ch] = block_cols(a);
+            if (cl == ch) continue;  // rows that see nothing: P is zero
+            lo = cl / 32 * 32;
+            hi = std::min(npad, (ch + 31) / 32 * 32);
           }
           cpublas::brgemm(mh, D, hi - lo, ldp, D, D, true,
                           reinterpret_cast<const at::BFloat16*>(pbf.data() + a * ldp + lo),

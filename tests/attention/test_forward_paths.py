@@ -83,13 +83,26 @@ print("ok")
 """
 
 
+def _run_script(script, timeout, **switches):
+    """stdout of script, run in a process of its own with these environment switches (the
+    kernels read theirs once per process); a switch given as None is removed, so that the run
+    takes the default whatever the caller's environment holds."""
+    env = dict(os.environ)
+    for name, value in switches.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def test_bf16_without_pair_products():
     # the switch is read once per process: the fp32-tile bf16 path runs in its own process
-    out = subprocess.run([sys.executable, "-c", _BF16_FP32_TILES],
-                         env=dict(os.environ, FASTARCH_ATTN_BF16_DOT="0"), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("ok")
+    stdout = _run_script(_BF16_FP32_TILES, 300, FASTARCH_ATTN_BF16_DOT="0")
+    assert stdout.strip().endswith("ok")
 
 
 _FORCED = """
@@ -135,12 +148,10 @@ print("ok")
                          ids=["no-amx", "no-brgemm", "brgemm", "call-wide-pairs", "row-max-ref",
                               "default"])
 def test_forced_tile_products(env):
-    out = subprocess.run([sys.executable, "-c", _FORCED], env=dict(os.environ, **env),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.split()
-    assert lines[-1] == "ok", out.stdout[-2000:]
-    paths = out.stdout.splitlines()[0]
+    stdout = _run_script(_FORCED, 600, **env)
+    lines = stdout.split()
+    assert lines[-1] == "ok", stdout[-2000:]
+    paths = stdout.splitlines()[0]
     if env.get("FASTARCH_ATTN_AMX") == "0":
         assert "amx" not in paths, paths
     if env.get("FASTARCH_ATTN_BRGEMM") == "0":
@@ -183,14 +194,8 @@ def test_window_rows_over_long_runs(run_keys):
     """Rows of windowed masks compute the max and exp over their live columns only (the window,
     widened to the run's full tiles, unless a prefix lies inside the run); runs of up to 512
     keys on AMX, 256 elsewhere, and forced to 64 / 1024 keys (FASTARCH_ATTN_RUN_KEYS)."""
-    env = dict(os.environ)
-    env.pop("FASTARCH_ATTN_RUN_KEYS", None)
-    if run_keys:
-        env["FASTARCH_ATTN_RUN_KEYS"] = run_keys
-    out = subprocess.run([sys.executable, "-c", _LIVE], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "ok", out.stdout[-2000:]
+    stdout = _run_script(_LIVE, 600, FASTARCH_ATTN_RUN_KEYS=run_keys or None)
+    assert stdout.split()[-1] == "ok", stdout[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16],
@@ -309,10 +314,5 @@ def test_bf16_rows_far_from_their_neighbours(run_keys):
     of 64 keys (a switch read once per process) a causal row's later runs outgrow the reference
     of its first. D=128 with 64-row tiles takes the 32-row P V products. Out and lse against
     fp64."""
-    env = dict(os.environ)
-    if run_keys:
-        env["FASTARCH_ATTN_RUN_KEYS"] = run_keys
-    out = subprocess.run([sys.executable, "-c", _FAR_ROWS], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    stdout = _run_script(_FAR_ROWS, 300, FASTARCH_ATTN_RUN_KEYS=run_keys)
+    assert stdout.strip().endswith("ok")
