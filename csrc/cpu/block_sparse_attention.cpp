@@ -1548,6 +1548,330 @@ void pair_kv_tile(const Params& p, const uint16_t* ks, const uint16_t* vs, int64
 }
 #endif
 
+#if defined(__AVX512F__)
+// ---- grouped decode ----------------------------------------------------------------------------
+// A call of one query tile (Lq <= block, decode over a KV cache) whose block mask is shared by the
+// heads (Hm == 1) takes each (batch, kv head) as one unit: the G = Hq / Hkv query heads of a GQA
+// group stacked into G * Lq rows, so that each K / V row is read once for the whole group (the
+// per-head items read it G times), and the products by the small kernels below instead of two
+// sgemm calls per tile (MKL packs both operands on every call: at one to a few rows, that and the
+// bf16 -> fp32 staging of each tile were most of a decode call).
+
+// v[0..16) -> the vector of their horizontal sums (lane j: the sum of v[j]'s lanes)
+inline __m512 hsum16x16(const __m512 (&v)[16]) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane L: the lane-L sums of v[4i .. 4i+4)
+    const __m512d c = _mm512_castps_pd(t[2 * i]), d = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// s[r * lds + j] = q_r . k_j for rows r < M and keys j < n: q fp32 rows q[r], k fp32 rows (ldk);
+// D a multiple of 16. Sixteen keys at a time, one accumulator each, summed by hsum16x16.
+inline void decode_scores_f32(int64_t M, int64_t n, int64_t D, const float* const* q,
+                              const float* k, int64_t ldk, float* s, int64_t lds) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, n - j0);
+    const float* kr[16];
+    for (int64_t j = 0; j < 16; ++j) kr[j] = k + (j0 + (j < nb ? j : 0)) * ldk;
+    for (int64_t r = 0; r < M; ++r) {
+      const float* qr = q[r];
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512 qv = _mm512_loadu_ps(qr + d);
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[j] + d), acc[j]);
+      }
+      _mm512_mask_storeu_ps(s + r * lds + j0, __mmask16((1u << nb) - 1), hsum16x16(acc));
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// the same from bf16 q and k rows by the bf16 dot instruction (D a multiple of 32; no rounding:
+// the products of bf16 pairs are exact in fp32)
+inline void decode_scores_bf16(int64_t M, int64_t n, int64_t D, const uint16_t* const* q,
+                               const uint16_t* k, int64_t ldk, float* s, int64_t lds) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t nb = std::min<int64_t>(16, n - j0);
+    const uint16_t* kr[16];
+    for (int64_t j = 0; j < 16; ++j) kr[j] = k + (j0 + (j < nb ? j : 0)) * ldk;
+    for (int64_t r = 0; r < M; ++r) {
+      const uint16_t* qr = q[r];
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(kr[j] + d));
+      }
+      _mm512_mask_storeu_ps(s + r * lds + j0, __mmask16((1u << nb) - 1), hsum16x16(acc));
+    }
+  }
+}
+#endif
+
+// 16 elements of a K / V row as fp32
+template <typename T>
+inline __m512 load16_f32(const T* src) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  } else {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(src));
+  }
+}
+
+// acc[r, d0 .. d0 + 16 VB) += sum_j p[r, j] v[j, d0 ..] for RB rows: RB x VB accumulators in
+// registers, each V row converted once for the RB rows
+template <typename T, int RB, int VB>
+inline void decode_pv_block(int64_t n, const float* p, int64_t ldp, const T* v, int64_t ldv,
+                            float* acc, int64_t lda, int64_t d0) {
+  __m512 c[RB][VB];
+  for (int r = 0; r < RB; ++r)
+    for (int u = 0; u < VB; ++u) c[r][u] = _mm512_loadu_ps(acc + r * lda + d0 + 16 * u);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[VB];
+    for (int u = 0; u < VB; ++u) vv[u] = load16_f32<T>(v + j * ldv + d0 + 16 * u);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r * ldp + j]);
+      for (int u = 0; u < VB; ++u) c[r][u] = _mm512_fmadd_ps(pj, vv[u], c[r][u]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int u = 0; u < VB; ++u) _mm512_storeu_ps(acc + r * lda + d0 + 16 * u, c[r][u]);
+}
+
+template <typename T, int RB>
+inline void decode_pv_rows(int64_t n, int64_t D, const float* p, int64_t ldp, const T* v,
+                           int64_t ldv, float* acc, int64_t lda) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) decode_pv_block<T, RB, 4>(n, p, ldp, v, ldv, acc, lda, d0);
+  for (; d0 < D; d0 += 16) decode_pv_block<T, RB, 1>(n, p, ldp, v, ldv, acc, lda, d0);
+}
+
+// acc (M x D, lda) += P (M x n, ldp) V (n x D, ldv); D a multiple of 16
+template <typename T>
+inline void decode_pv(int64_t M, int64_t n, int64_t D, const float* p, int64_t ldp, const T* v,
+                      int64_t ldv, float* acc, int64_t lda) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) decode_pv_rows<T, 4>(n, D, p + r * ldp, ldp, v, ldv, acc + r * lda, lda);
+  switch (M - r) {
+    case 3: decode_pv_rows<T, 3>(n, D, p + r * ldp, ldp, v, ldv, acc + r * lda, lda); break;
+    case 2: decode_pv_rows<T, 2>(n, D, p + r * ldp, ldp, v, ldv, acc + r * lda, lda); break;
+    case 1: decode_pv_rows<T, 1>(n, D, p + r * ldp, ldp, v, ldv, acc + r * lda, lda); break;
+    default: break;
+  }
+}
+
+// FASTARCH_ATTN_DECODE_GROUP=0: decode calls by the per-head items (comparisons, tests).
+bool attn_decode_group_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("FASTARCH_ATTN_DECODE_GROUP");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
+// Whether a call takes the grouped decode: one query tile, one block-mask row set for all heads,
+// D a multiple of 16 and at most 64 stacked rows.
+inline bool decode_grouped(const Params& p) {
+  return p.Qt == 1 && p.Hm == 1 && p.D % 16 == 0 && p.D > 0 &&
+         (p.Hq / p.Hkv) * p.Lq <= 64 && attn_decode_group_enabled();
+}
+
+// One unit (batch b, kv head hk) walks tiles [t0, t1) of its block-mask row for the G * Lq stacked
+// rows (row r: query head hk * G + r / Lq, query r % Lq), leaving the unnormalised acc (M x D),
+// the row max mrow and the row sum lrow, as attend_tiles does for one head.
+template <typename T>
+void decode_group(const Params& p, const T* q, const T* k, const T* v, int64_t b, int64_t hk,
+                  int64_t t0, int64_t t1, float* qbuf, float* kbuf, float* sbuf, float* acc,
+                  float* mrow, float* lrow) {
+  const int64_t D = p.D, bs = p.bs, m = p.Lq, G = p.Hq / p.Hkv, M = G * m;
+  const T* kb = k + b * p.ks[0] + hk * p.ks[1];
+  const T* vb = v + b * p.vs[0] + hk * p.vs[1];
+  auto q_row = [&](int64_t r) { return q + b * p.qs[0] + (hk * G + r / m) * p.qs[1] + (r % m) * p.qs[2]; };
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
+  const bool dot = bf16 && D % 32 == 0;
+#else
+  const bool dot = false;
+#endif
+  // the stacked rows: bf16 read in place (scaled in S), else scaled fp32 copies in qbuf
+  thread_local std::vector<const uint16_t*> q16rows;
+  thread_local std::vector<const float*> q32rows;
+  q16rows.resize(size_t(M));
+  q32rows.resize(size_t(M));
+  for (int64_t r = 0; r < M; ++r) {
+    if (dot) {
+      q16rows[size_t(r)] = reinterpret_cast<const uint16_t*>(q_row(r));
+    } else {
+      load_row_f32<T>(q_row(r), qbuf + r * D, D, p.scale);
+      q32rows[size_t(r)] = qbuf + r * D;
+    }
+  }
+  std::fill(acc, acc + M * D, 0.f);
+  std::fill(mrow, mrow + M, kNegInf);
+  std::fill(lrow, lrow + M, 0.f);
+  const int64_t row = (p.Bm == 1 ? 0 : b) * p.Qt;  // (Hm == 1, one query tile)
+  const int64_t bd = p.Bd == 1 ? 0 : b;
+  thread_local std::vector<int64_t> kts, slots;
+  merged_tiles(p, row, kts, slots);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t kt = kts[t], slot = slots[t];
+    const int64_t c0 = kt * bs, n = std::min(bs, p.Lk - c0);
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (dot) {
+      if constexpr (bf16)
+        decode_scores_bf16(M, n, D, q16rows.data(),
+                           reinterpret_cast<const uint16_t*>(kb + c0 * p.ks[2]), p.ks[2], sbuf, bs);
+    } else
+#endif
+    {
+      const float* kr;
+      int64_t ldk;
+      if constexpr (std::is_same_v<T, float>) {
+        kr = kb + c0 * p.ks[2];
+        ldk = p.ks[2];
+      } else {
+        // widened once per tile for all M rows (load_row_f32's fp16 loop was 4x the whole
+        // bf16 call, /tmp script)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t d = 0; d < D; d += 16)
+            _mm512_storeu_ps(kbuf + j * D + d, load16_f32<T>(kb + (c0 + j) * p.ks[2] + d));
+        kr = kbuf;
+        ldk = D;
+      }
+      decode_scores_f32(M, n, D, q32rows.data(), kr, ldk, sbuf, bs);
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t h = hk * G + r / m, qi = r % m;
+      float* s = sbuf + r * bs;
+      if (dot) {
+        const float sc = p.scale;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) s[j] *= sc;
+      }
+      score_mods_row(p, s, n, qi, c0, p.alibi ? p.alibi[h] : 0.f,
+                     p.rel ? p.rel + h * (2 * p.rel_r + 1) : nullptr, nullptr);
+      if (slot >= 0) {
+        const uint8_t* bmr = nullptr;
+        if (p.tile_mask_index != nullptr) {
+          const int32_t ti = p.tile_mask_index[row * p.W + slot];
+          if (ti >= 0) bmr = p.tile_masks + (int64_t(ti) * bs + qi) * bs;
+        }
+        mask_row(p, s, n, qi, c0, bmr, bd);
+      }
+      const bool first = mrow[r] == kNegInf;
+      const float mx = row_max(s, n, mrow[r]);
+      const float mref = mx == kNegInf ? 0.f : mx;
+      const float alpha = first ? 0.f : fast_exp(mrow[r] - mref);
+      const float sum = exp_sub_row(s, n, mref);
+      lrow[r] = lrow[r] * alpha + sum;
+      mrow[r] = mx;
+      if (alpha != 1.f && !first) {
+        float* a = acc + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+      }
+    }
+    decode_pv<T>(M, n, D, sbuf, bs, vb + c0 * p.vs[2], p.vs[2], acc, D);
+  }
+}
+// The grouped decode of a whole call (decode_grouped(p)): units (batch, kv head), their key tiles
+// split over the threads when there are too few units to fill them (merged as flash-decoding
+// does), results into out (B, Hq, Lq, D) and lse (B, Hq, Lq).
+template <typename T>
+void decode_grouped_forward(const Params& p, int64_t max_tiles, const T* q, const T* k,
+                            const T* v, T* out, float* lse) {
+  const int64_t D = p.D, bs = p.bs, m = p.Lq, G = p.Hq / p.Hkv, M = G * m;
+  const int64_t units = p.B * p.Hkv, threads = at::get_num_threads();
+  int64_t nsplit = 1;
+  if (units < 2 * threads && max_tiles >= 8)
+    nsplit = std::max<int64_t>(1, std::min<int64_t>((2 * threads + units - 1) / units, max_tiles / 4));
+  std::vector<float> pacc, pm, pl;
+  if (nsplit > 1) {
+    pacc.resize(size_t(units * nsplit * M * D));
+    pm.resize(size_t(units * nsplit * M));
+    pl.resize(size_t(units * nsplit * M));
+  }
+  // row r of a unit -> its output row (b, hk * G + r / m, r % m)
+  auto out_row = [&](int64_t unit, int64_t r) {
+    const int64_t b = unit / p.Hkv, h = (unit % p.Hkv) * G + r / m;
+    return (b * p.Hq + h) * p.Lq + r % m;
+  };
+  at::parallel_for(0, units * nsplit, 1, [&](int64_t w0, int64_t w1) {
+    thread_local aligned_vector<float> scratch;
+    const int64_t nq = lines_of_floats(M * D), nk = lines_of_floats(bs * D),
+                  ns = lines_of_floats(M * bs), nm = lines_of_floats(M);
+    const size_t need = size_t(2 * nq + nk + ns + 2 * nm);
+    if (scratch.size() < need) scratch.resize(need);
+    float* qbuf = scratch.data();
+    float* kbuf = qbuf + nq;
+    float* sbuf = kbuf + nk;
+    float* accb = sbuf + ns;
+    float* mb = accb + nq;
+    float* lb = mb + nm;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t unit = w / nsplit, split = w % nsplit;
+      const int64_t b = unit / p.Hkv, hk = unit % p.Hkv;
+      const int64_t row = (p.Bm == 1 ? 0 : b) * p.Qt;
+      const int64_t ntile = int64_t(p.num[row]) + (p.fnum ? p.fnum[row] : 0);
+      const int64_t per = (ntile + nsplit - 1) / nsplit;
+      const int64_t t0 = std::min(ntile, split * per), t1 = std::min(ntile, t0 + per);
+      float* acc = nsplit > 1 ? pacc.data() + w * M * D : accb;
+      float* mr = nsplit > 1 ? pm.data() + w * M : mb;
+      float* lr = nsplit > 1 ? pl.data() + w * M : lb;
+      decode_group<T>(p, q, k, v, b, hk, t0, t1, qbuf, kbuf, sbuf, acc, mr, lr);
+      if (nsplit > 1) continue;
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t o = out_row(unit, r);
+        const float l = lr[r];
+        store_row<T>(acc + r * D, out + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
+        lse[o] = !(l <= 0.f) ? mr[r] + std::log(l) : kNegInf;
+      }
+    }
+  });
+  if (nsplit == 1) return;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> tmp(static_cast<size_t>(D));
+    for (int64_t unit = u0; unit < u1; ++unit) {
+      for (int64_t r = 0; r < M; ++r) {
+        float mx = kNegInf;
+        for (int64_t s = 0; s < nsplit; ++s) mx = std::max(mx, pm[size_t((unit * nsplit + s) * M + r)]);
+        const float mref = mx == kNegInf ? 0.f : mx;
+        float l = 0.f;
+        std::fill(tmp.begin(), tmp.end(), 0.f);
+        for (int64_t s = 0; s < nsplit; ++s) {
+          const int64_t w = unit * nsplit + s;
+          const float lw = pl[size_t(w * M + r)];
+          const float a = !(lw <= 0.f) ? std::exp(pm[size_t(w * M + r)] - mref) : 0.f;
+          if (a == 0.f) continue;
+          l += a * lw;
+          const float* src = pacc.data() + (w * M + r) * D;
+          for (int64_t d = 0; d < D; ++d) tmp[size_t(d)] += a * src[d];
+        }
+        const int64_t o = out_row(unit, r);
+        store_row<T>(tmp.data(), out + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
+        lse[o] = !(l <= 0.f) ? mx + std::log(l) : kNegInf;
+      }
+    }
+  });
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
@@ -1574,6 +1898,27 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
     lse.fill_(kNegInf);
     return {out, lse};
   }
+#if defined(__AVX512F__)
+  if (decode_grouped(p)) {
+    float* lp = lse.data_ptr<float>();
+    switch (q.scalar_type()) {
+      case at::kBFloat16:
+        decode_grouped_forward<c10::BFloat16>(p, max_tiles, q.data_ptr<c10::BFloat16>(),
+                                              k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
+                                              out.data_ptr<c10::BFloat16>(), lp);
+        break;
+      case at::kHalf:
+        decode_grouped_forward<c10::Half>(p, max_tiles, q.data_ptr<c10::Half>(),
+                                          k.data_ptr<c10::Half>(), v.data_ptr<c10::Half>(),
+                                          out.data_ptr<c10::Half>(), lp);
+        break;
+      default:
+        decode_grouped_forward<float>(p, max_tiles, q.data_ptr<float>(), k.data_ptr<float>(),
+                                      v.data_ptr<float>(), out.data_ptr<float>(), lp);
+    }
+    return {out, lse};
+  }
+#endif
 
   // Split the key tiles of an item when there are too few items to fill the threads (decode).
   const int64_t items = B * Hq * Qt;

@@ -46,20 +46,21 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds, monkeypatch
     assert module_mod.STATS["kernel"] == before["kernel"] + 3
 
 
-@pytest.mark.parametrize("variant,dtype,capability,dispatched", [
-    ("causal", torch.float32, "AVX512", True),   # the last query sees every key
-    ("full", torch.float32, "AVX512", True),
-    ("causal", torch.bfloat16, "AVX512", False),  # bf16 decode: the kernel was faster
-    ("causal", torch.float32, "AVX2", False),     # parity measured there: stays on the kernel
-    ("sliding_window:32", torch.float32, "AVX512", False),
+@pytest.mark.parametrize("variant,dtype,capability,hkv,dispatched", [
+    ("causal", torch.float32, "AVX512", 4, True),   # the last query sees every key
+    ("full", torch.float32, "AVX512", 4, True),
+    ("causal", torch.float32, "AVX512", 2, False),  # GQA: the kernel's grouped decode is ahead
+    ("causal", torch.bfloat16, "AVX512", 4, False),  # bf16 decode: the kernel was faster
+    ("causal", torch.float32, "AVX2", 4, False),     # parity measured there: stays on the kernel
+    ("sliding_window:32", torch.float32, "AVX512", 4, False),
 ])
-def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
+def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
     monkeypatch.setattr(module_mod, "_CPU_AMX", False)
     torch.manual_seed(0)
     q = torch.randn(2, 4, 1, 64, dtype=dtype)
-    k = torch.randn(2, 2, 77, 64, dtype=dtype)
-    v = torch.randn(2, 2, 77, 64, dtype=dtype)
+    k = torch.randn(2, hkv, 77, 64, dtype=dtype)
+    v = torch.randn(2, hkv, 77, 64, dtype=dtype)
     attn = BlockSparseAttention(variant, block_size=32)
     before = dict(module_mod.STATS)
     out = attn(q, k, v, scale=0.2)
@@ -71,7 +72,7 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
 
 
 @pytest.mark.parametrize("variant,dtype,lq,lk,dispatched", [
-    ("causal", torch.bfloat16, 1, 77, True),     # decode: SDPA's AMX kernel
+    ("causal", torch.bfloat16, 1, 77, False),    # GQA decode: the kernel's grouped decode
     ("causal", torch.bfloat16, 100, 100, True),  # prefill, below the fp32 thresholds
     ("full", torch.bfloat16, 100, 130, True),
     ("causal", torch.bfloat16, 70, 130, False),  # bottom-right causal stays on the kernel
@@ -82,11 +83,11 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, dispatched):
     ("causal", torch.bfloat16, 511, 511, True),
     ("full", torch.bfloat16, 1023, 1023, True),  # shorter full attention stays on SDPA
     ("full", torch.bfloat16, 1024, 1024, False),  # and longer goes to the kernel
-    ("causal", torch.bfloat16, 1, 1500, True),  # decode
+    ("causal", torch.bfloat16, 1, 1500, False),  # GQA decode
 ])
 def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
     """On CPUs whose bf16 attention tiles run on AMX, SDPA's own AMX kernel is the faster dense
-    bf16 path for decode, causal prefill below SDPA_AMX_CAUSAL_KERNEL_FROM tokens and full
+    bf16 path for decode without GQA (test_amx_mha_decode_dispatch), causal prefill below SDPA_AMX_CAUSAL_KERNEL_FROM tokens and full
     attention below SDPA_AMX_FULL_KERNEL_FROM; longer prefill stays on the kernel."""
     monkeypatch.setattr(module_mod, "_CPU_AMX", True)
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", "AVX512")
@@ -102,6 +103,21 @@ def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm, scale=0.2), atol=tol,
                                rtol=tol)
+
+
+@pytest.mark.parametrize("hkv,dispatched", [(4, True), (2, False), (1, False)])
+def test_amx_mha_decode_dispatch(monkeypatch, hkv, dispatched):
+    monkeypatch.setattr(module_mod, "_CPU_AMX", True)
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, 300, 64, dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, 300, 64, dtype=torch.bfloat16)
+    attn = BlockSparseAttention("causal", block_size=32)
+    before = dict(module_mod.STATS)
+    out = attn(q, k, v)
+    assert (module_mod.STATS["sdpa"] - before["sdpa"] == 1) == dispatched
+    bm = create_block_mask(attn.mask, q_len=1, kv_len=300, q_offset=299, block_size=32)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm), atol=2e-2, rtol=2e-2)
 
 
 def test_amx_flag_matches_the_build():

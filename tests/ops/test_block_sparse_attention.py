@@ -135,6 +135,54 @@ def test_decode_over_kv_cache(lq, dtype):
                                                                          TOL[dtype])))
 
 
+# The grouped decode (one query tile, a mask shared by the heads: the query heads of a GQA group
+# stacked as rows of one unit): (dtype, B, Hq, Hkv, Lq, Lk, D, block, mask, mods). D=80 takes
+# the fp32 score kernel in bf16 too (the bf16 dot one needs D % 32 == 0); D=72 and 9 x 8 = 72
+# stacked rows fall back to the per-head items; one unit (B = Hkv = 1) over 8 or more tiles splits
+# its keys over the threads.
+GROUPED_DECODE = {
+    "bf16-gqa4-causal": (torch.bfloat16, 1, 8, 2, 1, 1000, 128, 64, "causal", ""),
+    "fp16-gqa4-causal": (torch.float16, 1, 8, 2, 1, 1000, 128, 64, "causal", ""),
+    "fp32-gqa4-causal": (torch.float32, 1, 8, 2, 1, 1000, 128, 64, "causal", ""),
+    "bf16-mha-window-lq3": (torch.bfloat16, 2, 4, 4, 3, 517, 64, 32, "window", ""),
+    "bf16-gqa3-D80-doc": (torch.bfloat16, 2, 6, 2, 4, 300, 80, 32, "doc", ""),
+    "fp16-gqa3-D96-fixed": (torch.float16, 1, 6, 2, 5, 400, 96, 32, "fixed", ""),
+    "fp32-gqa2-prefix-alibi": (torch.float32, 1, 4, 2, 2, 333, 64, 32, "prefix", "alibi"),
+    "bf16-gqa4-strided-alibi-softcap": (torch.bfloat16, 1, 8, 2, 1, 700, 64, 64, "strided",
+                                        "alibi-softcap"),
+    "bf16-gqa2-rel": (torch.bfloat16, 1, 4, 2, 3, 150, 64, 32, "causal", "rel"),
+    "fp32-gqa8-lq8-64rows": (torch.float32, 1, 8, 1, 8, 2000, 64, 64, "causal", "alibi"),
+    "bf16-gqa4-lq8-split": (torch.bfloat16, 1, 4, 1, 8, 3000, 64, 32, "causal", "alibi"),
+    "fp16-gqa4-window-split": (torch.float16, 1, 4, 1, 2, 4000, 128, 16, "window", ""),
+    "bf16-gqa8-lq9-fallback": (torch.bfloat16, 1, 8, 1, 9, 500, 64, 64, "causal", "alibi"),
+    "fp16-D72-fallback": (torch.float16, 1, 4, 2, 1, 300, 72, 32, "causal", ""),
+    "bf16-lk-tail-1": (torch.bfloat16, 1, 4, 1, 1, 65, 64, 64, "causal", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED_DECODE))
+def test_grouped_decode(case):
+    dtype, b, hq, hkv, lq, lk, d, block, mask, mods = GROUPED_DECODE[case]
+    torch.manual_seed(hash(case) % 1000)
+    q, k, v = qkv(b, hq, hkv, lq, lk, d, dtype)
+    q = q * 2  # sharper rows, so that a row's keys are not all alike
+    specs = {
+        "causal": causal(),
+        "window": sliding_window(100),
+        "doc": and_masks(causal(), document(torch.stack([
+            torch.repeat_interleave(torch.tensor([0, 1, 2]), torch.tensor([90, 150, 60])),
+            torch.repeat_interleave(torch.tensor([0, 1]), torch.tensor([250, 50]))]))),
+        "fixed": fixed(32, 4),
+        "prefix": prefix_lm(40),
+        "strided": strided(16),
+    }
+    bm = create_block_mask(specs[mask], q_len=lq, kv_len=lk, batch=b if mask == "doc" else 1,
+                           q_offset=lk - lq, block_size=block)
+    alibi = torch.linspace(0.05, 0.4, hq) if "alibi" in mods else None
+    rel = torch.randn(hq, 2 * 8 + 1) if "rel" in mods else None
+    check(q, k, v, bm, softcap=5.0 if "softcap" in mods else 0.0, alibi=alibi, rel_bias=rel)
+
+
 def test_decode_sliding_window_and_document():
     lk, lq = 300, 3
     q, k, v = qkv(2, 4, 2, lq, lk, 64, torch.float32)

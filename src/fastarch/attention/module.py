@@ -25,6 +25,12 @@ SDPA_DENSE_DTYPES = (torch.float32,)
 # took 0.40-0.76x of the kernel's time, whose CPU paths are AVX2 only; bf16 decode stays on the
 # kernel (SDPA 2.4-5.2x slower there), and AVX2 machines measured parity (0.31 vs 0.32 ms at 1024).
 SDPA_DECODE_CAPABILITIES = ("AVX512",)
+# Since the kernel's grouped decode (2026-12-07: the query heads of a GQA group stacked into one
+# unit, so that each K / V row is read once per group), decode with grouped-query attention stays
+# on the kernel on those CPUs and on AMX: Xeon with AMX, 2 threads, one query, plain causal, H=32
+# query heads over 8 KV heads, D=64/128, interleaved (/tmp script): kernel / SDPA(enable_gqa)
+# 0.52-0.85x in bf16 and 0.33-0.73x in fp32 at 256-4096 keys. With as many KV heads as query
+# heads SDPA stays ahead below ~4096 keys (1.04-2.13x bf16, 0.84-1.46x fp32), so those go to it.
 # bf16 on CPUs with AMX (Intel Xeon, 2 threads, 2026-12-03, H=8, D=64/128, interleaved): torch's
 # SDPA runs its flash kernel on AMX tiles, and plain causal bf16 took 1.09-1.51x of SDPA's time in
 # the kernel (256-4096 tokens), one decode query 2.5-4.4x (256-4096 keys): plain causal / full
@@ -143,7 +149,7 @@ class BlockSparseAttention(nn.Module):
                  and spec.mask_mod is None and spec.doc_ids is None and not spec.prefix_len
                  and spec.window_left < 0 and spec.window_right in (-1, 0))
         amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
-        if plain and lq == 1 and q.device.type == "cpu" and (amx or (
+        if plain and lq == 1 and q.device.type == "cpu" and q.shape[1] == k.shape[1] and (amx or (
                 q.dtype == torch.float32 and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
             return False  # the last query sees every key: causal == full
         if (attn_mask is not None or self.softcap or self.alibi_slopes is not None
