@@ -19,7 +19,9 @@
 // bf16/fp16 tiles are converted to fp32 scratch first (cost ~ 1/(4*block) of the flops).
 //
 // Decode (few query rows, few (b, h) items) splits the key tiles of an item over threads and merges
-// the partial (m, l, acc) afterwards (flash-decoding). The backward recomputes P tile by tile from
+// the partial (m, l, acc) afterwards (flash-decoding). With AVX-512, a call of one query tile whose
+// block mask all heads share runs as (batch, kv head) units instead, the GQA group's query heads
+// stacked as rows (decode_grouped_forward). The backward recomputes P tile by tile from
 // the saved lse (see the comment above backward_item).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
