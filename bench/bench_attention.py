@@ -12,6 +12,7 @@ efficiency (time ratio against the ideal ratio of computed tiles, window vs caus
     python bench/bench_attention.py --full           # the whole S x H x D x dtype grid
     python bench/bench_attention.py --out bench/results/attention.md
     python bench/bench_attention.py --mask-builds --configs "4096,8,64,float32"   # build cost
+    python bench/bench_attention.py --decode        # one query over a KV cache, GQA, vs SDPA
 """
 from __future__ import annotations
 
@@ -64,21 +65,68 @@ def flex_provider(q, k, v, window):
     return lambda: fa(q, k, v, block_mask=bm)
 
 
-def interleaved_median_ms(providers: dict, reps: int) -> dict:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs), or 64 MiB where it reports none."""
+    import glob
+
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best or (64 << 20)
+
+
+class CacheState:
+    """What each timed call finds in the caches, the same for every provider.
+
+    hot:   the provider's own call, untimed, right before (its inputs and scratch are cached,
+           as when Q / K / V come straight from the projections of a model)
+    cold:  a write over twice the last-level cache (at most 1 GiB) right before
+    order: nothing; each call finds what the provider before it left (until 2026-12-07 the
+           only mode: a call after SDPA with a dense mask found nothing cached, the others
+           their inputs)
+    """
+
+    def __init__(self, mode: str):
+        if mode not in ("hot", "cold", "order"):
+            raise ValueError(f"cache must be 'hot', 'cold' or 'order', got {mode!r}")
+        self.mode = mode
+        self.flush_buf = None
+        if mode == "cold":
+            n = min(2 * last_level_cache_bytes(), 1 << 30)
+            self.flush_buf = torch.empty(n // 4, dtype=torch.float32)
+
+    def before(self, fn) -> None:
+        if self.mode == "hot":
+            fn()
+        elif self.mode == "cold":
+            self.flush_buf.fill_(1.0)
+
+
+def interleaved_median_ms(providers: dict, reps: int, cache: CacheState | None = None) -> dict:
     """Median time of each provider, the providers taking turns (one call each per round), so
-    that a change in the machine's load hits all of them alike (the machine is shared)."""
+    that a change in the machine's load hits all of them alike (the machine is shared), each
+    timed call prepared by `cache` alike."""
+    cache = cache or CacheState("order")
     for fn in providers.values():
         fn()  # warm-up
     times = {name: [] for name in providers}
     for _ in range(reps):
         for name, fn in providers.items():
+            cache.before(fn)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
-def run_config(s, h, d, dtype, window, block_size, reps, with_flex):
+def run_config(s, h, d, dtype, window, block_size, reps, with_flex, cache="hot"):
     q, k, v = (torch.randn(1, h, s, d, dtype=dtype) for _ in range(3))
     t0 = time.perf_counter()
     bm_c = create_block_mask(causal(), q_len=s, block_size=block_size, cache=False)
@@ -103,7 +151,7 @@ def run_config(s, h, d, dtype, window, block_size, reps, with_flex):
         f = flex_provider(q, k, v, window)
         if f is not None:
             providers["flex-window"] = f
-    rows = interleaved_median_ms(providers, reps)
+    rows = interleaved_median_ms(providers, reps, CacheState(cache))
     frac_c, frac_w = bm_c.computed_fraction(), bm_w.computed_fraction()
     ideal = frac_c / frac_w
     got = rows["fastarch-causal"] / rows["fastarch-window"]
@@ -165,6 +213,11 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=255, help="left window (keys before the query)")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--cache", default="hot", choices=("hot", "cold", "order"),
+                    help="what each timed call finds in the caches, alike for every provider: "
+                         "its own inputs (hot: an untimed call right before), nothing (cold: a "
+                         "write over twice the last-level cache), or whatever the provider "
+                         "before it left (order)")
     ap.add_argument("--configs", default=None,
                     help="semicolon-separated S,H,D,dtype list, e.g. '8192,8,64,float32'")
     ap.add_argument("--out", default=None)
@@ -172,6 +225,14 @@ def main(argv=None):
     ap.add_argument("--mask-builds", action="store_true",
                     help="measure the uncached block-mask build of several masks against one "
                          "attention call with each (goal: build <= 10%% of the call)")
+    ap.add_argument("--decode", action="store_true",
+                    help="decode calls (one query over a KV cache) against SDPA, the grid of "
+                         "--decode-configs")
+    ap.add_argument("--decode-configs",
+                    default="1024,8,8,64,bfloat16;4096,8,8,64,bfloat16;4096,32,8,128,bfloat16;"
+                            "16384,32,8,128,bfloat16;4096,32,8,128,float32;"
+                            "4096,32,8,128,float16",
+                    help="semicolon-separated S,Hq,Hkv,D,dtype list for --decode")
     args = ap.parse_args(argv)
     shown_argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
@@ -188,6 +249,8 @@ def main(argv=None):
                 (4096, 8, 64, torch.bfloat16), (4096, 8, 128, torch.float32)]
     if args.mask_builds:
         return _mask_build_table(args, grid, shown_argv)
+    if args.decode:
+        return _decode_table(args, shown_argv)
     lines = [
         "# Block-sparse attention, CPU",
         "",
@@ -195,7 +258,7 @@ def main(argv=None):
          f"torch {torch.__version__}, fastarch CPU capability "
          f"{fastarch.native.cpu_capability()}. B=1, window = {args.window + 1} keys "
          f"(sliding_window({args.window})), block {args.block_size}. Median of {args.reps} "
-         "interleaved runs, ms."),
+         f"interleaved runs, ms; caches before each timed call: {args.cache}."),
         "",
         f"Command: `python bench/bench_attention.py {' '.join(shown_argv)}`".rstrip(),
         "",
@@ -206,7 +269,8 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, h, d, dt in grid:
-        r = run_config(s, h, d, dt, args.window, args.block_size, args.reps, not args.no_flex)
+        r = run_config(s, h, d, dt, args.window, args.block_size, args.reps, not args.no_flex,
+                       args.cache)
         t = r["times"]
         flex_w = t.get("flex-window")
         row = (f"| {s} | {h} | {d} | {str(dt).replace('torch.', '')} | {t['sdpa-causal']:.1f} | "
@@ -230,6 +294,52 @@ def main(argv=None):
             fh.write("\n".join(lines[-len(grid):]) + "\n")
     elif args.out:
         with open(args.out, "w") as fh:
+            fh.write(text)
+    return text
+
+
+def run_decode(s, hq, hkv, d, dtype, reps, cache="hot"):
+    """One query over a cache of s keys (decode): the kernel over the whole cache (causal), the
+    kernel with a 1024-key sliding window, and SDPA (enable_gqa where hq != hkv)."""
+    q = torch.randn(1, hq, 1, d, dtype=dtype)
+    k, v = (torch.randn(1, hkv, s, d, dtype=dtype) for _ in range(2))
+    bm_c = create_block_mask(causal(), q_len=1, kv_len=s, q_offset=s - 1, block_size=64)
+    bm_w = create_block_mask(sliding_window(1023), q_len=1, kv_len=s, q_offset=s - 1,
+                             block_size=64)
+    providers = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv),
+        "fastarch": lambda: fastarch.block_sparse_attention(q, k, v, bm_c),
+        "fastarch-window": lambda: fastarch.block_sparse_attention(q, k, v, bm_w),
+    }
+    return interleaved_median_ms(providers, reps, CacheState(cache)), bm_w.computed_fraction()
+
+
+def _decode_table(args, shown_argv):
+    grid = []
+    for item in (args.decode_configs or "").split(";"):
+        s_, hq_, hkv_, d_, dt_ = item.split(",")
+        grid.append((int(s_), int(hq_), int(hkv_), int(d_), getattr(torch, dt_)))
+    lines = [
+        "",
+        (f"Decode (one query over the cache): {platform.processor() or platform.machine()}, "
+         f"{args.threads} threads, block 64, median of {args.reps} interleaved runs, ms; caches "
+         f"before each timed call: {args.cache}. "
+         f"Command: `python bench/bench_attention.py {' '.join(shown_argv)}`"),
+        "",
+        "| S | Hq | Hkv | D | dtype | sdpa | fastarch (all keys) | time vs sdpa | fastarch, window "
+        "1024 | tiles window |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, hq, hkv, d, dt in grid:
+        t, frac = run_decode(s, hq, hkv, d, dt, args.reps, args.cache)
+        row = (f"| {s} | {hq} | {hkv} | {d} | {str(dt).replace('torch.', '')} | {t['sdpa']:.3f} "
+               f"| {t['fastarch']:.3f} | {t['fastarch'] / t['sdpa']:.2f}x | "
+               f"{t['fastarch-window']:.3f} | {frac:.3f} |")
+        print(row, flush=True)
+        lines.append(row)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "a" if args.append else "w") as fh:
             fh.write(text)
     return text
 

@@ -148,3 +148,25 @@ def test_bad_device_fails_naming_the_argument(device, tmp_path, capsys):
     rc = cli.main(["bench", "--models", "llama", "--device", device, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "argument --device" in err and repr(device) in err
+
+
+def test_attention_bench_prepares_every_timed_call_alike(monkeypatch):
+    m = suite.bench_module("bench_attention")
+    calls = []
+    providers = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    m.interleaved_median_ms(providers, 2, m.CacheState("hot"))
+    # warm-up, then per round each provider twice in a row: untimed, then timed
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    calls.clear()
+    m.interleaved_median_ms(providers, 2, m.CacheState("order"))
+    assert calls == ["a", "b"] * 3
+    monkeypatch.setattr(m, "last_level_cache_bytes", lambda: 1 << 16)
+    cold = m.CacheState("cold")
+    assert cold.flush_buf.numel() * 4 == 2 << 16  # twice the last-level cache
+    cold.flush_buf.zero_()
+    calls.clear()
+    m.interleaved_median_ms(providers, 1, cold)
+    assert calls == ["a", "b", "a", "b"] and bool((cold.flush_buf == 1).all())
+    assert m.last_level_cache_bytes() > 0
+    with pytest.raises(ValueError, match="cache must be"):
+        m.CacheState("warm")

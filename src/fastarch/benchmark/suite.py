@@ -159,7 +159,8 @@ def run_attention(o: RunOptions) -> Section:
                     f"{window + 1} keys, block {block}", logx=True, logy=True)
     lines = ["## Block-sparse attention vs SDPA (bench/bench_attention.py cases)", "",
              f"B=1, H={h}, D={d}, float32, sliding window of {window + 1} keys, block {block}; "
-             f"median ms of {reps} interleaved runs. `decode`: one query over S keys. "
+             f"median ms of {reps} interleaved runs, each timed call right after an untimed "
+             "one of its own. `decode`: one query over S keys. "
              + ("" if flex else "FlexAttention not run (quick: its compile takes minutes). "), ""]
     lines += table(["S"] + [f"{p} ms" for p in provs]
                    + ["tiles causal", "tiles window", "window vs sdpa-causal"], rows)
