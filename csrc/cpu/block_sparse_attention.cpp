@@ -20,9 +20,9 @@
 //
 // Decode (few query rows, few (b, h) items) splits the key tiles of an item over threads and merges
 // the partial (m, l, acc) afterwards (flash-decoding). With AVX-512, a call of one query tile whose
-// block mask all heads share runs as (batch, kv head) units instead, the GQA group's query heads
-// stacked as rows (decode_grouped_forward). The backward recomputes P tile by tile from
-// the saved lse (see the comment above backward_item).
+// block mask the heads of each GQA group share runs as (batch, kv head) units instead, the
+// group's query heads stacked as rows (decode_grouped_forward). The backward recomputes P tile by
+// tile from the saved lse (see the comment above backward_item).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -1553,7 +1553,8 @@ void pair_kv_tile(const Params& p, const uint16_t* ks, const uint16_t* vs, int64
 #if defined(__AVX512F__)
 // ---- grouped decode ----------------------------------------------------------------------------
 // A call of one query tile (Lq <= block, decode over a KV cache) whose block mask is shared by the
-// heads (Hm == 1) takes each (batch, kv head) as one unit: the G = Hq / Hkv query heads of a GQA
+// heads of each GQA group (Hm == 1, or per-head rows alike within each group, as top-k selection
+// makes them) takes each (batch, kv head) as one unit: the G = Hq / Hkv query heads of a GQA
 // group stacked into G * Lq rows, so that each K / V row is read once for the whole group (the
 // per-head items read it G times), and the products by the small kernels below instead of two
 // sgemm calls per tile (MKL packs both operands on every call: at one to a few rows, that and the
@@ -1687,11 +1688,39 @@ bool attn_decode_group_enabled() {
   return on;
 }
 
-// Whether a call takes the grouped decode: one query tile, one block-mask row set for all heads,
-// D a multiple of 16 and at most 64 stacked rows.
+// Whether the query heads of every GQA group share their block-mask rows (a per-head mask, as
+// top-k selection makes, that is the same within each group): tile lists and tile masks alike.
+inline bool mask_rows_shared_by_groups(const Params& p) {
+  const int64_t G = p.Hq / p.Hkv;
+  if (p.Hm == 1 || G == 1) return true;
+  for (int64_t bm = 0; bm < p.Bm; ++bm)
+    for (int64_t qt = 0; qt < p.Qt; ++qt)
+      for (int64_t h = 0; h < p.Hq; ++h) {
+        if (h % G == 0) continue;
+        const int64_t r = (bm * p.Hm + h) * p.Qt + qt, r0 = (bm * p.Hm + h / G * G) * p.Qt + qt;
+        const int64_t n = p.num[r], nf = p.fnum ? p.fnum[r] : 0;
+        if (n != p.num[r0] || (p.fnum && nf != p.fnum[r0])) return false;
+        for (int64_t t = 0; t < n; ++t) {
+          if (p.idx[r * p.W + t] != p.idx[r0 * p.W + t]) return false;
+          if (p.tile_mask_index && p.tile_mask_index[r * p.W + t] != p.tile_mask_index[r0 * p.W + t])
+            return false;
+        }
+        for (int64_t t = 0; t < nf; ++t)
+          if (p.fidx[r * p.Wf + t] != p.fidx[r0 * p.Wf + t]) return false;
+      }
+  return true;
+}
+
+// Whether a call takes the grouped decode: one query tile, block-mask rows shared within each GQA
+// group, D a multiple of 16 and at most 64 stacked rows.
 inline bool decode_grouped(const Params& p) {
-  return p.Qt == 1 && p.Hm == 1 && p.D % 16 == 0 && p.D > 0 &&
-         (p.Hq / p.Hkv) * p.Lq <= 64 && attn_decode_group_enabled();
+  return p.Qt == 1 && p.D % 16 == 0 && p.D > 0 && (p.Hq / p.Hkv) * p.Lq <= 64 &&
+         attn_decode_group_enabled() && mask_rows_shared_by_groups(p);
+}
+
+// The block-mask row of unit (b, kv head hk): its group's first query head's (one query tile)
+inline int64_t decode_unit_row(const Params& p, int64_t b, int64_t hk) {
+  return ((p.Bm == 1 ? 0 : b) * p.Hm + (p.Hm == 1 ? 0 : hk * (p.Hq / p.Hkv))) * p.Qt;
 }
 
 // One unit (batch b, kv head hk) walks tiles [t0, t1) of its block-mask row for the G * Lq stacked
@@ -1727,7 +1756,7 @@ void decode_group(const Params& p, const T* q, const T* k, const T* v, int64_t b
   std::fill(acc, acc + M * D, 0.f);
   std::fill(mrow, mrow + M, kNegInf);
   std::fill(lrow, lrow + M, 0.f);
-  const int64_t row = (p.Bm == 1 ? 0 : b) * p.Qt;  // (Hm == 1, one query tile)
+  const int64_t row = decode_unit_row(p, b, hk);
   const int64_t bd = p.Bd == 1 ? 0 : b;
   thread_local std::vector<int64_t> kts, slots;
   merged_tiles(p, row, kts, slots);
@@ -1829,7 +1858,7 @@ void decode_grouped_forward(const Params& p, int64_t max_tiles, const T* q, cons
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t unit = w / nsplit, split = w % nsplit;
       const int64_t b = unit / p.Hkv, hk = unit % p.Hkv;
-      const int64_t row = (p.Bm == 1 ? 0 : b) * p.Qt;
+      const int64_t row = decode_unit_row(p, b, hk);
       const int64_t ntile = int64_t(p.num[row]) + (p.fnum ? p.fnum[row] : 0);
       const int64_t per = (ntile + nsplit - 1) / nsplit;
       const int64_t t0 = std::min(ntile, split * per), t1 = std::min(ntile, t0 + per);

@@ -183,6 +183,24 @@ def test_grouped_decode(case):
     check(q, k, v, bm, softcap=5.0 if "softcap" in mods else 0.0, alibi=alibi, rel_bias=rel)
 
 
+@pytest.mark.parametrize("lq", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_decode_per_head_masks(lq, dtype):
+    from fastarch.attention.topk import topk_block_mask
+
+    # Top-k selection: per-head rows, alike within each GQA group (the grouped decode takes the
+    # group's rows once). A per-head predicate: rows that differ within a group (per-head items).
+    torch.manual_seed(1)
+    lk = 900
+    q, k, v = qkv(2, 8, 2, lq, lk, 64, dtype)
+    bm = topk_block_mask(q, k, topk=4, block_size=32)
+    assert bm.kv_num_blocks.shape[1] == 8
+    check(q, k, v, bm)
+    spec = from_function(lambda b, h, qi, ki: (ki % (h + 2) == 0) | (ki == qi), per_head=True)
+    bm = create_block_mask(spec, q_len=lq, kv_len=lk, heads=8, q_offset=lk - lq, block_size=32)
+    check(q, k, v, bm)
+
+
 def test_decode_sliding_window_and_document():
     lk, lq = 300, 3
     q, k, v = qkv(2, 4, 2, lq, lk, 64, torch.float32)
