@@ -37,6 +37,7 @@ from fastarch.attention import (
     sliding_window,
     strided,
 )
+from fastarch.attention.topk import topk_block_mask
 from fastarch.ops.block_sparse_attention import dense_mask
 
 
@@ -299,19 +300,27 @@ def main(argv=None):
 
 
 def run_decode(s, hq, hkv, d, dtype, reps, cache="hot"):
-    """One query over a cache of s keys (decode): the kernel over the whole cache (causal), the
-    kernel with a 1024-key sliding window, and SDPA (enable_gqa where hq != hkv)."""
+    """One query over a cache of s keys (decode): the kernel over the whole cache (causal), with
+    a 1024-key sliding window and with the 16 best key blocks (top-k selection; its build, from
+    the whole cache, timed apart), and SDPA (enable_gqa where hq != hkv)."""
     q = torch.randn(1, hq, 1, d, dtype=dtype)
     k, v = (torch.randn(1, hkv, s, d, dtype=dtype) for _ in range(2))
     bm_c = create_block_mask(causal(), q_len=1, kv_len=s, q_offset=s - 1, block_size=64)
     bm_w = create_block_mask(sliding_window(1023), q_len=1, kv_len=s, q_offset=s - 1,
                              block_size=64)
+    bm_t = topk_block_mask(q, k, topk=16, block_size=64)  # per head, alike within a GQA group
     providers = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv),
         "fastarch": lambda: fastarch.block_sparse_attention(q, k, v, bm_c),
         "fastarch-window": lambda: fastarch.block_sparse_attention(q, k, v, bm_w),
+        "fastarch-topk": lambda: fastarch.block_sparse_attention(q, k, v, bm_t),
     }
-    return interleaved_median_ms(providers, reps, CacheState(cache)), bm_w.computed_fraction()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        topk_block_mask(q, k, topk=16, block_size=64)
+    build_t = (time.perf_counter() - t0) / reps * 1e3
+    times = interleaved_median_ms(providers, reps, CacheState(cache))
+    return times, bm_w.computed_fraction(), bm_t.computed_fraction(), build_t
 
 
 def _decode_table(args, shown_argv):
@@ -327,14 +336,15 @@ def _decode_table(args, shown_argv):
          f"Command: `python bench/bench_attention.py {' '.join(shown_argv)}`"),
         "",
         "| S | Hq | Hkv | D | dtype | sdpa | fastarch (all keys) | time vs sdpa | fastarch, window "
-        "1024 | tiles window |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "1024 | tiles window | fastarch, top-16 blocks | tiles top-k | top-k mask build |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, hq, hkv, d, dt in grid:
-        t, frac = run_decode(s, hq, hkv, d, dt, args.reps, args.cache)
+        t, frac, frac_t, build_t = run_decode(s, hq, hkv, d, dt, args.reps, args.cache)
         row = (f"| {s} | {hq} | {hkv} | {d} | {str(dt).replace('torch.', '')} | {t['sdpa']:.3f} "
                f"| {t['fastarch']:.3f} | {t['fastarch'] / t['sdpa']:.2f}x | "
-               f"{t['fastarch-window']:.3f} | {frac:.3f} |")
+               f"{t['fastarch-window']:.3f} | {frac:.3f} | {t['fastarch-topk']:.3f} | "
+               f"{frac_t:.3f} | {build_t:.3f} |")
         print(row, flush=True)
         lines.append(row)
     text = "\n".join(lines) + "\n"

@@ -1711,10 +1711,13 @@ inline bool mask_rows_shared_by_groups(const Params& p) {
   return true;
 }
 
-// Whether a call takes the grouped decode: one query tile, block-mask rows shared within each GQA
-// group, D a multiple of 16 and at most 64 stacked rows.
+// Whether a call takes the grouped decode: one query tile of at most 16 rows, block-mask rows
+// shared within each GQA group, D a multiple of 16 and at most 64 stacked rows. With more rows
+// its row-at-a-time products fall behind the sgemm ones (2 threads, 4096 keys, D=128, Hq=Hkv=8,
+// alternated: bf16 0.61 vs 1.07 ms at one row, 2.3 vs 2.6 at 16, 4.1 vs 3.7 at 32, 8.4 vs 6.5 at
+// 64; fp32 likewise).
 inline bool decode_grouped(const Params& p) {
-  return p.Qt == 1 && p.D % 16 == 0 && p.D > 0 && (p.Hq / p.Hkv) * p.Lq <= 64 &&
+  return p.Qt == 1 && p.Lq <= 16 && p.D % 16 == 0 && p.D > 0 && (p.Hq / p.Hkv) * p.Lq <= 64 &&
          attn_decode_group_enabled() && mask_rows_shared_by_groups(p);
 }
 
@@ -2444,7 +2447,12 @@ std::string cpu_attention_paths() {
   if (attn_bf16_dot_enabled()) bf16 = attn_amx_enabled() ? "amx" : "bf16-dot";
 #endif
   const std::string f32 = attn_f32_brgemm() ? "brgemm" : kHaveNN ? "avx2" : "mkl";
-  return "bf16 " + bf16 + ", fp32 " + f32;
+#if defined(__AVX512F__)
+  const std::string decode = attn_decode_group_enabled() ? ", grouped decode" : "";
+#else
+  const std::string decode;
+#endif
+  return "bf16 " + bf16 + ", fp32 " + f32 + decode;
 }
 
 // Whether bf16 prefill tiles run on AMX here (no fp32 timing): BlockSparseAttention leaves plain

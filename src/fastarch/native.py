@@ -64,7 +64,8 @@ def cpu_gemv_paths() -> str:
 
 def cpu_attention_paths() -> str:
     """The tile products of the CPU attention prefill on this CPU, e.g. "bf16 amx, fp32 brgemm"
-    (AMX tiles and oneDNN's fp32 kernels through libtorch) or "bf16 bf16-dot, fp32 avx2"."""
+    (AMX tiles and oneDNN's fp32 kernels through libtorch) or "bf16 bf16-dot, fp32 avx2", and
+    ", grouped decode" where the build has the AVX-512 decode of GQA groups."""
     if _C is None or not hasattr(_C, "cpu_attention_paths"):
         return "none"
     return _C.cpu_attention_paths()

@@ -57,6 +57,7 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds, monkeypatch
 def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
     monkeypatch.setattr(module_mod, "_CPU_AMX", False)
+    monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", True)
     torch.manual_seed(0)
     q = torch.randn(2, 4, 1, 64, dtype=dtype)
     k = torch.randn(2, hkv, 77, 64, dtype=dtype)
@@ -91,6 +92,7 @@ def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
     attention below SDPA_AMX_FULL_KERNEL_FROM; longer prefill stays on the kernel."""
     monkeypatch.setattr(module_mod, "_CPU_AMX", True)
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", "AVX512")
+    monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", True)
     torch.manual_seed(0)
     q = torch.randn(1, 4, lq, 64, dtype=dtype)
     k = torch.randn(1, 2, lk, 64, dtype=dtype)
@@ -105,9 +107,13 @@ def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
                                rtol=tol)
 
 
-@pytest.mark.parametrize("hkv,dispatched", [(4, True), (2, False), (1, False)])
-def test_amx_mha_decode_dispatch(monkeypatch, hkv, dispatched):
+@pytest.mark.parametrize("hkv,grouped,dispatched", [
+    (4, True, True), (2, True, False), (1, True, False),
+    (2, False, True),  # a build without the grouped decode: GQA decode to SDPA too
+])
+def test_amx_mha_decode_dispatch(monkeypatch, hkv, grouped, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_AMX", True)
+    monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", grouped)
     torch.manual_seed(0)
     q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, 300, 64, dtype=torch.bfloat16)
@@ -123,4 +129,6 @@ def test_amx_mha_decode_dispatch(monkeypatch, hkv, dispatched):
 def test_amx_flag_matches_the_build():
     from fastarch import native
     assert module_mod._CPU_AMX == native.cpu_attention_amx()
+    # the grouped decode is built with AVX-512, as cpu_capability reports the build's ISA
+    assert module_mod._CPU_GROUPED_DECODE == (native.cpu_capability() == "avx512")
     assert module_mod._CPU_AMX == ("bf16 amx" in native.cpu_attention_paths())

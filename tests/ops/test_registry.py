@@ -42,9 +42,11 @@ def test_info_lists_every_op():
     attn = report["cpu_attention"]
     assert "cpu_attention" in text
     if native.native_loaded():
-        bf16, f32 = attn.split(", ")
+        bf16, f32, *rest = attn.split(", ")
         assert bf16 in ("bf16 amx", "bf16 bf16-dot", "bf16 fp32-tiles"), attn
         assert f32 in ("fp32 brgemm", "fp32 avx2", "fp32 mkl"), attn
+        # the grouped decode is built with AVX-512 (cpu_capability: the build's ISA)
+        assert rest == (["grouped decode"] if native.cpu_capability() == "avx512" else []), attn
         if "amx" in paths.split(","):  # the CPU has AMX tiles: attention finds them too
             assert bf16 == "bf16 amx", attn
 

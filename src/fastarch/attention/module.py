@@ -30,7 +30,9 @@ SDPA_DECODE_CAPABILITIES = ("AVX512",)
 # on the kernel on those CPUs and on AMX: Xeon with AMX, 2 threads, one query, plain causal, H=32
 # query heads over 8 KV heads, D=64/128, interleaved (/tmp script): kernel / SDPA(enable_gqa)
 # 0.52-0.85x in bf16 and 0.33-0.73x in fp32 at 256-4096 keys. With as many KV heads as query
-# heads SDPA stays ahead below ~4096 keys (1.04-2.13x bf16, 0.84-1.46x fp32), so those go to it.
+# heads SDPA stays ahead below ~4096 keys (1.04-2.13x bf16, 0.84-1.46x fp32), so those go to it,
+# as does GQA decode where the build lacks the grouped decode (_CPU_GROUPED_DECODE: an AVX-512
+# build; the per-head decode took 1.2-2.4x of SDPA's time with GQA).
 # bf16 on CPUs with AMX (Intel Xeon, 2 threads, 2026-12-03, H=8, D=64/128, interleaved): torch's
 # SDPA runs its flash kernel on AMX tiles, and plain causal bf16 took 1.09-1.51x of SDPA's time in
 # the kernel (256-4096 tokens), one decode query 2.5-4.4x (256-4096 keys): plain causal / full
@@ -86,6 +88,7 @@ def _torch_cpu_capability() -> str:
 
 _CPU_CAPABILITY = _torch_cpu_capability()  # read once: a plain constant under torch.compile
 _CPU_AMX = native.cpu_attention_amx()  # likewise
+_CPU_GROUPED_DECODE = "grouped decode" in native.cpu_attention_paths()  # (an AVX-512 build)
 
 
 class BlockSparseAttention(nn.Module):
@@ -149,7 +152,8 @@ class BlockSparseAttention(nn.Module):
                  and spec.mask_mod is None and spec.doc_ids is None and not spec.prefix_len
                  and spec.window_left < 0 and spec.window_right in (-1, 0))
         amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
-        if plain and lq == 1 and q.device.type == "cpu" and q.shape[1] == k.shape[1] and (amx or (
+        gqa_on_kernel = q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE
+        if plain and lq == 1 and q.device.type == "cpu" and not gqa_on_kernel and (amx or (
                 q.dtype == torch.float32 and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
             return False  # the last query sees every key: causal == full
         if (attn_mask is not None or self.softcap or self.alibi_slopes is not None
