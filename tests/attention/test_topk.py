@@ -35,6 +35,24 @@ def test_summary_incremental_equals_batch():
     torch.testing.assert_close(whole.kmax[:, :, 1], k[:, :, 32:64].amax(2))
 
 
+@pytest.mark.parametrize("lq,group", [(1, 1), (3, 4), (200, 2)])
+def test_block_scores_are_the_quest_bound(lq, group):
+    # sum over the group and the channels of max(q kmin, q kmax), the mean query of each tile
+    torch.manual_seed(lq)
+    q = torch.randn(2, 4, lq, 48)
+    k = torch.randn(2, 4 // group, 150, 48)
+    summ = KeyBlockSummary.of(k, 32)
+    got = block_scores(q, summ)
+    qt = -(-lq // 32)
+    rows = torch.arange(lq) // 32
+    qmean = torch.stack([q[:, :, rows == t].mean(2) for t in range(qt)], 2)  # (B, Hq, Qt, D)
+    qmean = qmean.view(2, 4 // group, group, qt, 1, 48)
+    kmin, kmax = summ.kmin[:, :, None, None], summ.kmax[:, :, None, None]
+    want = torch.maximum(qmean * kmin, qmean * kmax).sum(-1).sum(2)
+    assert got.shape == (2, 4 // group, qt, 5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_prefill_selection(group):
     q = torch.randn(1, 4, 200, 64)
