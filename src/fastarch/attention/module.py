@@ -30,7 +30,7 @@ SDPA_DECODE_CAPABILITIES = ("AVX512",)
 # on the kernel on those CPUs and on AMX: Xeon with AMX, 2 threads, one query, plain causal, H=32
 # query heads over 8 KV heads, D=64/128, interleaved (/tmp script): kernel / SDPA(enable_gqa)
 # 0.52-0.85x in bf16 and 0.33-0.73x in fp32 at 256-4096 keys. With as many KV heads as query
-# heads SDPA stays ahead below ~4096 keys (1.04-2.13x bf16, 0.84-1.46x fp32), so those go to it,
+# heads SDPA stays ahead below ~4096 keys (1.04-2.13x bf16, 0.99-1.46x fp32), so those go to it,
 # as does GQA decode where the build lacks the grouped decode (_CPU_GROUPED_DECODE: an AVX-512
 # build; the per-head decode took 1.2-2.4x of SDPA's time with GQA).
 # bf16 on CPUs with AMX (Intel Xeon, 2 threads, 2026-12-03, H=8, D=64/128, interleaved): torch's
