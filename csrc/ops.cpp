@@ -56,6 +56,7 @@ namespace fastarch {
 std::string cpu_gemv_paths();  // csrc/cpu/sparse_gemv.cpp
 std::string cpu_attention_paths();  // csrc/cpu/block_sparse_attention.cpp
 bool cpu_attention_amx();
+bool cpu_attention_grouped_decode();
 }
 #endif
 
@@ -89,6 +90,8 @@ PYBIND11_MODULE(_C, m) {
         "fp32: brgemm / avx2 / mkl)");
   m.def("cpu_attention_amx", &fastarch::cpu_attention_amx,
         "whether the CPU attention prefill runs bf16 tiles on AMX here");
+  m.def("cpu_attention_grouped_decode", &fastarch::cpu_attention_grouped_decode,
+        "whether CPU decode calls run GQA groups as units here (an AVX-512 build)");
 #endif
 #ifdef FASTARCH_WITH_CUDA
   // CUDA kernels are bound here; the dispatcher's CUDA entry is a Python chooser between these

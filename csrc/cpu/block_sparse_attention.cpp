@@ -19,9 +19,9 @@
 // bf16/fp16 tiles are converted to fp32 scratch first (cost ~ 1/(4*block) of the flops).
 //
 // Decode (few query rows, few (b, h) items) splits the key tiles of an item over threads and merges
-// the partial (m, l, acc) afterwards (flash-decoding). With AVX-512, a call of one query tile whose
-// block mask the heads of each GQA group share runs as (batch, kv head) units instead, the
-// group's query heads stacked as rows (decode_grouped_forward). The backward recomputes P tile by
+// the partial (m, l, acc) afterwards (flash-decoding). With AVX-512, a call of one query tile of up
+// to 16 rows whose block mask the heads of each GQA group share runs as (batch, kv head) units
+// instead, the group's query heads stacked as rows (decode_grouped_forward). The backward recomputes P tile by
 // tile from the saved lse (see the comment above backward_item).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -2453,6 +2453,15 @@ std::string cpu_attention_paths() {
   const std::string decode;
 #endif
   return "bf16 " + bf16 + ", fp32 " + f32 + decode;
+}
+
+// Whether this build has the grouped decode (AVX-512) and it is on (no timing: cheap at import)
+bool cpu_attention_grouped_decode() {
+#if defined(__AVX512F__)
+  return attn_decode_group_enabled();
+#else
+  return false;
+#endif
 }
 
 // Whether bf16 prefill tiles run on AMX here (no fp32 timing): BlockSparseAttention leaves plain

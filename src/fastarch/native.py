@@ -76,6 +76,12 @@ def cpu_attention_amx() -> bool:
     return _C is not None and hasattr(_C, "cpu_attention_amx") and bool(_C.cpu_attention_amx())
 
 
+def cpu_attention_grouped_decode() -> bool:
+    """Whether CPU decode calls run each GQA group as one unit here (an AVX-512 build; cheap)."""
+    return (_C is not None and hasattr(_C, "cpu_attention_grouped_decode")
+            and bool(_C.cpu_attention_grouped_decode()))
+
+
 def triton_available() -> bool:
     """Whether Triton imports (its kernels need a CUDA device, or TRITON_INTERPRET=1 on CPU)."""
     return importlib.util.find_spec("triton") is not None

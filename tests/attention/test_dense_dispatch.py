@@ -1,5 +1,7 @@
 """BlockSparseAttention sends plain causal / full attention to SDPA where SDPA is the faster
 dense path (thresholds lowered here so that small inputs take it); results equal the kernel."""
+import os
+
 import pytest
 import torch
 
@@ -46,22 +48,24 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds, monkeypatch
     assert module_mod.STATS["kernel"] == before["kernel"] + 3
 
 
-@pytest.mark.parametrize("variant,dtype,capability,hkv,dispatched", [
-    ("causal", torch.float32, "AVX512", 4, True),   # the last query sees every key
-    ("full", torch.float32, "AVX512", 4, True),
-    ("causal", torch.float32, "AVX512", 2, False),  # GQA: the kernel's grouped decode is ahead
-    ("causal", torch.bfloat16, "AVX512", 4, False),  # bf16 decode: the kernel was faster
-    ("causal", torch.float32, "AVX2", 4, False),     # parity measured there: stays on the kernel
-    ("sliding_window:32", torch.float32, "AVX512", 4, False),
+@pytest.mark.parametrize("variant,dtype,capability,hkv,d,grouped,dispatched", [
+    ("causal", torch.float32, "AVX512", 4, 64, True, True),   # the last query sees every key
+    ("full", torch.float32, "AVX512", 4, 64, True, True),
+    ("causal", torch.float32, "AVX512", 2, 64, True, False),  # GQA: the grouped decode is ahead
+    ("causal", torch.float32, "AVX512", 2, 64, False, True),  # a build without it: SDPA
+    ("causal", torch.float32, "AVX512", 2, 72, True, True),   # a D it does not take: SDPA
+    ("causal", torch.bfloat16, "AVX512", 4, 64, True, False),  # bf16 decode: the kernel was faster
+    ("causal", torch.float32, "AVX2", 4, 64, True, False),     # parity measured there
+    ("sliding_window:32", torch.float32, "AVX512", 4, 64, True, False),
 ])
-def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, dispatched):
+def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, grouped, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
     monkeypatch.setattr(module_mod, "_CPU_AMX", False)
-    monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", True)
+    monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", grouped)
     torch.manual_seed(0)
-    q = torch.randn(2, 4, 1, 64, dtype=dtype)
-    k = torch.randn(2, hkv, 77, 64, dtype=dtype)
-    v = torch.randn(2, hkv, 77, 64, dtype=dtype)
+    q = torch.randn(2, 4, 1, d, dtype=dtype)
+    k = torch.randn(2, hkv, 77, d, dtype=dtype)
+    v = torch.randn(2, hkv, 77, d, dtype=dtype)
     attn = BlockSparseAttention(variant, block_size=32)
     before = dict(module_mod.STATS)
     out = attn(q, k, v, scale=0.2)
@@ -129,6 +133,10 @@ def test_amx_mha_decode_dispatch(monkeypatch, hkv, grouped, dispatched):
 def test_amx_flag_matches_the_build():
     from fastarch import native
     assert module_mod._CPU_AMX == native.cpu_attention_amx()
-    # the grouped decode is built with AVX-512, as cpu_capability reports the build's ISA
-    assert module_mod._CPU_GROUPED_DECODE == (native.cpu_capability() == "avx512")
+    # the grouped decode is built with AVX-512, as cpu_capability reports the build's ISA, and
+    # FASTARCH_ATTN_DECODE_GROUP=0 turns it off
+    built = native.cpu_capability() == "avx512"
+    on = os.environ.get("FASTARCH_ATTN_DECODE_GROUP", "1")[:1] != "0"
+    assert module_mod._CPU_GROUPED_DECODE == (built and on)
+    assert ("grouped decode" in native.cpu_attention_paths()) == (built and on)
     assert module_mod._CPU_AMX == ("bf16 amx" in native.cpu_attention_paths())

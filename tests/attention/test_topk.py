@@ -53,6 +53,26 @@ def test_block_scores_are_the_quest_bound(lq, group):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+def test_block_scores_edge_cases():
+    k = torch.randn(1, 2, 100, 16)
+    summ = KeyBlockSummary.of(k, 32)
+    assert block_scores(torch.randn(1, 4, 0, 16), summ).shape == (1, 2, 0, 4)
+    bm = topk_block_mask(torch.randn(1, 4, 0, 16), k, topk=2, block_size=32)
+    assert bm.kv_num_blocks.shape == (1, 4, 0)
+    # an infinite key channel: a group whose queries are all negative there takes kmin, and
+    # the bound stays finite (max(q kmin, q kmax) kept the finite product)
+    k[0, 0, 5, 3] = float("inf")
+    q = torch.randn(1, 4, 1, 16)
+    q[0, :2, :, 3] = -1.0
+    got = block_scores(q, KeyBlockSummary.of(k, 32))
+    qm = q.view(1, 2, 2, 1, 1, 16)
+    ks = KeyBlockSummary.of(k, 32)
+    want = torch.maximum(qm * ks.kmin[:, :, None, None], qm * ks.kmax[:, :, None, None])
+    want = want.sum(-1).sum(2)
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_prefill_selection(group):
     q = torch.randn(1, 4, 200, 64)

@@ -88,7 +88,9 @@ def _torch_cpu_capability() -> str:
 
 _CPU_CAPABILITY = _torch_cpu_capability()  # read once: a plain constant under torch.compile
 _CPU_AMX = native.cpu_attention_amx()  # likewise
-_CPU_GROUPED_DECODE = "grouped decode" in native.cpu_attention_paths()  # (an AVX-512 build)
+_CPU_GROUPED_DECODE = native.cpu_attention_grouped_decode()  # (an AVX-512 build)
+# the kernel's own conditions for the grouped decode (decode_grouped in the CPU kernel)
+GROUPED_DECODE_MAX_ROWS = 64
 
 
 class BlockSparseAttention(nn.Module):
@@ -152,7 +154,8 @@ class BlockSparseAttention(nn.Module):
                  and spec.mask_mod is None and spec.doc_ids is None and not spec.prefix_len
                  and spec.window_left < 0 and spec.window_right in (-1, 0))
         amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
-        gqa_on_kernel = q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE
+        gqa_on_kernel = (q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE and d % 16 == 0
+                         and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS)
         if plain and lq == 1 and q.device.type == "cpu" and not gqa_on_kernel and (amx or (
                 q.dtype == torch.float32 and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
             return False  # the last query sees every key: causal == full

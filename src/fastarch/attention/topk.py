@@ -75,6 +75,9 @@ def block_scores(q: torch.Tensor, summary: KeyBlockSummary) -> torch.Tensor:
     b, hq, lq, d = q.shape
     hkv = summary.kmin.shape[1]
     qt = -(-lq // bs)
+    kt = summary.kmin.shape[2]
+    if lq == 0:
+        return q.new_zeros(b, hkv, 0, kt, dtype=torch.float32)
     qf = q.detach().float()
     whole = lq // bs  # tiles of bs queries; a last partial tile is averaged over its own rows
     parts = [qf[:, :, :whole * bs].reshape(b, hq, whole, bs, d).mean(3)] if whole else []
@@ -84,10 +87,15 @@ def block_scores(q: torch.Tensor, summary: KeyBlockSummary) -> torch.Tensor:
     # sum_g sum_d max(q_gd kmin_d, q_gd kmax_d), with kmin <= kmax: kmax where q_gd > 0, kmin
     # where q_gd < 0, so two products with the group's summed positive and negative parts
     # instead of a (G, Qt, Kt, D) temporary (a decode step over 16384 keys, H=32/8, D=128:
-    # ~4 ms for the mask, 15x the attention call it serves)
+    # ~4 ms for the mask, 15x the attention call it serves). An infinite kmin / kmax is taken
+    # as the largest finite float, so that a zero part times it adds 0, not NaN (max() kept the
+    # other, finite, product); NaN stays NaN.
     pos = qmean.clamp(min=0).sum(2)  # (B, Hkv, Qt, D)
     neg = qmean.clamp(max=0).sum(2)
-    return pos @ summary.kmax.transpose(-1, -2) + neg @ summary.kmin.transpose(-1, -2)
+    big = torch.finfo(torch.float32).max
+    kmax = summary.kmax.clamp(-big, big).transpose(-1, -2)
+    kmin = summary.kmin.clamp(-big, big).transpose(-1, -2)
+    return pos @ kmax + neg @ kmin
 
 
 def topk_block_mask(q: torch.Tensor, k: torch.Tensor | None = None, *, topk: int,
