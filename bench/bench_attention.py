@@ -299,6 +299,15 @@ def main(argv=None):
     return text
 
 
+def _write_table(args, lines) -> str:
+    """The table's text, written to (or appended to, with --append) --out when given."""
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "a" if args.append else "w") as fh:
+            fh.write(text)
+    return text
+
+
 def run_decode(s, hq, hkv, d, dtype, reps, cache="hot"):
     """One query over a cache of s keys (decode): the kernel over the whole cache (causal), with
     a 1024-key sliding window and with the 16 best key blocks (top-k selection; its build from
@@ -350,11 +359,7 @@ def _decode_table(args, shown_argv):
                f"{frac_t:.3f} | {build_t:.3f} |")
         print(row, flush=True)
         lines.append(row)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "a" if args.append else "w") as fh:
-            fh.write(text)
-    return text
+    return _write_table(args, lines)
 
 
 def _mask_build_table(args, grid, shown_argv):
@@ -374,11 +379,7 @@ def _mask_build_table(args, grid, shown_argv):
                    f"{ta:.1f} | {tb / ta:.1%} | {frac:.3f} |")
             print(row, flush=True)
             lines.append(row)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "a" if args.append else "w") as fh:
-            fh.write(text)
-    return text
+    return _write_table(args, lines)
 
 
 if __name__ == "__main__":

@@ -1597,50 +1597,39 @@ inline __m512 hsum16x16(const __m512 (&v)[16]) {
                        _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// s[r * lds + j] = q_r . k_j for rows r < M and keys j < n: q fp32 rows q[r], k fp32 rows (ldk);
-// D a multiple of 16. Sixteen keys at a time, one accumulator each, summed by hsum16x16.
-inline void decode_scores_f32(int64_t M, int64_t n, int64_t D, const float* const* q,
-                              const float* k, int64_t ldk, float* s, int64_t lds) {
+// s[r * lds + j] = q_r . k_j for rows r < M and keys j < n: q rows q[r], k rows ldk apart, both
+// fp32 (D a multiple of 16: FMAs) or both bf16 (uint16_t, D a multiple of 32: the bf16 dot
+// instruction; no rounding, the products of bf16 pairs are exact in fp32). Sixteen keys at a
+// time, one accumulator each, summed by hsum16x16.
+template <typename E>
+inline void decode_scores(int64_t M, int64_t n, int64_t D, const E* const* q, const E* k,
+                          int64_t ldk, float* s, int64_t lds) {
+  constexpr int64_t step = std::is_same_v<E, float> ? 16 : 32;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t nb = std::min<int64_t>(16, n - j0);
-    const float* kr[16];
+    const E* kr[16];
     for (int64_t j = 0; j < 16; ++j) kr[j] = k + (j0 + (j < nb ? j : 0)) * ldk;
     for (int64_t r = 0; r < M; ++r) {
-      const float* qr = q[r];
+      const E* qr = q[r];
       __m512 acc[16];
       for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 qv = _mm512_loadu_ps(qr + d);
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[j] + d), acc[j]);
-      }
-      _mm512_mask_storeu_ps(s + r * lds + j0, __mmask16((1u << nb) - 1), hsum16x16(acc));
-    }
-  }
-}
-
+      for (int64_t d = 0; d < D; d += step) {
+        if constexpr (std::is_same_v<E, float>) {
+          const __m512 qv = _mm512_loadu_ps(qr + d);
+          for (int j = 0; j < 16; ++j)
+            acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[j] + d), acc[j]);
+        } else {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-// the same from bf16 q and k rows by the bf16 dot instruction (D a multiple of 32; no rounding:
-// the products of bf16 pairs are exact in fp32)
-inline void decode_scores_bf16(int64_t M, int64_t n, int64_t D, const uint16_t* const* q,
-                               const uint16_t* k, int64_t ldk, float* s, int64_t lds) {
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, n - j0);
-    const uint16_t* kr[16];
-    for (int64_t j = 0; j < 16; ++j) kr[j] = k + (j0 + (j < nb ? j : 0)) * ldk;
-    for (int64_t r = 0; r < M; ++r) {
-      const uint16_t* qr = q[r];
-      __m512 acc[16];
-      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 32) {
-        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
-        for (int j = 0; j < 16; ++j)
-          acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(kr[j] + d));
+          const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + d);
+          for (int j = 0; j < 16; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(kr[j] + d));
+#endif
+        }
       }
       _mm512_mask_storeu_ps(s + r * lds + j0, __mmask16((1u << nb) - 1), hsum16x16(acc));
     }
   }
 }
-#endif
 
 // 16 elements of a K / V row as fp32
 template <typename T>
@@ -1787,8 +1776,9 @@ void decode_group(const Params& p, const T* q, const T* k, const T* v, int64_t b
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
     if (dot) {
       if constexpr (bf16)
-        decode_scores_bf16(M, n, D, q16rows.data(),
-                           reinterpret_cast<const uint16_t*>(kb + c0 * p.ks[2]), p.ks[2], sbuf, bs);
+        decode_scores<uint16_t>(M, n, D, q16rows.data(),
+                                reinterpret_cast<const uint16_t*>(kb + c0 * p.ks[2]), p.ks[2],
+                                sbuf, bs);
     } else
 #endif
     {
@@ -1806,7 +1796,7 @@ void decode_group(const Params& p, const T* q, const T* k, const T* v, int64_t b
         kr = kbuf;
         ldk = D;
       }
-      decode_scores_f32(M, n, D, q32rows.data(), kr, ldk, sbuf, bs);
+      decode_scores<float>(M, n, D, q32rows.data(), kr, ldk, sbuf, bs);
     }
     for (int64_t r = 0; r < M; ++r) {
       const int64_t h = hk * G + r / m, qi = r % m;

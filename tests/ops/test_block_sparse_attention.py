@@ -137,8 +137,8 @@ def test_decode_over_kv_cache(lq, dtype):
 
 # The grouped decode (one query tile, a mask shared by the heads: the query heads of a GQA group
 # stacked as rows of one unit): (dtype, B, Hq, Hkv, Lq, Lk, D, block, mask, mods). D=80 takes
-# the fp32 score kernel in bf16 too (the bf16 dot one needs D % 32 == 0); D=72 and 9 x 8 = 72
-# stacked rows fall back to the per-head items; one unit (B = Hkv = 1) over 8 or more tiles splits
+# the fp32 score kernel in bf16 too (the bf16 dot one needs D % 32 == 0); D=72, 9 x 8 = 72
+# stacked rows and a 20-row query tile fall back to the per-head items; one unit (B = Hkv = 1) over 8 or more tiles splits
 # its keys over the threads.
 GROUPED_DECODE = {
     "bf16-gqa4-causal": (torch.bfloat16, 1, 8, 2, 1, 1000, 128, 64, "causal", ""),
@@ -156,6 +156,7 @@ GROUPED_DECODE = {
     "fp16-gqa4-window-split": (torch.float16, 1, 4, 1, 2, 4000, 128, 16, "window", ""),
     "bf16-gqa8-lq9-fallback": (torch.bfloat16, 1, 8, 1, 9, 500, 64, 64, "causal", "alibi"),
     "fp16-D72-fallback": (torch.float16, 1, 4, 2, 1, 300, 72, 32, "causal", ""),
+    "bf16-mha-lq20-fallback": (torch.bfloat16, 1, 2, 2, 20, 300, 64, 32, "window", "alibi"),
     "bf16-lk-tail-1": (torch.bfloat16, 1, 4, 1, 1, 65, 64, 64, "causal", ""),
 }
 
