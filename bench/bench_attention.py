@@ -13,6 +13,7 @@ efficiency (time ratio against the ideal ratio of computed tiles, window vs caus
     python bench/bench_attention.py --out bench/results/attention.md
     python bench/bench_attention.py --mask-builds --configs "4096,8,64,float32"   # build cost
     python bench/bench_attention.py --decode        # one query over a KV cache, GQA, vs SDPA
+    python bench/bench_attention.py --model-decode  # a GQA Llama's decode steps, use_attention
 """
 from __future__ import annotations
 
@@ -234,6 +235,13 @@ def main(argv=None):
                             "16384,32,8,128,bfloat16;4096,32,8,128,float32;"
                             "4096,32,8,128,float16",
                     help="semicolon-separated S,Hq,Hkv,D,dtype list for --decode")
+    ap.add_argument("--model-decode", action="store_true",
+                    help="decode steps of a Llama-shaped HF model with use_attention variants "
+                         "against the original (SDPA)")
+    ap.add_argument("--model-contexts", default="2048,8192")
+    ap.add_argument("--model-steps", type=int, default=16)
+    ap.add_argument("--model-dtype", default="bfloat16")
+    ap.add_argument("--model-variants", default="causal;sliding_window:1024;topk:16")
     args = ap.parse_args(argv)
     shown_argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
@@ -252,6 +260,8 @@ def main(argv=None):
         return _mask_build_table(args, grid, shown_argv)
     if args.decode:
         return _decode_table(args, shown_argv)
+    if args.model_decode:
+        return _model_decode_table(args, shown_argv)
     lines = [
         "# Block-sparse attention, CPU",
         "",
@@ -297,6 +307,71 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             fh.write(text)
     return text
+
+
+def run_model_decode(ctx, steps, variants, dtype, layers=4, hidden=1024, heads=16, kv_heads=4):
+    """Decode steps of a Llama-shaped Hugging Face model (random weights) after a ``ctx``-token
+    prompt: the original model (SDPA) and copies with ``fastarch.use_attention(copy, variant)``,
+    each with its own KV cache, stepping in turns (one step each per round). Returns the median
+    step time (ms) per model and how many greedy tokens of each copy agree with the original's."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, vocab_size=1024,
+                      max_position_embeddings=ctx + steps + 16)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval().to(dtype)
+    models = {"original (sdpa)": base}
+    for v in variants:
+        m = copy.deepcopy(base)
+        fastarch.use_attention(m, v)
+        models[v] = m
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx))
+    state, times, tokens = {}, {n: [] for n in models}, {n: [] for n in models}
+    with torch.no_grad():
+        for name, m in models.items():
+            out = m(ids, use_cache=True)
+            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+        for _ in range(steps):
+            for name, m in models.items():
+                past, tok = state[name]
+                t0 = time.perf_counter()
+                out = m(tok, past_key_values=past, use_cache=True)
+                times[name].append(time.perf_counter() - t0)
+                nxt = out.logits[:, -1:].argmax(-1)
+                tokens[name].append(int(nxt))
+                state[name] = (out.past_key_values, nxt)
+    ref = tokens["original (sdpa)"]
+    return ({n: statistics.median(t) * 1e3 for n, t in times.items()},
+            {n: sum(a == b for a, b in zip(t, ref)) for n, t in tokens.items()})
+
+
+def _model_decode_table(args, shown_argv):
+    variants = [v for v in args.model_variants.split(";") if v]
+    dtype = getattr(torch, args.model_dtype)
+    lines = [
+        "",
+        (f"Decode steps of a Llama-shaped model (4 layers, hidden 1024, 16 query / 4 KV heads, "
+         f"D=64, random weights, {args.model_dtype}) after the prompt, median of "
+         f"{args.model_steps} steps taken in turns: {platform.processor() or platform.machine()}"
+         f", {args.threads} threads. Command: `python bench/bench_attention.py "
+         f"{' '.join(shown_argv)}`"),
+        "",
+        "| prompt | model | ms / step | vs original | greedy tokens as the original's |",
+        "|---|---|---|---|---|",
+    ]
+    for ctx in (int(c) for c in args.model_contexts.split(",")):
+        ms, agree = run_model_decode(ctx, args.model_steps, variants, dtype)
+        base = ms["original (sdpa)"]
+        for name, t in ms.items():
+            row = (f"| {ctx} | {name} | {t:.2f} | {base / t:.2f}x | {agree[name]} of "
+                   f"{args.model_steps} |")
+            print(row, flush=True)
+            lines.append(row)
+    return _write_table(args, lines)
 
 
 def _write_table(args, lines) -> str:

@@ -62,6 +62,7 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, groupe
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
     monkeypatch.setattr(module_mod, "_CPU_AMX", False)
     monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", grouped)
+    monkeypatch.setattr(module_mod, "GQA_DECODE_KERNEL_FROM", 64)  # (77 keys here)
     torch.manual_seed(0)
     q = torch.randn(2, 4, 1, d, dtype=dtype)
     k = torch.randn(2, hkv, 77, d, dtype=dtype)
@@ -77,7 +78,7 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, groupe
 
 
 @pytest.mark.parametrize("variant,dtype,lq,lk,dispatched", [
-    ("causal", torch.bfloat16, 1, 77, False),    # GQA decode: the kernel's grouped decode
+    ("causal", torch.bfloat16, 1, 77, True),     # GQA decode over a short cache: SDPA
     ("causal", torch.bfloat16, 100, 100, True),  # prefill, below the fp32 thresholds
     ("full", torch.bfloat16, 100, 130, True),
     ("causal", torch.bfloat16, 70, 130, False),  # bottom-right causal stays on the kernel
@@ -88,7 +89,8 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, groupe
     ("causal", torch.bfloat16, 511, 511, True),
     ("full", torch.bfloat16, 1023, 1023, True),  # shorter full attention stays on SDPA
     ("full", torch.bfloat16, 1024, 1024, False),  # and longer goes to the kernel
-    ("causal", torch.bfloat16, 1, 1500, False),  # GQA decode
+    ("causal", torch.bfloat16, 1, 1500, True),   # likewise
+    ("causal", torch.bfloat16, 1, 8192, False),  # over a long one: the kernel's grouped decode
 ])
 def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
     """On CPUs whose bf16 attention tiles run on AMX, SDPA's own AMX kernel is the faster dense
@@ -111,22 +113,24 @@ def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
                                rtol=tol)
 
 
-@pytest.mark.parametrize("hkv,grouped,dispatched", [
-    (4, True, True), (2, True, False), (1, True, False),
-    (2, False, True),  # a build without the grouped decode: GQA decode to SDPA too
+@pytest.mark.parametrize("hkv,grouped,lk,dispatched", [
+    (4, True, 300, True), (2, True, 300, False), (1, True, 300, False),
+    (2, False, 300, True),  # a build without the grouped decode: GQA decode to SDPA too
+    (2, True, 200, True),   # a cache below GQA_DECODE_KERNEL_FROM (250 here): SDPA
 ])
-def test_amx_mha_decode_dispatch(monkeypatch, hkv, grouped, dispatched):
+def test_amx_mha_decode_dispatch(monkeypatch, hkv, grouped, lk, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_AMX", True)
     monkeypatch.setattr(module_mod, "_CPU_GROUPED_DECODE", grouped)
+    monkeypatch.setattr(module_mod, "GQA_DECODE_KERNEL_FROM", 250)
     torch.manual_seed(0)
     q = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16)
-    k = torch.randn(1, hkv, 300, 64, dtype=torch.bfloat16)
-    v = torch.randn(1, hkv, 300, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, lk, 64, dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, lk, 64, dtype=torch.bfloat16)
     attn = BlockSparseAttention("causal", block_size=32)
     before = dict(module_mod.STATS)
     out = attn(q, k, v)
     assert (module_mod.STATS["sdpa"] - before["sdpa"] == 1) == dispatched
-    bm = create_block_mask(attn.mask, q_len=1, kv_len=300, q_offset=299, block_size=32)
+    bm = create_block_mask(attn.mask, q_len=1, kv_len=lk, q_offset=lk - 1, block_size=32)
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, bm), atol=2e-2, rtol=2e-2)
 
 

@@ -91,6 +91,13 @@ _CPU_AMX = native.cpu_attention_amx()  # likewise
 _CPU_GROUPED_DECODE = native.cpu_attention_grouped_decode()  # (an AVX-512 build)
 # the kernel's own conditions for the grouped decode (decode_grouped in the CPU kernel)
 GROUPED_DECODE_MAX_ROWS = 64
+# In a model, though, the kernel's lead over SDPA only shows from long caches: decode steps of a
+# Llama-shaped model (4 layers, hidden 1024, 16 / 4 heads, D=64, bf16, Xeon with AMX, 2 threads,
+# bench_attention.py --model-decode, original and copy stepping in turns) took 0.94x of the
+# original's speed at 1024 cached tokens, 0.95-0.97x at 2048, 0.98-0.99x at 4096 and 1.06-1.08x
+# at 8192, although the attention call alone is 1.6-2x faster than SDPA's from 2048 keys with
+# its inputs cached. So GQA decode takes the kernel from this many keys, SDPA below.
+GQA_DECODE_KERNEL_FROM = 8192
 
 
 class BlockSparseAttention(nn.Module):
@@ -155,7 +162,8 @@ class BlockSparseAttention(nn.Module):
                  and spec.window_left < 0 and spec.window_right in (-1, 0))
         amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
         gqa_on_kernel = (q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE and d % 16 == 0
-                         and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS)
+                         and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS
+                         and lk >= GQA_DECODE_KERNEL_FROM)
         if plain and lq == 1 and q.device.type == "cpu" and not gqa_on_kernel and (amx or (
                 q.dtype == torch.float32 and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
             return False  # the last query sees every key: causal == full
