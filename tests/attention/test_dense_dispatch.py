@@ -57,6 +57,8 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds, monkeypatch
     ("causal", torch.bfloat16, "AVX512", 4, 64, True, False),  # bf16 decode: the kernel was faster
     ("causal", torch.float32, "AVX2", 4, 64, True, False),     # parity measured there
     ("sliding_window:32", torch.float32, "AVX512", 4, 64, True, False),
+    ("sliding_window:77", torch.float32, "AVX512", 4, 64, True, True),  # covers the 77 keys
+    ("sliding_window:76", torch.float32, "AVX512", 4, 64, True, False),  # one key short
 ])
 def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, grouped, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)

@@ -157,9 +157,12 @@ class BlockSparseAttention(nn.Module):
         (see SDPA_DENSE_*), else None (the kernel)."""
         spec = self.mask
         lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
+        # a left window at least as long as the cache is no limit (queries end at the last key:
+        # q_offset = lk - lq), e.g. sliding_window:1024 over the first 1024 tokens
+        no_left_limit = spec.window_left < 0 or spec.window_left >= lk - 1
         plain = (attn_mask is None and not self.softcap and self.alibi_slopes is None
                  and spec.mask_mod is None and spec.doc_ids is None and not spec.prefix_len
-                 and spec.window_left < 0 and spec.window_right in (-1, 0))
+                 and no_left_limit and spec.window_right in (-1, 0))
         amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
         gqa_on_kernel = (q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE and d % 16 == 0
                          and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS
