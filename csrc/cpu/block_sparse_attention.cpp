@@ -21,8 +21,8 @@
 // Decode (few query rows, few (b, h) items) splits the key tiles of an item over threads and merges
 // the partial (m, l, acc) afterwards (flash-decoding). With AVX-512, a call of one query tile of up
 // to 16 rows whose block mask the heads of each GQA group share runs as (batch, kv head) units
-// instead, the group's query heads stacked as rows (decode_grouped_forward). The backward recomputes P tile by
-// tile from the saved lse (see the comment above backward_item).
+// instead, the group's query heads stacked as rows (decode_grouped_forward). The backward
+// recomputes P tile by tile from the saved lse (see the comment above backward_item).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -1568,6 +1568,36 @@ void pair_kv_tile(const Params& p, const uint16_t* ks, const uint16_t* vs, int64
 }
 #endif
 
+// One output row from its unnormalised accumulator acc (D), row reference m and row sum l:
+// out = acc / l and lse = m + log l (zeros and -inf for a row that saw nothing)
+template <typename T>
+inline void finish_row(const float* acc, float m, float l, int64_t D, T* out, float* lse) {
+  store_row<T>(acc, out, D, !(l <= 0.f) ? 1.f / l : 0.f);
+  *lse = !(l <= 0.f) ? m + std::log(l) : kNegInf;
+}
+
+// One output row from the partial results of its key splits (flash-decoding's merge): split s
+// holds the row max m[s * rs], the row sum l[s * rs] relative to it and the accumulator
+// acc[s * rs * D ..] (rs: rows from one split's results to the next); tmp holds D floats.
+template <typename T>
+inline void merge_split_row(int64_t nsplit, int64_t D, int64_t rs, const float* m,
+                            const float* l, const float* acc, float* tmp, T* out, float* lse) {
+  float mx = kNegInf;
+  for (int64_t s = 0; s < nsplit; ++s) mx = std::max(mx, m[s * rs]);
+  const float mref = mx == kNegInf ? 0.f : mx;
+  float sum = 0.f;
+  std::fill(tmp, tmp + D, 0.f);
+  for (int64_t s = 0; s < nsplit; ++s) {
+    const float ls = l[s * rs];
+    const float a = !(ls <= 0.f) ? std::exp(m[s * rs] - mref) : 0.f;
+    if (a == 0.f) continue;
+    sum += a * ls;
+    const float* src = acc + s * rs * D;
+    for (int64_t d = 0; d < D; ++d) tmp[d] += a * src[d];
+  }
+  finish_row<T>(tmp, mx, sum, D, out, lse);
+}
+
 #if defined(__AVX512F__)
 // ---- grouped decode ----------------------------------------------------------------------------
 // A call of one query tile (Lq <= block, decode over a KV cache) whose block mask is shared by the
@@ -1880,9 +1910,7 @@ void decode_grouped_forward(const Params& p, int64_t max_tiles, const T* q, cons
       if (nsplit > 1) continue;
       for (int64_t r = 0; r < M; ++r) {
         const int64_t o = out_row(unit, r);
-        const float l = lr[r];
-        store_row<T>(acc + r * D, out + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
-        lse[o] = !(l <= 0.f) ? mr[r] + std::log(l) : kNegInf;
+        finish_row<T>(acc + r * D, mr[r], lr[r], D, out + o * D, lse + o);
       }
     }
   });
@@ -1890,24 +1918,11 @@ void decode_grouped_forward(const Params& p, int64_t max_tiles, const T* q, cons
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> tmp(static_cast<size_t>(D));
     for (int64_t unit = u0; unit < u1; ++unit) {
+      const int64_t w0 = unit * nsplit;  // the unit's first split
       for (int64_t r = 0; r < M; ++r) {
-        float mx = kNegInf;
-        for (int64_t s = 0; s < nsplit; ++s) mx = std::max(mx, pm[size_t((unit * nsplit + s) * M + r)]);
-        const float mref = mx == kNegInf ? 0.f : mx;
-        float l = 0.f;
-        std::fill(tmp.begin(), tmp.end(), 0.f);
-        for (int64_t s = 0; s < nsplit; ++s) {
-          const int64_t w = unit * nsplit + s;
-          const float lw = pl[size_t(w * M + r)];
-          const float a = !(lw <= 0.f) ? std::exp(pm[size_t(w * M + r)] - mref) : 0.f;
-          if (a == 0.f) continue;
-          l += a * lw;
-          const float* src = pacc.data() + (w * M + r) * D;
-          for (int64_t d = 0; d < D; ++d) tmp[size_t(d)] += a * src[d];
-        }
         const int64_t o = out_row(unit, r);
-        store_row<T>(tmp.data(), out + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
-        lse[o] = !(l <= 0.f) ? mx + std::log(l) : kNegInf;
+        merge_split_row<T>(nsplit, D, M, pm.data() + w0 * M + r, pl.data() + w0 * M + r,
+                           pacc.data() + (w0 * M + r) * D, tmp.data(), out + o * D, lse + o);
       }
     }
   });
@@ -2225,24 +2240,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cpu(
         for (int64_t item = i0; item < i1; ++item) {
           const int64_t qt = item % Qt, h = (item / Qt) % Hq, b = item / (Qt * Hq);
           const int64_t r0 = qt * bs, m = std::min(bs, Lq - r0);
+          const int64_t w0 = item * nsplit;  // the item's first split
           for (int64_t i = 0; i < m; ++i) {
-            float mx = kNegInf;
-            for (int64_t s = 0; s < nsplit; ++s)
-              mx = std::max(mx, pm[(item * nsplit + s) * bs + i]);
-            const float mref = mx == kNegInf ? 0.f : mx;
-            float l = 0.f;
-            std::fill(tmp.begin(), tmp.end(), 0.f);
-            for (int64_t s = 0; s < nsplit; ++s) {
-              const int64_t w = item * nsplit + s;
-              const float a = !(pl[w * bs + i] <= 0.f) ? std::exp(pm[w * bs + i] - mref) : 0.f;
-              if (a == 0.f) continue;
-              l += a * pl[w * bs + i];
-              const float* src = pacc.data() + (w * bs + i) * D;
-              for (int64_t d = 0; d < D; ++d) tmp[d] += a * src[d];
-            }
             const int64_t o = ((b * Hq + h) * Lq + r0 + i);
-            store_row<scalar_t>(tmp.data(), op + o * D, D, !(l <= 0.f) ? 1.f / l : 0.f);
-            lp[o] = !(l <= 0.f) ? mx + std::log(l) : kNegInf;
+            merge_split_row<scalar_t>(nsplit, D, bs, pm.data() + w0 * bs + i,
+                                      pl.data() + w0 * bs + i, pacc.data() + (w0 * bs + i) * D,
+                                      tmp.data(), op + o * D, lp + o);
           }
         }
       });

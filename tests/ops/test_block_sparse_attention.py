@@ -156,6 +156,8 @@ GROUPED_DECODE = {
     "fp16-gqa4-window-split": (torch.float16, 1, 4, 1, 2, 4000, 128, 16, "window", ""),
     "bf16-gqa8-lq9-fallback": (torch.bfloat16, 1, 8, 1, 9, 500, 64, 64, "causal", "alibi"),
     "fp16-D72-fallback": (torch.float16, 1, 4, 2, 1, 300, 72, 32, "causal", ""),
+    # the per-head decode's own key splits (one item over 63 tiles)
+    "fp32-D72-split-fallback": (torch.float32, 1, 1, 1, 1, 2000, 72, 32, "causal", "alibi"),
     "bf16-mha-lq20-fallback": (torch.bfloat16, 1, 2, 2, 20, 300, 64, 32, "window", "alibi"),
     "bf16-lk-tail-1": (torch.bfloat16, 1, 4, 1, 1, 65, 64, 64, "causal", ""),
 }
