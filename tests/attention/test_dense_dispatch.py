@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastarch.attention import BlockSparseAttention, create_block_mask
+from fastarch.attention import masks as M
 from fastarch.attention import module as module_mod
 from fastarch.ops.block_sparse_attention import block_sparse_attention
 
@@ -56,9 +57,21 @@ def test_no_dispatch_below_thresholds_or_with_mods(small_thresholds, monkeypatch
     ("causal", torch.float32, "AVX512", 2, 72, True, True),   # a D it does not take: SDPA
     ("causal", torch.bfloat16, "AVX512", 4, 64, True, False),  # bf16 decode: the kernel was faster
     ("causal", torch.float32, "AVX2", 4, 64, True, False),     # parity measured there
-    ("sliding_window:32", torch.float32, "AVX512", 4, 64, True, False),
+    # one query's window is the cache's last keys: SDPA over that slice
+    ("sliding_window:32", torch.float32, "AVX512", 4, 64, True, True),
     ("sliding_window:77", torch.float32, "AVX512", 4, 64, True, True),  # covers the 77 keys
-    ("sliding_window:76", torch.float32, "AVX512", 4, 64, True, False),  # one key short
+    ("sliding_window:76", torch.float32, "AVX512", 4, 64, True, True),  # one key short
+    ("local:5", torch.float32, "AVX512", 4, 64, True, True),  # nothing right of the last key
+    ("sliding_window:32", torch.float32, "AVX512", 2, 64, True, True),  # GQA over 32 keys
+    ("sliding_window:70", torch.float32, "AVX512", 2, 64, True, False),  # 70: the kernel's
+    ("sliding_window:32", torch.float32, "AVX2", 4, 64, True, False),
+    ("prefix_lm:8", torch.float32, "AVX512", 4, 64, True, True),  # a prefix before the query
+    # a window and a prefix apart: two runs of keys, the kernel; or the window reaching it
+    (M.MaskSpec("w40p8", window_left=40, window_right=0, prefix_len=8), torch.float32, "AVX512",
+     4, 64, True, False),
+    (M.MaskSpec("w70p8", window_left=70, window_right=0, prefix_len=8), torch.float32, "AVX512",
+     4, 64, True, True),
+    ("strided:8", torch.float32, "AVX512", 4, 64, True, False),  # a predicate: the kernel
 ])
 def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, grouped, dispatched):
     monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", capability)
@@ -93,6 +106,9 @@ def test_decode_dispatch(monkeypatch, variant, dtype, capability, hkv, d, groupe
     ("full", torch.bfloat16, 1024, 1024, False),  # and longer goes to the kernel
     ("causal", torch.bfloat16, 1, 1500, True),   # likewise
     ("causal", torch.bfloat16, 1, 8192, False),  # over a long one: the kernel's grouped decode
+    ("sliding_window:1024", torch.bfloat16, 1, 1500, True),  # SDPA over the window's keys
+    ("sliding_window:1024", torch.bfloat16, 1, 9000, True),
+    ("sliding_window:8192", torch.bfloat16, 1, 9000, False),  # a window as long: the kernel
 ])
 def test_amx_dispatch(monkeypatch, variant, dtype, lq, lk, dispatched):
     """On CPUs whose bf16 attention tiles run on AMX, SDPA's own AMX kernel is the faster dense

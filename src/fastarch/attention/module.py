@@ -8,7 +8,7 @@ from torch import nn
 from fastarch import native
 from fastarch.attention import masks as M
 from fastarch.attention.block_mask import DEFAULT_BLOCK_SIZE, create_block_mask
-from fastarch.ops.block_sparse_attention import block_sparse_attention
+from fastarch.ops.block_sparse_attention import _attention
 
 # One object per named variant, so that the block-mask cache hits across layers and calls.
 _NAMED = {"causal": M.causal(), "full": M.full()}
@@ -152,45 +152,64 @@ class BlockSparseAttention(nn.Module):
                                  block_size=self.block_size, q_offset=lk - lq, device=q.device,
                                  cache=False)
 
-    def _dense_is_causal(self, q, k, attn_mask) -> bool | None:
-        """True / False when this call is plain causal / full attention that SDPA runs faster
-        (see SDPA_DENSE_*), else None (the kernel)."""
+    def _sdpa_route(self, q, k, attn_mask) -> tuple[bool, int] | None:
+        """``(is_causal, first_key)`` when this call is plain causal / full attention over the
+        keys from ``first_key`` on that SDPA runs faster (see SDPA_* above), else None (the
+        kernel). One query with a left window sees one contiguous run of keys, the last
+        ``window_left + 1``: SDPA over that slice of the cache is the same attention."""
         spec = self.mask
         lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
+        cpu = q.device.type == "cpu"
+        mods = attn_mask is not None or self.softcap or self.alibi_slopes is not None
+        # the descriptor alone (no predicate or documents): a window and a prefix
+        windowed = spec.mask_mod is None and spec.doc_ids is None
+        if lq == 1 and lk >= 1 and cpu and not mods and windowed:
+            # queries end at the last key (q_offset = lk - lq): the last query sees keys
+            # [lk - 1 - window_left, lk - 1], nothing to its right, and the prefix [0, prefix_len)
+            first = 0 if spec.window_left < 0 else max(0, lk - 1 - spec.window_left)
+            if first <= spec.prefix_len:
+                first = 0
+            elif spec.prefix_len:
+                return None  # two runs of keys
+            n = lk - first
+            amx = q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
+            gqa_on_kernel = (q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE and d % 16 == 0
+                             and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS
+                             and n >= GQA_DECODE_KERNEL_FROM)
+            if not gqa_on_kernel and (amx or (q.dtype == torch.float32
+                                              and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
+                return False, first
+            return None
         # a left window at least as long as the cache is no limit (queries end at the last key:
         # q_offset = lk - lq), e.g. sliding_window:1024 over the first 1024 tokens
         no_left_limit = spec.window_left < 0 or spec.window_left >= lk - 1
-        plain = (attn_mask is None and not self.softcap and self.alibi_slopes is None
-                 and spec.mask_mod is None and spec.doc_ids is None and not spec.prefix_len
-                 and no_left_limit and spec.window_right in (-1, 0))
-        amx = q.device.type == "cpu" and q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
-        gqa_on_kernel = (q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE and d % 16 == 0
-                         and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS
-                         and lk >= GQA_DECODE_KERNEL_FROM)
-        if plain and lq == 1 and q.device.type == "cpu" and not gqa_on_kernel and (amx or (
-                q.dtype == torch.float32 and _CPU_CAPABILITY in SDPA_DECODE_CAPABILITIES)):
-            return False  # the last query sees every key: causal == full
-        if (attn_mask is not None or self.softcap or self.alibi_slopes is not None
-                or q.device.type != "cpu" or not plain):
+        plain = (windowed and not spec.prefix_len and no_left_limit
+                 and spec.window_right in (-1, 0))
+        if mods or not cpu or not plain:
             return None
+        amx = q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
         if not amx and (q.dtype not in SDPA_DENSE_DTYPES or d < SDPA_DENSE_MIN_HEAD_DIM
                         or lq < SDPA_DENSE_MIN_LEN):
             return None
         if spec.window_right == 0:
             if amx and lq >= SDPA_AMX_CAUSAL_KERNEL_FROM:
                 return None  # the kernel is ahead there (see SDPA_AMX_CAUSAL_KERNEL_FROM)
-            return True if lq == lk else None  # SDPA's causal is aligned top-left
+            return (True, 0) if lq == lk else None  # SDPA's causal is aligned top-left
         if amx and lq >= SDPA_AMX_FULL_KERNEL_FROM:
             return None  # likewise (SDPA_AMX_FULL_KERNEL_FROM)
-        return False
+        return False, 0
 
     def forward(self, q, k, v, *, scale: float | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        is_causal = self._dense_is_causal(q, k, attn_mask)
+        route = self._sdpa_route(q, k, attn_mask)
         counting = not torch.compiler.is_compiling()  # (a traced counter would be a guard)
-        if is_causal is not None:
+        if route is not None:
             if counting:
                 STATS["sdpa"] += 1
+            is_causal, first = route
+            if first:
+                k = k.narrow(2, first, k.shape[2] - first)
+                v = v.narrow(2, first, v.shape[2] - first)
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
         if counting:
@@ -199,8 +218,7 @@ class BlockSparseAttention(nn.Module):
         slopes = self.alibi_slopes
         if slopes is not None:
             slopes = slopes.to(q.device)
-        return block_sparse_attention(q, k, v, bm, scale=scale, softcap=self.softcap,
-                                      alibi_slopes=slopes)
+        return _attention(q, k, v, bm, scale, self.softcap, slopes, None, False, own_mask=True)
 
     def extra_repr(self) -> str:
         return f"mask={self.mask.name}, block_size={self.block_size}"
