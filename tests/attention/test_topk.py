@@ -27,7 +27,7 @@ def test_summary_incremental_equals_batch():
     k = torch.randn(2, 2, 150, 64)
     whole = KeyBlockSummary.of(k, 32)
     grown = KeyBlockSummary(32)
-    for a, b in ((0, 7), (7, 40), (40, 41), (41, 150)):
+    for a, b in ((0, 7), (7, 40), (40, 41), (41, 45), (45, 64), (64, 65), (65, 150)):
         grown.update(k[:, :, a:b])
     assert grown.length == 150
     torch.testing.assert_close(grown.kmin, whole.kmin)
@@ -133,3 +133,70 @@ def test_topk_bad_input():
         topk_block_mask(q[:, :2], k, topk=0, block_size=16)
     with pytest.raises(ValueError, match="give k or summary"):
         topk_block_mask(q, topk=2)
+
+
+@pytest.mark.parametrize("lk,topk,sinks,is_causal,group,batch", [
+    (1, 4, 1, True, 1, 1),      # one key, one block
+    (200, 3, 1, True, 4, 2),    # 7 blocks, 3 kept
+    (200, 7, 1, True, 2, 1),    # every block: no scores
+    (257, 2, 0, True, 8, 1),    # no sinks: the last block and the best other
+    (257, 2, 3, True, 1, 2),    # more forced blocks than kept ones
+    (190, 3, 1, False, 4, 1),   # not causal: the last block is not forced
+    (96, 5, 1, True, 4, 1),     # a last block of 32 keys
+])
+def test_decode_mask_equals_the_general_one(lk, topk, sinks, is_causal, group, batch):
+    """One query at the last key takes _decode_topk_mask; its tiles and element mask are those
+    of the general construction (_topk_mask), and attention over it matches the reference."""
+    from fastarch.attention import topk as T
+
+    torch.manual_seed(lk + topk)
+    hkv, d = 2, 64
+    q = torch.randn(batch, hkv * group, 1, d)
+    k = torch.randn(batch, hkv, lk, d)
+    v = torch.randn(batch, hkv, lk, d)
+    summ = KeyBlockSummary.of(k, 32)
+    fast = topk_block_mask(q, topk=topk, block_size=32, causal=is_causal, sink_blocks=sinks,
+                           summary=summ)
+    general = T._topk_mask(q, summ, topk, is_causal, sinks, lk - 1)
+    args = (1, lk)
+    dense_fast = dense_mask(*args, *fast.op_args(), 32, fast.q_offset, fast.window_left,
+                            fast.window_right, fast.prefix_len)
+    dense_general = dense_mask(*args, *general.op_args(), 32, general.q_offset,
+                               general.window_left, general.window_right, general.prefix_len)
+    assert torch.equal(dense_fast.expand_as(dense_general), dense_general)
+    kept = min(topk, -(-lk // 32))
+    assert int(fast.full_kv_num_blocks.min()) == kept == int(fast.full_kv_num_blocks.max())
+    out = block_sparse_attention(q, k, v, fast)
+    ref, _ = block_sparse_attention_reference(q, k, v, *general.op_args(), None, None, 32,
+                                              lk - 1, general.window_left,
+                                              general.window_right, general.prefix_len,
+                                              d ** -0.5, 0.0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("is_causal,lq", [(True, 1), (True, 40), (False, 1), (False, 40)])
+def test_topk_attention_keeping_every_block_is_plain(is_causal, lq):
+    """Where the cache has at most topk blocks, TopKAttention runs plain causal / full attention
+    (no summary); past that it selects, building the summary once and extending it."""
+    from fastarch.attention import TopKAttention
+
+    torch.manual_seed(2)
+    attn = TopKAttention(4, block_size=32, causal=is_causal)
+    k = torch.randn(1, 2, 200, 64)
+    v = torch.randn(1, 2, 200, 64)
+
+    class Layer:
+        pass
+
+    state = Layer()
+    for lk in (128, 129, 130):  # 4 blocks, then 5 (a selection), then 5 again
+        q = torch.randn(1, 4, min(lq, lk), 64)
+        out = attn(q, k[:, :, :lk], v[:, :, :lk], state=state)
+        bm = topk_block_mask(q, k[:, :, :lk], topk=4, block_size=32, causal=is_causal)
+        want = block_sparse_attention(q, k[:, :, :lk], v[:, :, :lk], bm)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    assert attn.stats["all_blocks"] == 1
+    # one query a step extends the summary; 40 new queries over a cache 1 longer do not match
+    # a grown cache, so the summary is rebuilt
+    assert attn.stats["summary_built"] == (1 if lq == 1 else 2)
+    assert attn.stats["summary_extended"] == (1 if lq == 1 else 0)

@@ -19,15 +19,27 @@ from fastarch.ops.block_sparse_attention import BlockMask
 
 
 class KeyBlockSummary:
-    """Per-block channel min / max of the keys ``(B, Hkv, Kt, D)``, extended as keys arrive."""
+    """Per-block channel min / max of the keys ``(B, Hkv, Kt, D)``, extended as keys arrive.
+
+    Both live in one fp32 tensor, ``bounds`` ``(B, Hkv, Kt, 2 D)`` = ``[kmax | kmin]`` (so that a
+    query's bound for every block is one matrix product), with infinite keys taken as the
+    largest finite float: a zero query part times such a bound adds 0, not NaN. NaN stays NaN.
+    """
 
     def __init__(self, block_size: int = 64):
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         self.block_size = block_size
-        self.kmin: torch.Tensor | None = None
-        self.kmax: torch.Tensor | None = None
+        self.bounds: torch.Tensor | None = None
         self.length = 0
+
+    @property
+    def kmax(self) -> torch.Tensor | None:
+        return None if self.bounds is None else self.bounds[..., :self.bounds.shape[-1] // 2]
+
+    @property
+    def kmin(self) -> torch.Tensor | None:
+        return None if self.bounds is None else self.bounds[..., self.bounds.shape[-1] // 2:]
 
     @classmethod
     def of(cls, k: torch.Tensor, block_size: int = 64) -> KeyBlockSummary:
@@ -40,30 +52,38 @@ class KeyBlockSummary:
         if k_new.dim() != 4:
             raise ValueError(f"k_new must be (B, Hkv, n, D), got shape {tuple(k_new.shape)}")
         bs = self.block_size
-        kf = k_new.detach().float()
-        b, h, n, d = kf.shape
+        b, h, n, d = k_new.shape
         if n == 0:
             return self
+        big = torch.finfo(torch.float32).max
+        kf = k_new.detach().float().clamp(-big, big)
         start = self.length
-        first_blk = start // bs
+        lead = start % bs  # keys already in the block the new ones start in
+        if self.bounds is not None and 0 < lead and lead + n <= bs:
+            # all new keys fall in the last stored block (a decode step, 63 in 64 with bs=64):
+            # update its bounds in place instead of re-concatenating the whole summary
+            last = self.bounds[:, :, -1:]
+            last[..., :d] = torch.maximum(last[..., :d], kf.amax(2, keepdim=True))
+            last[..., d:] = torch.minimum(last[..., d:], kf.amin(2, keepdim=True))
+            self.length += n
+            return self
         # Pad the new keys so that they line up with block boundaries; the padding repeats a
         # real key, which does not change a min or a max.
-        lead = start - first_blk * bs
         total = lead + n
         nblk = -(-total // bs)
         pad_front = kf[:, :, :1].expand(b, h, lead, d)
         pad_back = kf[:, :, -1:].expand(b, h, nblk * bs - total, d)
         blocks = torch.cat([pad_front, kf, pad_back], dim=2).view(b, h, nblk, bs, d)
-        new_min, new_max = blocks.amin(3), blocks.amax(3)
-        if self.kmin is None:
-            self.kmin, self.kmax = new_min, new_max
+        new = torch.cat([blocks.amax(3), blocks.amin(3)], dim=-1)  # (b, h, nblk, 2 d)
+        if self.bounds is None:
+            self.bounds = new
         else:
+            old = self.bounds
             if lead > 0:  # the first new block continues the last stored one
-                new_min[:, :, 0] = torch.minimum(new_min[:, :, 0], self.kmin[:, :, -1])
-                new_max[:, :, 0] = torch.maximum(new_max[:, :, 0], self.kmax[:, :, -1])
-                self.kmin, self.kmax = self.kmin[:, :, :-1], self.kmax[:, :, :-1]
-            self.kmin = torch.cat([self.kmin, new_min], dim=2)
-            self.kmax = torch.cat([self.kmax, new_max], dim=2)
+                new[:, :, 0, :d] = torch.maximum(new[:, :, 0, :d], old[:, :, -1, :d])
+                new[:, :, 0, d:] = torch.minimum(new[:, :, 0, d:], old[:, :, -1, d:])
+                old = old[:, :, :-1]
+            self.bounds = torch.cat([old, new], dim=2)
         self.length += n
         return self
 
@@ -79,23 +99,23 @@ def block_scores(q: torch.Tensor, summary: KeyBlockSummary) -> torch.Tensor:
     if lq == 0:
         return q.new_zeros(b, hkv, 0, kt, dtype=torch.float32)
     qf = q.detach().float()
-    whole = lq // bs  # tiles of bs queries; a last partial tile is averaged over its own rows
-    parts = [qf[:, :, :whole * bs].reshape(b, hq, whole, bs, d).mean(3)] if whole else []
-    if whole < qt:
-        parts.append(qf[:, :, whole * bs:].mean(2, keepdim=True))
-    qmean = (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).view(b, hkv, hq // hkv, qt, d)
+    if lq == 1:  # (decode: the one query is its tile's mean)
+        qmean = qf.view(b, hkv, hq // hkv, 1, d)
+    else:
+        whole = lq // bs  # tiles of bs queries; a last partial tile is averaged over its own rows
+        parts = [qf[:, :, :whole * bs].reshape(b, hq, whole, bs, d).mean(3)] if whole else []
+        if whole < qt:
+            parts.append(qf[:, :, whole * bs:].mean(2, keepdim=True))
+        qmean = (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).view(
+            b, hkv, hq // hkv, qt, d)
     # sum_g sum_d max(q_gd kmin_d, q_gd kmax_d), with kmin <= kmax: kmax where q_gd > 0, kmin
-    # where q_gd < 0, so two products with the group's summed positive and negative parts
-    # instead of a (G, Qt, Kt, D) temporary (a decode step over 16384 keys, H=32/8, D=128:
-    # ~4 ms for the mask, 15x the attention call it serves). An infinite kmin / kmax is taken
-    # as the largest finite float, so that a zero part times it adds 0, not NaN (max() kept the
-    # other, finite, product); NaN stays NaN.
-    pos = qmean.clamp(min=0).sum(2)  # (B, Hkv, Qt, D)
-    neg = qmean.clamp(max=0).sum(2)
-    big = torch.finfo(torch.float32).max
-    kmax = summary.kmax.clamp(-big, big).transpose(-1, -2)
-    kmin = summary.kmin.clamp(-big, big).transpose(-1, -2)
-    return pos @ kmax + neg @ kmin
+    # where q_gd < 0, so one product of the group's summed positive and negative parts with
+    # [kmax | kmin] instead of a (G, Qt, Kt, D) temporary (a decode step over 16384 keys,
+    # H=32/8, D=128: ~4 ms for the mask, 15x the attention call it serves). The summary holds
+    # infinities as the largest finite float, so that a zero part times one adds 0, not NaN
+    # (max() kept the other, finite, product).
+    parts = torch.cat([qmean.clamp(min=0), qmean.clamp(max=0)], dim=-1).sum(2)  # (B,Hkv,Qt,2D)
+    return parts @ summary.bounds.transpose(-1, -2)
 
 
 def topk_block_mask(q: torch.Tensor, k: torch.Tensor | None = None, *, topk: int,
@@ -132,6 +152,50 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor | None = None, *, topk: int
         raise ValueError(f"the heads of q ({hq}) must be a multiple of the key heads ({hkv})")
     q_offset = lk - lq if q_offset is None else q_offset
     bs = block_size
+    if lq == 1 and q_offset == lk - 1 and lk > 0:
+        return _decode_topk_mask(q, summary, topk, causal, sink_blocks)
+    return _topk_mask(q, summary, topk, causal, sink_blocks, q_offset)
+
+
+def _decode_topk_mask(q, summary: KeyBlockSummary, topk: int, causal: bool,
+                      sink_blocks: int) -> BlockMask:
+    """topk_block_mask of one query at the last key (a decode step), with a few tensor ops
+    instead of _topk_mask's ~40. Every block it keeps is wholly visible to the query, so the
+    mask has full tiles only: the ``topk`` best, counting the sink blocks and (causal) the last
+    one, in ascending order."""
+    b, hq = q.shape[:2]
+    bs, lk = summary.block_size, summary.length
+    hkv = summary.kmin.shape[1]
+    kt = -(-lk // bs)
+    kk = min(topk, kt)
+    dev = q.device
+    if kk == kt:  # every block: no scores needed, one list for all heads
+        fidx = torch.arange(kt, dtype=torch.int32, device=dev).view(1, 1, 1, kt)
+        bm_b = bm_h = 1
+    else:
+        ranked = block_scores(q, summary)  # (B, Hkv, 1, Kt), a fresh tensor
+        big = torch.finfo(torch.float32).max
+        if sink_blocks > 0:
+            ranked[..., :sink_blocks] = big
+        if causal:
+            ranked[..., kt - 1] = big  # the query's own block
+        top = torch.topk(ranked, kk, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+        g = hq // hkv  # (B, Hq, 1, kk): each kv head's list for each query head of its group
+        fidx = top.unsqueeze(2).expand(b, hkv, g, 1, kk).reshape(b, hq, 1, kk)
+        bm_b, bm_h = b, hq
+    fnum = torch.full((bm_b, bm_h, 1), kk, dtype=torch.int32, device=dev)
+    num = torch.zeros((bm_b, bm_h, 1), dtype=torch.int32, device=dev)
+    idx = torch.zeros((bm_b, bm_h, 1, 1), dtype=torch.int32, device=dev)
+    return BlockMask(num, idx, fnum, fidx, bs, 1, lk, q_offset=lk - 1,
+                     window_right=0 if causal else -1)
+
+
+def _topk_mask(q, summary: KeyBlockSummary, topk: int, causal: bool, sink_blocks: int,
+               q_offset: int) -> BlockMask:
+    """topk_block_mask for any queries (see there)."""
+    _, hq, lq, _ = q.shape
+    bs, lk = summary.block_size, summary.length
+    hkv = summary.kmin.shape[1]
     qt, kt = -(-lq // bs), -(-lk // bs)
     dev = q.device
     scores = block_scores(q, summary)  # (B, Hkv, Qt, Kt)
@@ -195,7 +259,8 @@ class TopKAttention(torch.nn.Module):
         self.sink_blocks = sink_blocks
         self.causal = causal
         self.softcap = softcap
-        self.stats = {"summary_built": 0, "summary_extended": 0}
+        self.stats = {"summary_built": 0, "summary_extended": 0, "all_blocks": 0}
+        self._plain: dict = {}  # causal -> the BlockSparseAttention of calls that keep every block
 
     @property
     def name(self) -> str:
@@ -248,11 +313,28 @@ class TopKAttention(torch.nn.Module):
     def forward(self, q, k, v, *, scale: float | None = None,
                 attn_mask: torch.Tensor | None = None, causal: bool | None = None,
                 softcap: float | None = None, state=None) -> torch.Tensor:
-        from fastarch.ops.block_sparse_attention import block_sparse_attention
+        from fastarch.ops.block_sparse_attention import _attention
 
-        bm = self.block_mask(q, k, attn_mask, causal=causal, state=state)
         cap = self.softcap if softcap is None else softcap
-        return block_sparse_attention(q, k, v, bm, scale=scale, softcap=cap or 0.0)
+        causal = self.causal if causal is None else causal
+        if -(-k.shape[2] // self.block_size) <= self.topk and k.shape[2] > 0:
+            # The selection keeps every block the queries may see: plain causal / full
+            # attention, which takes BlockSparseAttention's routing (SDPA where it is faster).
+            # No summary is kept; a later call over a longer cache builds it once.
+            if causal not in self._plain:
+                from fastarch.attention.module import BlockSparseAttention
+
+                self._plain[causal] = BlockSparseAttention("causal" if causal else "full",
+                                                           block_size=self.block_size)
+            plain = self._plain[causal]
+            if cap:
+                plain = type(plain)(plain.mask, block_size=self.block_size, softcap=cap)
+            if not torch.compiler.is_compiling():
+                self.stats["all_blocks"] += 1
+            return plain(q, k, v, scale=scale, attn_mask=attn_mask)
+        bm = self.block_mask(q, k, attn_mask, causal=causal, state=state)
+        # (the mask was built here for these q, k: its shapes need no second check)
+        return _attention(q, k, v, bm, scale, cap or 0.0, None, None, False, own_mask=True)
 
     def extra_repr(self) -> str:
         return f"topk={self.topk}, block_size={self.block_size}, causal={self.causal}"
