@@ -185,3 +185,40 @@ def test_cheap_paths_are_exact(q_len, kv_len, q_offset):
         else:
             assert bm.tile_masks is None
         assert torch.equal(represented(bm), expected(spec, q_len, kv_len, q_offset))
+
+
+def test_one_query_tile_lists_equal_the_general_classification():
+    """A single query tile without documents takes _one_tile_lists (intervals on ints); its
+    partial and full tiles are those of _classify_descriptor, over a grid of awkward cases."""
+    import itertools
+
+    from fastarch.attention import block_mask as BMod
+    from fastarch.attention import masks as M
+
+    specs = [M.causal(), M.full(), M.prefix_lm(5), M.prefix_lm(40)]
+    specs += [M.MaskSpec("w", window_left=wl, window_right=wr, prefix_len=p)
+              for wl, wr, p in itertools.product((-1, 0, 3, 16, 33), (-1, 0, 2, 20), (0, 7, 16))]
+    checked = 0
+    for spec, bs, lk in itertools.product(specs, (8, 16), (1, 7, 8, 9, 40, 57)):
+        for lq in {1, 2, bs // 2, bs}:
+            for q_offset in {lk - lq, 0, 3, lk + 2, -5}:
+                full, partial = BMod._classify_descriptor(spec, lq, lk, bs, q_offset, None,
+                                                          None, "cpu")
+                want_p = set(partial[0, 0, 0].nonzero().flatten().tolist())
+                want_f = set(full[0, 0, 0].nonzero().flatten().tolist())
+                p_iv, f_iv = BMod._one_tile_lists(spec, lq, lk, bs, q_offset)
+                got_p = [t for a, b in p_iv for t in range(a, b)]
+                got_f = [t for a, b in f_iv for t in range(a, b)]
+                assert got_p == sorted(want_p) and got_f == sorted(want_f), (
+                    spec, bs, lk, lq, q_offset)
+                checked += 1
+    assert checked > 2000
+    # and the block mask built from them means the same mask as the tensor path's
+    for spec in specs[:8]:
+        bm = create_block_mask(spec, q_len=1, kv_len=57, block_size=16, q_offset=56,
+                               cache=False)
+        assert bm.kv_indices.dtype == torch.int32 and bm.kv_indices.dim() == 4
+        full, partial = BMod._classify_descriptor(spec, 1, 57, 16, 56, None, None, "cpu")
+        n, f = int(bm.kv_num_blocks), int(bm.full_kv_num_blocks)
+        assert bm.kv_indices[0, 0, 0, :n].tolist() == partial[0, 0, 0].nonzero().flatten().tolist()
+        assert bm.full_kv_indices[0, 0, 0, :f].tolist() == full[0, 0, 0].nonzero().flatten().tolist()

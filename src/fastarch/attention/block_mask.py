@@ -111,6 +111,77 @@ def _classify_descriptor(spec: MaskSpec, q_len, kv_len, bs, q_offset, q_doc, kv_
     return full, partial
 
 
+def _one_tile_lists(spec: MaskSpec, q_len: int, kv_len: int, bs: int, q_offset: int):
+    """_classify_descriptor for a single query tile (a decode step) and no documents, on plain
+    ints: the (partial, full) key tiles as sorted disjoint intervals. Each part of the descriptor
+    keeps an interval of key tiles (a window's full tiles, its visible ones, the prefix's), so
+    the lists are unions and differences of intervals, found in O(1) instead of ~30 tensor ops
+    over all tiles (0.2 ms a decode step on the Xeon host, where the step's first layer builds
+    its block mask for the new length). The same formulas as _classify_descriptor, per tile
+    t: keys k0 = t bs .. k1 = min(t bs + bs, kv_len) - 1; tests compare the two."""
+    kt = -(-kv_len // bs)
+    q0, q1 = q_offset, q_offset + q_len - 1
+    big = 1 << 40
+    lo = -spec.window_left if spec.window_left >= 0 else -big
+    hi = spec.window_right if spec.window_right >= 0 else big
+
+    def clip(t):
+        return min(max(t, 0), kt)
+
+    def k0_at_least(x):  # first tile with k0 >= x
+        return clip(-(-x // bs))
+
+    def k1_at_most(y):  # how many tiles have k1 <= y (k1 grows with t; the last tile's is
+        # kv_len - 1, the others' (t + 1) bs - 1)
+        return kt if kv_len - 1 <= y else min(kt - 1, max(0, (y + 1) // bs))
+
+    full = _union([(k0_at_least(q1 + lo), k1_at_most(q0 + hi)),  # the window's full tiles
+                   (0, k1_at_most(spec.prefix_len - 1))])        # the prefix's
+    visible = _union([(k1_at_most(q0 + lo - 1), k0_at_least(q1 + hi + 1)),
+                      (0, k0_at_least(spec.prefix_len))])
+    return _subtract(visible, full), full
+
+
+def _union(ivs):
+    """Half-open int intervals -> their union, sorted and disjoint."""
+    out: list = []
+    for a, b in sorted(iv for iv in ivs if iv[0] < iv[1]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(ivs, cut):
+    """Sorted disjoint intervals minus sorted disjoint intervals."""
+    out = []
+    for a, b in ivs:
+        for c, d in cut:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _tile_list(ivs, device):
+    """(count (1, 1, 1), tiles (1, 1, 1, max(count, 1))) int32 of sorted disjoint intervals."""
+    n = sum(b - a for a, b in ivs)
+    if n == 0:
+        tiles = torch.zeros(1, dtype=torch.int32, device=device)
+    elif len(ivs) == 1:
+        tiles = torch.arange(ivs[0][0], ivs[0][1], dtype=torch.int32, device=device)
+    else:
+        tiles = torch.cat([torch.arange(a, b, dtype=torch.int32, device=device) for a, b in ivs])
+    return torch.full((1, 1, 1), n, dtype=torch.int32, device=device), tiles.view(1, 1, 1, -1)
+
+
 def _key_tile_range(spec: MaskSpec, q_first, q_last, bs, kt):
     """The key tiles [lo, hi) that queries at positions q_first .. q_last may see at all, from the
     window and prefix parts of the mask (the predicate includes them)."""
@@ -497,6 +568,14 @@ def create_block_mask(mask: MaskSpec, *, q_len: int, kv_len: int | None = None, 
                                                             mask.shift_period, device)
         bm = block_mask_from_bitmaps(full, partial, bitmaps, bs, q_len, kv_len, q_offset,
                                      bitmap_of=cls_of[None, None])
+    elif (mask.mask_mod is None and q_doc is None and 0 < q_len <= bs and kv_len > 0
+          and not torch.compiler.is_compiling()):  # (traced: the tensor version, no guards)
+        partial, full = _one_tile_lists(mask, q_len, kv_len, bs, q_offset)
+        num, idx = _tile_list(partial, device)
+        fnum, fidx = _tile_list(full, device)
+        bm = BlockMask(num, idx, fnum, fidx, bs, q_len, kv_len, q_offset=q_offset,
+                       window_left=mask.window_left, window_right=mask.window_right,
+                       prefix_len=mask.prefix_len)
     elif mask.mask_mod is None:
         full, partial = _classify_descriptor(mask, q_len, kv_len, bs, q_offset, q_doc, kv_doc,
                                              device)

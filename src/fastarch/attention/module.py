@@ -8,7 +8,7 @@ from torch import nn
 from fastarch import native
 from fastarch.attention import masks as M
 from fastarch.attention.block_mask import DEFAULT_BLOCK_SIZE, create_block_mask
-from fastarch.ops.block_sparse_attention import _attention
+from fastarch.ops.block_sparse_attention import _call_op, _op_tail
 
 # One object per named variant, so that the block-mask cache hits across layers and calls.
 _NAMED = {"causal": M.causal(), "full": M.full()}
@@ -91,13 +91,17 @@ _CPU_AMX = native.cpu_attention_amx()  # likewise
 _CPU_GROUPED_DECODE = native.cpu_attention_grouped_decode()  # (an AVX-512 build)
 # the kernel's own conditions for the grouped decode (decode_grouped in the CPU kernel)
 GROUPED_DECODE_MAX_ROWS = 64
-# In a model, though, the kernel's lead over SDPA only shows from long caches: decode steps of a
-# Llama-shaped model (4 layers, hidden 1024, 16 / 4 heads, D=64, bf16, Xeon with AMX, 2 threads,
-# bench_attention.py --model-decode, original and copy stepping in turns) took 0.94x of the
-# original's speed at 1024 cached tokens, 0.95-0.97x at 2048, 0.98-0.99x at 4096 and 1.06-1.08x
-# at 8192, although the attention call alone is 1.6-2x faster than SDPA's from 2048 keys with
-# its inputs cached. So GQA decode takes the kernel from this many keys, SDPA below.
-GQA_DECODE_KERNEL_FROM = 8192
+# In a model, though, the kernel's lead over SDPA shows only from longer caches: each call finds
+# K / V and the Python around it out of the caches (the layer's weights pass in between). Decode
+# steps of a Llama-shaped model (4 layers, hidden 1024, 16 / 4 heads, D=64, bf16, Xeon with AMX,
+# 2 threads, original and copy stepping in turns, /tmp script over bench_attention's
+# run_model_decode, two runs each), GQA decode on the kernel at every length against SDPA's
+# routing: 0.99-1.00x / 1.00x of the original's speed at 512 tokens, 1.00x / 0.99-1.01x at
+# 1024, 1.01x / 1.01x at 2048, 1.03x / 1.00-1.01x at 4096; before the module kept its last
+# call's routing and block mask and the one-tile mask build went to plain ints, the kernel
+# was at 0.97-0.98x at 2048 and 0.99-1.01x at 4096. So GQA decode takes the kernel from this
+# many keys, SDPA below.
+GQA_DECODE_KERNEL_FROM = 2048
 
 
 class BlockSparseAttention(nn.Module):
@@ -122,6 +126,13 @@ class BlockSparseAttention(nn.Module):
         self.block_size = block_size
         self.softcap = softcap
         self.alibi_slopes = alibi_slopes
+        # The last call's shapes and what they decided: the SDPA route or the op's arguments
+        # after (q, k, v). A model's layers share the module and call it with the same shapes in
+        # a row (a decode step), and in a model each call finds this Python code out of the
+        # caches (the layer's weights pass in between): the routing and the block-mask lookup
+        # cost 45-60 us there against ~5 us hot (Xeon, /tmp script, a 60 MiB write before
+        # each call). A hit skips them.
+        self._last = None
 
     def block_mask(self, q, k, attn_mask: torch.Tensor | None = None):
         b, hq, lq = q.shape[:3]
@@ -201,24 +212,46 @@ class BlockSparseAttention(nn.Module):
 
     def forward(self, q, k, v, *, scale: float | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # (traced: no Python-side state, no counters)
+            return self._run(q, k, v, scale, attn_mask, self._decide(q, k, v, scale, attn_mask))
+        key = None
+        if attn_mask is None:
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+                   v.device, scale, id(self.mask), self.softcap, id(self.alibi_slopes))
+            last = self._last
+            if last is not None and last[0] == key:
+                return self._run(q, k, v, scale, attn_mask, last[1], count=True)
+        decided = self._decide(q, k, v, scale, attn_mask)
+        if key is not None:
+            self._last = (key, decided)
+        return self._run(q, k, v, scale, attn_mask, decided, count=True)
+
+    def _decide(self, q, k, v, scale, attn_mask):
+        """("sdpa", (is_causal, first_key)) or ("kernel", the op's arguments after q, k, v)."""
         route = self._sdpa_route(q, k, attn_mask)
-        counting = not torch.compiler.is_compiling()  # (a traced counter would be a guard)
         if route is not None:
-            if counting:
+            return "sdpa", route
+        bm = self.block_mask(q, k, attn_mask)
+        slopes = self.alibi_slopes
+        if slopes is not None:
+            slopes = slopes.to(q.device)
+        return "kernel", _op_tail(q, k, v, bm, scale, self.softcap, slopes, None, own_mask=True)
+
+    @staticmethod
+    def _run(q, k, v, scale, attn_mask, decided, count: bool = False):
+        how, what = decided
+        if how == "sdpa":
+            if count:
                 STATS["sdpa"] += 1
-            is_causal, first = route
+            is_causal, first = what
             if first:
                 k = k.narrow(2, first, k.shape[2] - first)
                 v = v.narrow(2, first, v.shape[2] - first)
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
-        if counting:
+        if count:
             STATS["kernel"] += 1
-        bm = self.block_mask(q, k, attn_mask)
-        slopes = self.alibi_slopes
-        if slopes is not None:
-            slopes = slopes.to(q.device)
-        return _attention(q, k, v, bm, scale, self.softcap, slopes, None, False, own_mask=True)
+        return _call_op(q, k, v, what)[0]
 
     def extra_repr(self) -> str:
         return f"mask={self.mask.name}, block_size={self.block_size}"

@@ -453,6 +453,13 @@ def _attention(q, k, v, block_mask, scale, softcap, alibi_slopes, rel_bias, retu
                own_mask: bool = False):
     """block_sparse_attention; ``own_mask``: the caller built ``block_mask`` for these q, k (as
     BlockSparseAttention does), so its shapes are not checked again."""
+    tail = _op_tail(q, k, v, block_mask, scale, softcap, alibi_slopes, rel_bias, own_mask)
+    out, lse = _call_op(q, k, v, tail)
+    return (out, lse) if return_lse else out
+
+
+def _op_tail(q, k, v, block_mask, scale, softcap, alibi_slopes, rel_bias, own_mask=False):
+    """The op's arguments after (q, k, v), checked."""
     _check_qkv(q, k, v)
     if not own_mask:
         _check_block_mask(block_mask, q, k)
@@ -482,16 +489,22 @@ def _attention(q, k, v, block_mask, scale, softcap, alibi_slopes, rel_bias, retu
         if rel_bias.dtype not in FLOAT_DTYPES:
             raise TypeError(f"rel_bias must be float32, bfloat16 or float16, got {rel_bias.dtype}")
     bm = block_mask
-    args = (q, k, v, *bm.op_args(), alibi_slopes, rel_bias, bm.block_size, bm.q_offset,
-            bm.window_left, bm.window_right, bm.prefix_len, scale, softcap)
+    return (*bm.op_args(), alibi_slopes, rel_bias, bm.block_size, bm.q_offset, bm.window_left,
+            bm.window_right, bm.prefix_len, scale, softcap)
+
+
+_REL_IN_TAIL = 9  # rel_bias's place in _op_tail's tuple
+
+
+def _call_op(q, k, v, tail):
+    """torch.ops.fastarch.block_sparse_attention(q, k, v, *tail) -> (out, lse)."""
     op = torch.ops.fastarch.block_sparse_attention.default
     if (_BELOW_AUTOGRAD is not None and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, rel_bias))):
+            and not (torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, tail[_REL_IN_TAIL]))):
         # Nothing to differentiate: straight to the kernel. The op's autograd kernel (Python,
         # torch.library.register_autograd) would only find that out and redispatch below
         # itself; that costs ~7 us a call, a sixth of a decode call over 1000 keys.
         with _BELOW_AUTOGRAD():
-            out, lse = op(*args)
-    else:
-        out, lse = op(*args)
-    return (out, lse) if return_lse else out
+            return op(q, k, v, *tail)
+    return op(q, k, v, *tail)
+
