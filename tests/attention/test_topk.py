@@ -181,7 +181,7 @@ def test_topk_attention_keeping_every_block_is_plain(is_causal, lq):
     from fastarch.attention import TopKAttention
 
     torch.manual_seed(2)
-    attn = TopKAttention(4, block_size=32, causal=is_causal)
+    attn = TopKAttention(4, block_size=32, causal=is_causal, min_keys=0)
     k = torch.randn(1, 2, 200, 64)
     v = torch.randn(1, 2, 200, 64)
 
@@ -200,3 +200,28 @@ def test_topk_attention_keeping_every_block_is_plain(is_causal, lq):
     # a grown cache, so the summary is rebuilt
     assert attn.stats["summary_built"] == (1 if lq == 1 else 2)
     assert attn.stats["summary_extended"] == (1 if lq == 1 else 0)
+
+
+def test_topk_attention_below_min_keys_attends_to_every_key():
+    """Below min_keys (default TOPK_MIN_KEYS_CPU on CPU) a call is plain causal attention; at
+    min_keys and above it selects."""
+    from fastarch.attention import TopKAttention
+    from fastarch.attention import topk as T
+
+    torch.manual_seed(4)
+    q = torch.randn(1, 4, 1, 64)
+    k = torch.randn(1, 2, 300, 64)
+    v = torch.randn(1, 2, 300, 64)
+    dense = block_sparse_attention(q, k, v, create_block_mask(causal(), q_len=1, kv_len=300,
+                                                              q_offset=299, block_size=32))
+    picked = block_sparse_attention(q, k, v, topk_block_mask(q, k, topk=2, block_size=32))
+    assert (dense - picked).abs().max() > 1e-3  # (the selection drops keys that matter here)
+    for min_keys, want in ((301, dense), (300, picked), (0, picked)):
+        attn = TopKAttention(2, block_size=32, min_keys=min_keys)
+        torch.testing.assert_close(attn(q, k, v), want, atol=2e-5, rtol=2e-5)
+        assert attn.stats["all_blocks"] == (1 if want is dense else 0)
+    default = TopKAttention(2, block_size=32)
+    assert default.min_keys is None and T.TOPK_MIN_KEYS_CPU > 300
+    torch.testing.assert_close(default(q, k, v), dense, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="min_keys"):
+        TopKAttention(2, min_keys=-1)

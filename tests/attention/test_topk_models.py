@@ -75,7 +75,7 @@ def test_topk_covering_all_blocks_equals_original(make):
 def test_topk_prefill_and_decode_match_reference():
     model = _llama()
     original = copy.deepcopy(model)
-    attn = TopKAttention(2, block_size=16)
+    attn = TopKAttention(2, block_size=16, min_keys=0)
     use_attention(model, attn)
     calls = _spy(attn)
     ids = torch.randint(1, 96, (1, 70))
@@ -99,7 +99,7 @@ def test_topk_prefill_and_decode_match_reference():
 
 def test_topk_summary_rebuilt_for_a_new_sequence():
     model = _llama()
-    attn = TopKAttention(2, block_size=16)
+    attn = TopKAttention(2, block_size=16, min_keys=0)
     use_attention(model, attn)
     calls = _spy(attn)
     torch.manual_seed(3)
@@ -132,7 +132,7 @@ def test_topk_timm_vit():
     wide = copy.deepcopy(model)
     x = torch.randn(2, 3, 48, 48)  # 9 patches + class token: 3 tiles of 4
     use_attention(wide, "topk:100", block_size=4)
-    attn = TopKAttention(2, block_size=4, causal=False)
+    attn = TopKAttention(2, block_size=4, causal=False, min_keys=0)
     report = use_attention(model, attn, block_size=4)
     assert len(report.swapped) == 2
     calls = _spy(attn)

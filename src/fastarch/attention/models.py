@@ -219,7 +219,9 @@ def use_attention(model: nn.Module, variant=None, *,
             blocks per query tile (Quest-style, shared by a GQA group; causal in decoders,
             bidirectional in BERT / ViT); in decoding each layer extends its key-block summary
             with the new keys only. ``"topk:K"`` with K at least the number of key blocks equals
-            ``"causal"`` / ``"full"``.
+            ``"causal"`` / ``"full"``, and so does a call over fewer keys than the module's
+            ``min_keys`` (on CPU by default ``TOPK_MIN_KEYS_CPU``, where selecting costs more
+            than it saves; pass ``TopKAttention(K, min_keys=0)`` to select at every length).
         block_size: the kernel's tile size.
 
     Example:

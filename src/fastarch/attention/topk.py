@@ -232,6 +232,14 @@ def _topk_mask(q, summary: KeyBlockSummary, topk: int, causal: bool, sink_blocks
                      window_right=0 if causal else -1)
 
 
+# Below this many keys a CPU TopKAttention call attends to all of them (min_keys=None). Decode
+# steps of a Llama-shaped model (4 layers, hidden 1024, 16 / 4 heads, D=64, bf16, Xeon with AMX,
+# 2 threads, bench_attention.py --model-decode, two runs), "topk:16" selecting at every length
+# against the original (SDPA over every key): 0.88-0.89x of its speed at 1024 tokens, 0.93x at
+# 2048, 1.00x at 4096, 1.17-1.18x at 8192.
+TOPK_MIN_KEYS_CPU = 4096
+
+
 class TopKAttention(torch.nn.Module):
     """Attention over the ``topk`` best key blocks per query tile (a ``use_attention`` variant,
     ``"topk:K"``): the block mask is rebuilt from the data on every call.
@@ -244,16 +252,24 @@ class TopKAttention(torch.nn.Module):
     rebuilt from the whole cache. An extra boolean ``attn_mask`` (padding) is combined with the
     selection through a dense ``(Lq, Lk)`` mask (exact, but O(Lq * Lk) to build).
 
+    Calls over fewer than ``min_keys`` keys, or whose keys fit in ``topk`` blocks, attend to
+    every key they may see (plain causal / full attention, exact): there the selection costs
+    more than the keys it skips. The default (None) is TOPK_MIN_KEYS_CPU on CPU, where it was
+    measured, and 0 elsewhere; ``min_keys=0`` selects at every length.
+
     Example:
         >>> attn = TopKAttention(topk=8)
         >>> out = attn(q, k, v)
     """
 
     def __init__(self, topk: int, *, block_size: int = 64, sink_blocks: int = 1,
-                 causal: bool = True, softcap: float = 0.0):
+                 causal: bool = True, softcap: float = 0.0, min_keys: int | None = None):
         super().__init__()
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+        if min_keys is not None and (not isinstance(min_keys, int) or min_keys < 0):
+            raise ValueError(f"min_keys must be None or an int >= 0, got {min_keys!r}")
+        self.min_keys = min_keys
         self.topk = topk
         self.block_size = block_size
         self.sink_blocks = sink_blocks
@@ -317,10 +333,15 @@ class TopKAttention(torch.nn.Module):
 
         cap = self.softcap if softcap is None else softcap
         causal = self.causal if causal is None else causal
-        if -(-k.shape[2] // self.block_size) <= self.topk and k.shape[2] > 0:
-            # The selection keeps every block the queries may see: plain causal / full
-            # attention, which takes BlockSparseAttention's routing (SDPA where it is faster).
-            # No summary is kept; a later call over a longer cache builds it once.
+        lk = k.shape[2]
+        least = self.min_keys
+        if least is None:
+            least = TOPK_MIN_KEYS_CPU if q.device.type == "cpu" else 0
+        if lk > 0 and (lk < least or -(-lk // self.block_size) <= self.topk):
+            # Short enough for every key (min_keys), or the selection keeps every block the
+            # queries may see: plain causal / full attention, which takes BlockSparseAttention's
+            # routing (SDPA where it is faster). No summary is kept; a later call over a longer
+            # cache builds it once and extends it from there.
             if causal not in self._plain:
                 from fastarch.attention.module import BlockSparseAttention
 
@@ -337,4 +358,5 @@ class TopKAttention(torch.nn.Module):
         return _attention(q, k, v, bm, scale, cap or 0.0, None, None, False, own_mask=True)
 
     def extra_repr(self) -> str:
-        return f"topk={self.topk}, block_size={self.block_size}, causal={self.causal}"
+        return (f"topk={self.topk}, block_size={self.block_size}, causal={self.causal}, "
+                f"min_keys={self.min_keys}")
