@@ -162,3 +162,36 @@ def test_amx_flag_matches_the_build():
     assert module_mod._CPU_GROUPED_DECODE == (built and on)
     assert ("grouped decode" in native.cpu_attention_paths()) == (built and on)
     assert module_mod._CPU_AMX == ("bf16 amx" in native.cpu_attention_paths())
+
+
+def test_module_keeps_its_last_decision_per_shapes(monkeypatch):
+    """A second call with the same shapes reuses the routing and op arguments (a model's layers
+    in a row); other shapes, another mask or scale decide again; results stay right."""
+    torch.manual_seed(0)
+    attn = BlockSparseAttention("sliding_window:40", block_size=32)
+    decided = []
+    real = BlockSparseAttention._decide
+
+    def spy(self, *a):
+        decided.append(a[0].shape[2])
+        return real(self, *a)
+
+    monkeypatch.setattr(BlockSparseAttention, "_decide", spy)
+    calls = [(70, 0.2), (70, 0.2), (1, 0.2), (70, 0.2), (70, 0.3)]
+    for lq, scale in calls:
+        q = torch.randn(1, 4, lq, 64)
+        k = torch.randn(1, 2, 90, 64)
+        v = torch.randn(1, 2, 90, 64)
+        bm = create_block_mask(attn.mask, q_len=lq, kv_len=90, q_offset=90 - lq, block_size=32)
+        torch.testing.assert_close(attn(q, k, v, scale=scale),
+                                   block_sparse_attention(q, k, v, bm, scale=scale),
+                                   atol=2e-5, rtol=2e-5)
+    assert decided == [70, 1, 70, 70]  # the second call was a hit
+    attn.mask = module_mod.resolve_variant("causal")  # another mask: decided again
+    q = torch.randn(1, 4, 70, 64)
+    k = torch.randn(1, 2, 90, 64)
+    out = attn(q, k, k, scale=0.3)
+    bm = create_block_mask(attn.mask, q_len=70, kv_len=90, q_offset=20, block_size=32)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, k, bm, scale=0.3), atol=2e-5,
+                               rtol=2e-5)
+    assert len(decided) == 5

@@ -217,7 +217,8 @@ class BlockSparseAttention(nn.Module):
         key = None
         if attn_mask is None:
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
-                   v.device, scale, id(self.mask), self.softcap, id(self.alibi_slopes))
+                   v.device, scale, id(self.mask), self.block_size, self.softcap,
+                   id(self.alibi_slopes))
             last = self._last
             if last is not None and last[0] == key:
                 return self._run(q, k, v, scale, attn_mask, last[1], count=True)
