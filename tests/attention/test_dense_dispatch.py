@@ -195,3 +195,38 @@ def test_module_keeps_its_last_decision_per_shapes(monkeypatch):
     torch.testing.assert_close(out, block_sparse_attention(q, k, k, bm, scale=0.3), atol=2e-5,
                                rtol=2e-5)
     assert len(decided) == 5
+
+
+@pytest.mark.parametrize("variant,hkv,mask_heads,dtype", [
+    ("causal", 4, 1, torch.float32),
+    ("causal", 2, 1, torch.float32),            # GQA: the group's heads packed as rows
+    ("causal", 2, 4, torch.float32),            # a per-head mask, packed with them
+    ("sliding_window:30", 2, 1, torch.float32),  # the window's slice of keys and of the mask
+    ("sliding_window:30", 1, 4, torch.bfloat16),
+    ("local:10", 4, 1, torch.bfloat16),
+])
+def test_decode_with_a_padding_mask_goes_to_sdpa(monkeypatch, variant, hkv, mask_heads, dtype):
+    """One decode query with a padding mask (a batch's generate) takes SDPA with the mask where
+    plain decode does; the result is the kernel's, rows that see nothing give zeros."""
+    monkeypatch.setattr(module_mod, "_CPU_CAPABILITY", "AVX512")
+    monkeypatch.setattr(module_mod, "_CPU_AMX", dtype == torch.bfloat16)
+    monkeypatch.setattr(module_mod, "GQA_DECODE_KERNEL_FROM", 10 ** 6)
+    torch.manual_seed(1)
+    b, lk = 3, 77
+    q = torch.randn(b, 4, 1, 64, dtype=dtype)
+    k = torch.randn(b, hkv, lk, 64, dtype=dtype)
+    v = torch.randn(b, hkv, lk, 64, dtype=dtype)
+    mask = torch.rand(b, mask_heads, 1, lk) > 0.3
+    mask[0, :, :, :50] = False  # left padding
+    mask[1, 0] = False  # a row that sees nothing
+    attn = BlockSparseAttention(variant, block_size=32)
+    before = dict(module_mod.STATS)
+    out = attn(q, k, v, scale=0.2, attn_mask=mask)
+    assert module_mod.STATS["sdpa"] - before["sdpa"] == 1
+    want = block_sparse_attention(q, k, v, attn.block_mask(q, k, mask), scale=0.2)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+    assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))
+    out2 = attn(q, k, v, scale=0.2, attn_mask=~mask)  # a kept route, the new mask's contents
+    want2 = block_sparse_attention(q, k, v, attn.block_mask(q, k, ~mask), scale=0.2)
+    torch.testing.assert_close(out2, want2, atol=tol, rtol=tol)

@@ -95,13 +95,13 @@ GROUPED_DECODE_MAX_ROWS = 64
 # K / V and the Python around it out of the caches (the layer's weights pass in between). Decode
 # steps of a Llama-shaped model (4 layers, hidden 1024, 16 / 4 heads, D=64, bf16, Xeon with AMX,
 # 2 threads, original and copy stepping in turns, /tmp script over bench_attention's
-# run_model_decode, two runs each), GQA decode on the kernel at every length against SDPA's
-# routing: 0.99-1.00x / 1.00x of the original's speed at 512 tokens, 1.00x / 0.99-1.01x at
-# 1024, 1.01x / 1.01x at 2048, 1.03x / 1.00-1.01x at 4096; before the module kept its last
-# call's routing and block mask and the one-tile mask build went to plain ints, the kernel
-# was at 0.97-0.98x at 2048 and 0.99-1.01x at 4096. So GQA decode takes the kernel from this
-# many keys, SDPA below.
-GQA_DECODE_KERNEL_FROM = 2048
+# run_model_decode, two runs each), speed against the original with GQA decode on the kernel at
+# every length / on SDPA with the group's heads packed as rows (_run): 1.00x / 1.00-1.01x at
+# 2048 tokens, 1.02-1.04x / 1.01-1.02x at 4096, 1.11-1.12x / 1.07x at 8192; at 512-1024 the
+# kernel was level (0.99-1.00x). (Before the module kept its last call's routing and block mask
+# and the one-tile mask build went to plain ints, the kernel was at 0.97-0.98x at 2048.) So GQA
+# decode takes the kernel from this many keys, SDPA below.
+GQA_DECODE_KERNEL_FROM = 4096
 
 
 class BlockSparseAttention(nn.Module):
@@ -167,11 +167,12 @@ class BlockSparseAttention(nn.Module):
         """``(is_causal, first_key)`` when this call is plain causal / full attention over the
         keys from ``first_key`` on that SDPA runs faster (see SDPA_* above), else None (the
         kernel). One query with a left window sees one contiguous run of keys, the last
-        ``window_left + 1``: SDPA over that slice of the cache is the same attention."""
+        ``window_left + 1``: SDPA over that slice of the cache is the same attention, and with
+        an ``attn_mask`` (a batch's padding) SDPA takes the mask's slice too."""
         spec = self.mask
         lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
         cpu = q.device.type == "cpu"
-        mods = attn_mask is not None or self.softcap or self.alibi_slopes is not None
+        mods = self.softcap or self.alibi_slopes is not None
         # the descriptor alone (no predicate or documents): a window and a prefix
         windowed = spec.mask_mod is None and spec.doc_ids is None
         if lq == 1 and lk >= 1 and cpu and not mods and windowed:
@@ -196,7 +197,7 @@ class BlockSparseAttention(nn.Module):
         no_left_limit = spec.window_left < 0 or spec.window_left >= lk - 1
         plain = (windowed and not spec.prefix_len and no_left_limit
                  and spec.window_right in (-1, 0))
-        if mods or not cpu or not plain:
+        if attn_mask is not None or mods or not cpu or not plain:
             return None
         amx = q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
         if not amx and (q.dtype not in SDPA_DENSE_DTYPES or d < SDPA_DENSE_MIN_HEAD_DIM
@@ -214,16 +215,17 @@ class BlockSparseAttention(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # (traced: no Python-side state, no counters)
             return self._run(q, k, v, scale, attn_mask, self._decide(q, k, v, scale, attn_mask))
-        key = None
-        if attn_mask is None:
-            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
-                   v.device, scale, id(self.mask), self.block_size, self.softcap,
-                   id(self.alibi_slopes))
-            last = self._last
-            if last is not None and last[0] == key:
-                return self._run(q, k, v, scale, attn_mask, last[1], count=True)
+        # (the routing depends on a mask's shape and dtype only; the kernel's block mask on its
+        # contents, so with a mask only an SDPA route is kept)
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+               v.device, scale, id(self.mask), self.block_size, self.softcap,
+               id(self.alibi_slopes),
+               None if attn_mask is None else (attn_mask.shape, attn_mask.dtype))
+        last = self._last
+        if last is not None and last[0] == key:
+            return self._run(q, k, v, scale, attn_mask, last[1], count=True)
         decided = self._decide(q, k, v, scale, attn_mask)
-        if key is not None:
+        if attn_mask is None or decided[0] == "sdpa":
             self._last = (key, decided)
         return self._run(q, k, v, scale, attn_mask, decided, count=True)
 
@@ -245,11 +247,33 @@ class BlockSparseAttention(nn.Module):
             if count:
                 STATS["sdpa"] += 1
             is_causal, first = what
+            lk = k.shape[2]
+            if attn_mask is not None:
+                # as the kernel reads it (bool, keys past lk ignored; a clear error if it does
+                # not broadcast), and its rows that see nothing give zeros in SDPA as well
+                attn_mask = M.attn_mask_4d(attn_mask, q.shape[0], q.shape[1], 1, lk)
+                if first and attn_mask.shape[3] > 1:
+                    attn_mask = attn_mask[..., first:]
             if first:
-                k = k.narrow(2, first, k.shape[2] - first)
-                v = v.narrow(2, first, v.shape[2] - first)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+                k = k.narrow(2, first, lk - first)
+                v = v.narrow(2, first, lk - first)
+            b, hq, lq, d = q.shape
+            hkv = k.shape[1]
+            if lq == 1 and hq != hkv:
+                # One query per head: each GQA group's query heads as the rows of one kv head
+                # (as transformers' pack_gqa does), plain attention without enable_gqa. On the
+                # Xeon host (bf16, 2 threads, 16 / 4 heads, /tmp script) SDPA takes 0.70-0.76x
+                # of enable_gqa's time this way, batch 1 and 4, 1030 and 4100 keys, with and
+                # without a padding mask.
+                g = hq // hkv
+                if attn_mask is not None and attn_mask.shape[1] > 1:
+                    attn_mask = attn_mask.reshape(attn_mask.shape[0], hkv, g, -1)
+                out = F.scaled_dot_product_attention(q.reshape(b, hkv, g, d), k, v,
+                                                     attn_mask=attn_mask, scale=scale)
+                return out.view(b, hq, 1, d)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                  is_causal=is_causal, scale=scale,
+                                                  enable_gqa=hq != hkv)
         if count:
             STATS["kernel"] += 1
         return _call_op(q, k, v, what)[0]
