@@ -182,6 +182,40 @@ def _tile_list(ivs, device):
     return torch.full((1, 1, 1), n, dtype=torch.int32, device=device), tiles.view(1, 1, 1, -1)
 
 
+def one_tile_block_mask_from_dense(spec: MaskSpec, dense: torch.Tensor, bs: int,
+                                   q_offset: int) -> BlockMask:
+    """The BlockMask of ``spec`` (a descriptor: window / prefix, no predicate or documents) and
+    ``dense`` ((B', H', Lq, Lk) bool, Lq <= bs: one query tile, as in a batch's decode step with
+    its padding mask). The per-tile any / all of their elements, with bitmaps for the partial
+    tiles only: a handful of tensor ops over Lq x Lk elements, where the general predicate path
+    took 2.4 ms at 1030 keys and 11 ms at 8200 (batch 4, Xeon)."""
+    bq, hq, lq, lk = dense.shape
+    dev = dense.device
+    kt = -(-lk // bs)
+    rel = (torch.arange(lk, device=dev).view(1, -1)
+           - torch.arange(q_offset, q_offset + lq, device=dev).view(-1, 1))
+    ok = None
+    if spec.window_left >= 0:
+        ok = rel >= -spec.window_left
+    if spec.window_right >= 0:
+        ok = rel <= spec.window_right if ok is None else ok & (rel <= spec.window_right)
+    if spec.prefix_len > 0 and ok is not None:
+        ok = ok | (torch.arange(lk, device=dev) < spec.prefix_len).view(1, -1)
+    allowed = dense if ok is None else dense & ok
+    pad = kt * bs - lk
+    if pad:
+        allowed = torch.nn.functional.pad(allowed, (0, pad))
+    tiles = allowed.view(bq, hq, lq, kt, bs).transpose(2, 3)  # (B', H', Kt, Lq, bs)
+    count = tiles.sum((-1, -2), dtype=torch.int32)
+    real = torch.clamp(lk - torch.arange(kt, device=dev) * bs, max=bs) * lq  # elements a tile has
+    full = count == real.to(torch.int32)
+    partial = (count > 0) & ~full
+    bitmaps = torch.zeros(int(partial.sum()), bs, bs, dtype=torch.bool, device=dev)
+    bitmaps[:, :lq] = tiles[partial]
+    return block_mask_from_bitmaps(full.unsqueeze(2), partial.unsqueeze(2), bitmaps, bs, lq, lk,
+                                   q_offset)
+
+
 def _key_tile_range(spec: MaskSpec, q_first, q_last, bs, kt):
     """The key tiles [lo, hi) that queries at positions q_first .. q_last may see at all, from the
     window and prefix parts of the mask (the predicate includes them)."""

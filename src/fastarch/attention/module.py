@@ -7,7 +7,11 @@ from torch import nn
 
 from fastarch import native
 from fastarch.attention import masks as M
-from fastarch.attention.block_mask import DEFAULT_BLOCK_SIZE, create_block_mask
+from fastarch.attention.block_mask import (
+    DEFAULT_BLOCK_SIZE,
+    create_block_mask,
+    one_tile_block_mask_from_dense,
+)
 from fastarch.ops.block_sparse_attention import _call_op, _op_tail
 
 # One object per named variant, so that the block-mask cache hits across layers and calls.
@@ -158,6 +162,11 @@ class BlockSparseAttention(nn.Module):
         b, hq, lq = q.shape[:3]
         lk = k.shape[2]
         dense = M.attn_mask_4d(attn_mask, b, hq, lq, lk)
+        spec = self.mask
+        if (0 < lq <= self.block_size and lk > 0 and spec.mask_mod is None
+                and spec.doc_ids is None and not torch.compiler.is_compiling()):
+            # one query tile (decode with a padding mask): by tiles of the dense mask
+            return one_tile_block_mask_from_dense(spec, dense, self.block_size, lk - lq)
         spec = M.and_masks(self.mask, M.from_dense(dense, q_offset=lk - lq))
         return create_block_mask(spec, q_len=lq, kv_len=lk, batch=b, heads=hq,
                                  block_size=self.block_size, q_offset=lk - lq, device=q.device,
