@@ -241,6 +241,9 @@ def main(argv=None):
     ap.add_argument("--model-contexts", default="2048,8192")
     ap.add_argument("--model-steps", type=int, default=16)
     ap.add_argument("--model-dtype", default="bfloat16")
+    ap.add_argument("--model-batch", type=int, default=1,
+                    help="sequences per step; row i of a batch is left-padded by 7 i tokens "
+                         "(a padding mask, as in batched generate)")
     ap.add_argument("--model-variants", default="causal;sliding_window:1024;topk:16")
     args = ap.parse_args(argv)
     shown_argv = sys.argv[1:] if argv is None else argv
@@ -309,11 +312,13 @@ def main(argv=None):
     return text
 
 
-def run_model_decode(ctx, steps, variants, dtype, layers=4, hidden=1024, heads=16, kv_heads=4):
+def run_model_decode(ctx, steps, variants, dtype, layers=4, hidden=1024, heads=16, kv_heads=4,
+                     batch=1):
     """Decode steps of a Llama-shaped Hugging Face model (random weights) after a ``ctx``-token
     prompt: the original model (SDPA) and copies with ``fastarch.use_attention(copy, variant)``,
-    each with its own KV cache, stepping in turns (one step each per round). Returns the median
-    step time (ms) per model and how many greedy tokens of each copy agree with the original's."""
+    each with its own KV cache, stepping in turns (one step each per round). With ``batch`` > 1
+    row i is left-padded by 7 i tokens (an attention mask). Returns the median step time (ms) per
+    model and in how many steps each copy's greedy tokens (all rows) equal the original's."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -329,21 +334,28 @@ def run_model_decode(ctx, steps, variants, dtype, layers=4, hidden=1024, heads=1
         m = copy.deepcopy(base)
         fastarch.use_attention(m, v)
         models[v] = m
-    ids = torch.randint(0, cfg.vocab_size, (1, ctx))
+    ids = torch.randint(1, cfg.vocab_size, (batch, ctx))
+    mask = None
+    if batch > 1:
+        mask = torch.ones(batch, ctx, dtype=torch.long)
+        for i in range(batch):
+            mask[i, :7 * i] = 0
     state, times, tokens = {}, {n: [] for n in models}, {n: [] for n in models}
     with torch.no_grad():
         for name, m in models.items():
-            out = m(ids, use_cache=True)
-            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            out = m(ids, attention_mask=mask, use_cache=True)
+            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1), mask)
         for _ in range(steps):
             for name, m in models.items():
-                past, tok = state[name]
+                past, tok, am = state[name]
+                if am is not None:
+                    am = torch.cat([am, torch.ones(batch, 1, dtype=am.dtype)], dim=1)
                 t0 = time.perf_counter()
-                out = m(tok, past_key_values=past, use_cache=True)
+                out = m(tok, past_key_values=past, attention_mask=am, use_cache=True)
                 times[name].append(time.perf_counter() - t0)
                 nxt = out.logits[:, -1:].argmax(-1)
-                tokens[name].append(int(nxt))
-                state[name] = (out.past_key_values, nxt)
+                tokens[name].append(tuple(nxt.flatten().tolist()))
+                state[name] = (out.past_key_values, nxt, am)
     ref = tokens["original (sdpa)"]
     return ({n: statistics.median(t) * 1e3 for n, t in times.items()},
             {n: sum(a == b for a, b in zip(t, ref)) for n, t in tokens.items()})
@@ -355,7 +367,8 @@ def _model_decode_table(args, shown_argv):
     lines = [
         "",
         (f"Decode steps of a Llama-shaped model (4 layers, hidden 1024, 16 query / 4 KV heads, "
-         f"D=64, random weights, {args.model_dtype}) after the prompt, median of "
+         f"D=64, random weights, {args.model_dtype}, batch {args.model_batch}"
+         f"{' left-padded' if args.model_batch > 1 else ''}) after the prompt, median of "
          f"{args.model_steps} steps taken in turns: {platform.processor() or platform.machine()}"
          f", {args.threads} threads. Command: `python bench/bench_attention.py "
          f"{' '.join(shown_argv)}`"),
@@ -364,7 +377,8 @@ def _model_decode_table(args, shown_argv):
         "|---|---|---|---|---|",
     ]
     for ctx in (int(c) for c in args.model_contexts.split(",")):
-        ms, agree = run_model_decode(ctx, args.model_steps, variants, dtype)
+        ms, agree = run_model_decode(ctx, args.model_steps, variants, dtype,
+                                     batch=args.model_batch)
         base = ms["original (sdpa)"]
         for name, t in ms.items():
             row = (f"| {ctx} | {name} | {t:.2f} | {base / t:.2f}x | {agree[name]} of "

@@ -170,3 +170,15 @@ def test_attention_bench_prepares_every_timed_call_alike(monkeypatch):
     assert m.last_level_cache_bytes() > 0
     with pytest.raises(ValueError, match="cache must be"):
         m.CacheState("warm")
+
+
+def test_attention_bench_model_decode_with_a_padded_batch():
+    """--model-decode's stepping: a left-padded batch, fp32, where the causal copy's greedy tokens
+    equal the original's in every step and a sliding-window copy's steps are timed too."""
+    pytest.importorskip("transformers")
+    m = suite.bench_module("bench_attention")
+    ms, agree = m.run_model_decode(40, 3, ["causal", "sliding_window:8"], torch.float32,
+                                   layers=1, hidden=128, heads=4, kv_heads=2, batch=3)
+    assert set(ms) == {"original (sdpa)", "causal", "sliding_window:8"}
+    assert all(t > 0 for t in ms.values())
+    assert agree["original (sdpa)"] == 3 and agree["causal"] == 3
