@@ -224,26 +224,27 @@ def test_one_query_tile_lists_equal_the_general_classification():
         assert bm.full_kv_indices[0, 0, 0, :f].tolist() == full[0, 0, 0].nonzero().flatten().tolist()
 
 
-def test_one_tile_block_mask_from_dense_equals_the_predicate_path():
-    """A dense (padding) mask over one query tile takes one_tile_block_mask_from_dense; it means
-    the same mask as the general path (the descriptor and from_dense as one predicate)."""
+def test_block_mask_from_dense_equals_the_predicate_path():
+    """block_mask_from_dense (a dense padding mask over a decode step's query tile, or more
+    tiles) means the same mask as the general path (the descriptor and from_dense as one
+    predicate)."""
     import itertools
 
     from fastarch.attention import masks as M
-    from fastarch.attention.block_mask import one_tile_block_mask_from_dense
+    from fastarch.attention.block_mask import block_mask_from_dense
     from fastarch.ops.block_sparse_attention import dense_mask
 
     torch.manual_seed(0)
     specs = [M.causal(), M.full(), M.sliding_window(20), M.sliding_window(5, 5), M.prefix_lm(9),
              M.MaskSpec("w12p9", window_left=12, window_right=0, prefix_len=9)]
     for spec, (lq, lk), (bq, hq) in itertools.product(
-            specs, [(1, 1), (1, 77), (3, 64), (16, 100), (16, 16)], [(1, 1), (3, 1), (2, 4)]):
+            specs, [(1, 1), (1, 77), (3, 64), (16, 100), (16, 16), (17, 40), (50, 90)], [(1, 1), (3, 1), (2, 4)]):
         dense = torch.rand(bq, hq, lq, lk) > 0.3
         dense[0, 0, :, : lk // 2] = False  # padding, and whole tiles masked
         if bq > 1:
             dense[1] = True  # whole tiles kept
         off = lk - lq
-        fast = one_tile_block_mask_from_dense(spec, dense, 16, off)
+        fast = block_mask_from_dense(spec, dense, 16, off)
         general = create_block_mask(M.and_masks(spec, M.from_dense(dense, q_offset=off)),
                                     q_len=lq, kv_len=lk, batch=bq, heads=hq, block_size=16,
                                     q_offset=off, cache=False)

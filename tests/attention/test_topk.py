@@ -225,3 +225,29 @@ def test_topk_attention_below_min_keys_attends_to_every_key():
     torch.testing.assert_close(default(q, k, v), dense, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="min_keys"):
         TopKAttention(2, min_keys=-1)
+
+
+@pytest.mark.parametrize("lq", [1, 5, 40])
+def test_topk_attention_with_a_padding_mask(lq):
+    """The selection combined with a padding mask: attention over exactly the selected and
+    unpadded keys (the reference with their dense mask); a row that sees nothing gives zeros."""
+    from fastarch.attention import TopKAttention
+
+    torch.manual_seed(5)
+    b, lk = 3, 150
+    q = torch.randn(b, 4, lq, 64)
+    k = torch.randn(b, 2, lk, 64)
+    v = torch.randn(b, 2, lk, 64)
+    pad = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    pad[1, ..., :70] = False
+    pad[2] = False  # a batch row that sees nothing
+    attn = TopKAttention(2, block_size=32, min_keys=0)
+    out = attn(q, k, v, attn_mask=pad)
+    bm = topk_block_mask(q, k, topk=2, block_size=32)
+    allowed = dense_mask(lq, lk, *bm.op_args(), 32, bm.q_offset, bm.window_left,
+                         bm.window_right, bm.prefix_len) & pad
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed)
+    ref = torch.where(allowed.any(-1, keepdim=True), ref, 0.0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))

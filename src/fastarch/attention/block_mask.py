@@ -182,16 +182,17 @@ def _tile_list(ivs, device):
     return torch.full((1, 1, 1), n, dtype=torch.int32, device=device), tiles.view(1, 1, 1, -1)
 
 
-def one_tile_block_mask_from_dense(spec: MaskSpec, dense: torch.Tensor, bs: int,
-                                   q_offset: int) -> BlockMask:
+def block_mask_from_dense(spec: MaskSpec, dense: torch.Tensor, bs: int,
+                          q_offset: int) -> BlockMask:
     """The BlockMask of ``spec`` (a descriptor: window / prefix, no predicate or documents) and
-    ``dense`` ((B', H', Lq, Lk) bool, Lq <= bs: one query tile, as in a batch's decode step with
-    its padding mask). The per-tile any / all of their elements, with bitmaps for the partial
-    tiles only: a handful of tensor ops over Lq x Lk elements, where the general predicate path
-    took 2.4 ms at 1030 keys and 11 ms at 8200 (batch 4, Xeon)."""
+    ``dense`` ((B', H', Lq, Lk) bool, already materialised: a batch's padding mask over a decode
+    step, or a top-k selection combined with one). The per-tile any / all of their elements,
+    with bitmaps for the partial tiles only: a handful of tensor ops over the elements, where
+    the general predicate path took 2.4 ms for one query at 1030 keys and 11 ms at 8200 (batch
+    4, Xeon)."""
     bq, hq, lq, lk = dense.shape
     dev = dense.device
-    kt = -(-lk // bs)
+    qt, kt = -(-lq // bs), -(-lk // bs)
     rel = (torch.arange(lk, device=dev).view(1, -1)
            - torch.arange(q_offset, q_offset + lq, device=dev).view(-1, 1))
     ok = None
@@ -202,18 +203,20 @@ def one_tile_block_mask_from_dense(spec: MaskSpec, dense: torch.Tensor, bs: int,
     if spec.prefix_len > 0 and ok is not None:
         ok = ok | (torch.arange(lk, device=dev) < spec.prefix_len).view(1, -1)
     allowed = dense if ok is None else dense & ok
-    pad = kt * bs - lk
-    if pad:
-        allowed = torch.nn.functional.pad(allowed, (0, pad))
-    tiles = allowed.view(bq, hq, lq, kt, bs).transpose(2, 3)  # (B', H', Kt, Lq, bs)
+    # one query tile keeps its Lq rows (a decode step: no padding to bs rows); more are padded
+    rows = lq if qt == 1 else qt * bs
+    if rows != lq or kt * bs != lk:
+        allowed = torch.nn.functional.pad(allowed, (0, kt * bs - lk, 0, rows - lq))
+    r = rows // qt
+    tiles = allowed.reshape(bq, hq, qt, r, kt, bs).transpose(3, 4)  # (B', H', Qt, Kt, r, bs)
     count = tiles.sum((-1, -2), dtype=torch.int32)
-    real = torch.clamp(lk - torch.arange(kt, device=dev) * bs, max=bs) * lq  # elements a tile has
-    full = count == real.to(torch.int32)
+    real_q = torch.clamp(lq - torch.arange(qt, device=dev) * bs, max=bs)
+    real_k = torch.clamp(lk - torch.arange(kt, device=dev) * bs, max=bs)
+    full = count == (real_q.view(-1, 1) * real_k.view(1, -1)).to(torch.int32)
     partial = (count > 0) & ~full
     bitmaps = torch.zeros(int(partial.sum()), bs, bs, dtype=torch.bool, device=dev)
-    bitmaps[:, :lq] = tiles[partial]
-    return block_mask_from_bitmaps(full.unsqueeze(2), partial.unsqueeze(2), bitmaps, bs, lq, lk,
-                                   q_offset)
+    bitmaps[:, :r] = tiles[partial]
+    return block_mask_from_bitmaps(full, partial, bitmaps, bs, lq, lk, q_offset)
 
 
 def _key_tile_range(spec: MaskSpec, q_first, q_last, bs, kt):

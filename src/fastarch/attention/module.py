@@ -10,7 +10,7 @@ from fastarch.attention import masks as M
 from fastarch.attention.block_mask import (
     DEFAULT_BLOCK_SIZE,
     create_block_mask,
-    one_tile_block_mask_from_dense,
+    block_mask_from_dense,
 )
 from fastarch.ops.block_sparse_attention import _call_op, _op_tail
 
@@ -166,7 +166,7 @@ class BlockSparseAttention(nn.Module):
         if (0 < lq <= self.block_size and lk > 0 and spec.mask_mod is None
                 and spec.doc_ids is None and not torch.compiler.is_compiling()):
             # one query tile (decode with a padding mask): by tiles of the dense mask
-            return one_tile_block_mask_from_dense(spec, dense, self.block_size, lk - lq)
+            return block_mask_from_dense(spec, dense, self.block_size, lk - lq)
         spec = M.and_masks(self.mask, M.from_dense(dense, q_offset=lk - lq))
         return create_block_mask(spec, q_len=lq, kv_len=lk, batch=b, heads=hq,
                                  block_size=self.block_size, q_offset=lk - lq, device=q.device,
