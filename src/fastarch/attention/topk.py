@@ -318,6 +318,18 @@ class TopKAttention(torch.nn.Module):
 
         b, hq = q.shape[:2]
         dense = M.attn_mask_4d(attn_mask, b, hq, lq, lk)
+        if (lq == 1 and lk > 0 and dense.shape[1] == 1 and bm.q_offset == lk - 1
+                and not torch.compiler.is_compiling()):
+            # A decode step (its mask lists full tiles only) with one padding row per batch
+            # row: the padding as documents, attended keys 1 and padded ones 0 against the
+            # query's 1, with the selected tiles listed as partial ones so that the kernel
+            # applies it. Each GQA group still shares its lists (the grouped decode), and no
+            # (B, Hq, Lk) mask is built.
+            kv_doc = dense[:, 0, 0, :].to(torch.int32)
+            q_doc = torch.ones(kv_doc.shape[0], 1, dtype=torch.int32, device=q.device)
+            return BlockMask(bm.full_kv_num_blocks, bm.full_kv_indices, None, None,
+                             bm.block_size, 1, lk, q_offset=lk - 1,
+                             window_right=bm.window_right, q_doc_ids=q_doc, kv_doc_ids=kv_doc)
         allowed = dense_mask(lq, lk, *bm.op_args(), bm.block_size, bm.q_offset, bm.window_left,
                              bm.window_right, bm.prefix_len)
         allowed = allowed & dense
