@@ -227,12 +227,16 @@ def test_topk_attention_below_min_keys_attends_to_every_key():
         TopKAttention(2, min_keys=-1)
 
 
-@pytest.mark.parametrize("lq", [1, 5, 40])
-def test_topk_attention_with_a_padding_mask(lq):
+@pytest.mark.parametrize("lq,chunk", [(1, None), (5, None), (40, None), (100, None), (100, 1)])
+def test_topk_attention_with_a_padding_mask(lq, chunk, monkeypatch):
     """The selection combined with a padding mask: attention over exactly the selected and
-    unpadded keys (the reference with their dense mask); a row that sees nothing gives zeros."""
+    unpadded keys (the reference with their dense mask); a row that sees nothing gives zeros.
+    chunk=1: the block mask is built one query tile at a time."""
     from fastarch.attention import TopKAttention
+    from fastarch.attention import topk as T
 
+    if chunk is not None:
+        monkeypatch.setattr(T, "_MASK_CHUNK_BYTES", chunk)
     torch.manual_seed(5)
     b, lk = 3, 150
     q = torch.randn(b, 4, lq, 64)
