@@ -220,8 +220,10 @@ def test_one_query_tile_lists_equal_the_general_classification():
         assert bm.kv_indices.dtype == torch.int32 and bm.kv_indices.dim() == 4
         full, partial = BMod._classify_descriptor(spec, 1, 57, 16, 56, None, None, "cpu")
         n, f = int(bm.kv_num_blocks), int(bm.full_kv_num_blocks)
-        assert bm.kv_indices[0, 0, 0, :n].tolist() == partial[0, 0, 0].nonzero().flatten().tolist()
-        assert bm.full_kv_indices[0, 0, 0, :f].tolist() == full[0, 0, 0].nonzero().flatten().tolist()
+        want_p = partial[0, 0, 0].nonzero().flatten().tolist()
+        want_f = full[0, 0, 0].nonzero().flatten().tolist()
+        assert bm.kv_indices[0, 0, 0, :n].tolist() == want_p
+        assert bm.full_kv_indices[0, 0, 0, :f].tolist() == want_f
 
 
 def test_block_mask_from_dense_equals_the_predicate_path():
@@ -238,7 +240,8 @@ def test_block_mask_from_dense_equals_the_predicate_path():
     specs = [M.causal(), M.full(), M.sliding_window(20), M.sliding_window(5, 5), M.prefix_lm(9),
              M.MaskSpec("w12p9", window_left=12, window_right=0, prefix_len=9)]
     for spec, (lq, lk), (bq, hq) in itertools.product(
-            specs, [(1, 1), (1, 77), (3, 64), (16, 100), (16, 16), (17, 40), (50, 90)], [(1, 1), (3, 1), (2, 4)]):
+            specs, [(1, 1), (1, 77), (3, 64), (16, 100), (16, 16), (17, 40), (50, 90)],
+            [(1, 1), (3, 1), (2, 4)]):
         dense = torch.rand(bq, hq, lq, lk) > 0.3
         dense[0, 0, :, : lk // 2] = False  # padding, and whole tiles masked
         if bq > 1:

@@ -9,8 +9,8 @@ from fastarch import native
 from fastarch.attention import masks as M
 from fastarch.attention.block_mask import (
     DEFAULT_BLOCK_SIZE,
-    create_block_mask,
     block_mask_from_dense,
+    create_block_mask,
 )
 from fastarch.ops.block_sparse_attention import _call_op, _op_tail
 
@@ -184,6 +184,7 @@ class BlockSparseAttention(nn.Module):
         mods = self.softcap or self.alibi_slopes is not None
         # the descriptor alone (no predicate or documents): a window and a prefix
         windowed = spec.mask_mod is None and spec.doc_ids is None
+        amx = q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
         if lq == 1 and lk >= 1 and cpu and not mods and windowed:
             # queries end at the last key (q_offset = lk - lq): the last query sees keys
             # [lk - 1 - window_left, lk - 1], nothing to its right, and the prefix [0, prefix_len)
@@ -193,7 +194,6 @@ class BlockSparseAttention(nn.Module):
             elif spec.prefix_len:
                 return None  # two runs of keys
             n = lk - first
-            amx = q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
             gqa_on_kernel = (q.shape[1] != k.shape[1] and _CPU_GROUPED_DECODE and d % 16 == 0
                              and q.shape[1] // k.shape[1] <= GROUPED_DECODE_MAX_ROWS
                              and n >= GQA_DECODE_KERNEL_FROM)
@@ -208,7 +208,6 @@ class BlockSparseAttention(nn.Module):
                  and spec.window_right in (-1, 0))
         if attn_mask is not None or mods or not cpu or not plain:
             return None
-        amx = q.dtype in SDPA_AMX_DTYPES and _CPU_AMX
         if not amx and (q.dtype not in SDPA_DENSE_DTYPES or d < SDPA_DENSE_MIN_HEAD_DIM
                         or lq < SDPA_DENSE_MIN_LEN):
             return None

@@ -500,7 +500,8 @@ def _call_op(q, k, v, tail):
     """torch.ops.fastarch.block_sparse_attention(q, k, v, *tail) -> (out, lse)."""
     op = torch.ops.fastarch.block_sparse_attention.default
     if (_BELOW_AUTOGRAD is not None and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, tail[_REL_IN_TAIL]))):
+            and not (torch.is_grad_enabled()
+                     and torch._C._any_requires_grad(q, k, v, tail[_REL_IN_TAIL]))):
         # Nothing to differentiate: straight to the kernel. The op's autograd kernel (Python,
         # torch.library.register_autograd) would only find that out and redispatch below
         # itself; that costs ~7 us a call, a sixth of a decode call over 1000 keys.
