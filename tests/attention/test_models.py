@@ -196,3 +196,30 @@ def test_module_reuses_block_mask_of_same_padding_mask_until_written():
     got = attn(q, k, v, attn_mask=pad)
     torch.testing.assert_close(got[:, :, 8:], want[:, :, 8:], atol=1e-5, rtol=1e-5)
     assert torch.equal(got[:, :, :8], torch.zeros_like(got[:, :, :8]))
+
+
+def test_hf_attention_entry_with_a_softcap_keeps_one_module():
+    """transformers' "fastarch" entry with a model's softcap (Gemma 2) attends with it, through
+    one softcapped module per attention object (kept, so its routing is kept too)."""
+    from fastarch.attention import create_block_mask
+    from fastarch.attention import models as models_mod
+    from fastarch.ops.block_sparse_attention import block_sparse_attention
+
+    torch.manual_seed(0)
+    attn = BlockSparseAttention("causal", block_size=16)
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    layer = Layer()
+    object.__setattr__(layer, "_fastarch_attention", attn)
+    q, k, v = (torch.randn(1, 4, 40, 32) for _ in range(3))
+    bm = create_block_mask(attn.mask, q_len=40, kv_len=40, block_size=16)
+    want = block_sparse_attention(q, k, v, bm, scale=0.3, softcap=5.0).transpose(1, 2)
+    for _ in range(2):
+        out, _ = models_mod._hf_attention_forward(layer, q, k, v, None, scaling=0.3,
+                                                  softcap=5.0)
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    assert models_mod._softcapped(attn, 5.0) is models_mod._softcapped(attn, 5.0)
+    assert models_mod._softcapped(attn, 5.0).softcap == 5.0
+    assert models_mod._softcapped(attn, 2.0) is not models_mod._softcapped(attn, 5.0)

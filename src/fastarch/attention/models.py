@@ -65,7 +65,7 @@ def _hf_attention_forward(module, query, key, value, attention_mask, dropout: fl
         # The model's own sliding window (Mistral, Qwen2 with use_sliding_window) on top of causal.
         attn = _sliding(attn, sliding_window)
     if softcap:
-        attn = BlockSparseAttention(attn.mask, block_size=attn.block_size, softcap=softcap)
+        attn = _softcapped(attn, softcap)
     out = attn(query, key, value, scale=scaling, attn_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
 
@@ -80,6 +80,16 @@ def _sliding(attn: BlockSparseAttention, window: int) -> BlockSparseAttention:
         _SLIDING[key] = BlockSparseAttention(M.sliding_window(window - 1),
                                              block_size=attn.block_size)
     return _SLIDING[key]
+
+
+def _softcapped(attn: BlockSparseAttention, softcap: float) -> BlockSparseAttention:
+    """attn with the model's softcap (Gemma 2), made once per (attn, softcap) and kept on attn:
+    a fresh module per call would drop the routing it keeps for its last shapes."""
+    made = attn.__dict__.setdefault("_fastarch_softcapped", {})
+    if softcap not in made:
+        made[softcap] = BlockSparseAttention(attn.mask, block_size=attn.block_size,
+                                             softcap=softcap)
+    return made[softcap]
 
 
 def _register_hf() -> None:

@@ -278,7 +278,8 @@ class TopKAttention(torch.nn.Module):
         self.causal = causal
         self.softcap = softcap
         self.stats = {"summary_built": 0, "summary_extended": 0, "all_blocks": 0}
-        self._plain: dict = {}  # causal -> the BlockSparseAttention of calls that keep every block
+        # (causal, softcap) -> the BlockSparseAttention of calls that keep every block
+        self._plain: dict = {}
 
     @property
     def name(self) -> str:
@@ -315,7 +316,7 @@ class TopKAttention(torch.nn.Module):
         if attn_mask is None:
             return bm
         from fastarch.attention import masks as M
-        from fastarch.attention.block_mask import block_mask_from_bitmaps, block_mask_from_dense
+        from fastarch.attention.block_mask import block_mask_from_bitmaps, dense_tiles
         from fastarch.ops.block_sparse_attention import dense_mask
 
         b, hq = q.shape[:2]
@@ -349,8 +350,8 @@ class TopKAttention(torch.nn.Module):
                                           bm.full_kv_num_blocks, bm.full_kv_indices)]
             allowed = dense_mask(r1 - r0, lk, *sub, None, None, None, None, bs, bm.q_offset + r0,
                                  bm.window_left, bm.window_right, bm.prefix_len)
-            full, partial, bmp = block_mask_from_dense(
-                M.full(), allowed & dense[:, :, r0:r1], bs, bm.q_offset + r0, _tiles_only=True)
+            full, partial, bmp = dense_tiles(M.full(), allowed & dense[:, :, r0:r1], bs,
+                                             bm.q_offset + r0)
             # bitmap numbers in the row-major order of the whole (B', H', Qt, Kt) grid
             index.append(made + torch.cumsum(partial.flatten().to(torch.int64), 0).view(
                 partial.shape) - 1)
@@ -378,14 +379,13 @@ class TopKAttention(torch.nn.Module):
             # queries may see: plain causal / full attention, which takes BlockSparseAttention's
             # routing (SDPA where it is faster). No summary is kept; a later call over a longer
             # cache builds it once and extends it from there.
-            if causal not in self._plain:
+            plain = self._plain.get((causal, cap or 0.0))
+            if plain is None:
                 from fastarch.attention.module import BlockSparseAttention
 
-                self._plain[causal] = BlockSparseAttention("causal" if causal else "full",
-                                                           block_size=self.block_size)
-            plain = self._plain[causal]
-            if cap:
-                plain = type(plain)(plain.mask, block_size=self.block_size, softcap=cap)
+                plain = BlockSparseAttention("causal" if causal else "full",
+                                             block_size=self.block_size, softcap=cap or 0.0)
+                self._plain[(causal, cap or 0.0)] = plain
             if not torch.compiler.is_compiling():
                 self.stats["all_blocks"] += 1
             return plain(q, k, v, scale=scale, attn_mask=attn_mask)
